@@ -1,0 +1,612 @@
+//! The configuration file: typed, validated before anything binds, secrets redacted.
+//!
+//! The file is TOML (DESIGN.md has the shape). Loading does three things, in order:
+//! 1. parse into typed structs; unknown keys are errors (a typo must not silently become a
+//!    default), and every parse error names the key that is wrong;
+//! 2. expand `${NAME}` references from the environment in secret-bearing values;
+//! 3. validate what types cannot say (unique app ids, a usable base_url, hex key hashes …).
+//!
+//! Every error is a [`ConfigError`] that names the key; `main` prints it on one line and exits 64.
+//! The environment is passed in as a function, so tests never touch the process environment.
+//! Every secret is a [`Secret`], so `Debug` (and so `check-config`) prints `[redacted]`.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::secret::Secret;
+
+/// Feishu's default API base URL.
+pub const FEISHU_BASE_URL: &str = "https://open.feishu.cn";
+
+/// A configuration problem, naming the key that is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Events and API listener.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Optional separate listener for `/metrics`, `/healthz`, `/readyz`.
+    #[serde(default)]
+    pub ops_listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub apps: Vec<AppConfig>,
+    #[serde(default)]
+    pub clients: Vec<ClientConfig>,
+}
+
+/// Resource bounds of the HTTP server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Largest request body accepted; Feishu's events are a few KB.
+    #[serde(deserialize_with = "de_bytes")]
+    pub max_body_bytes: usize,
+    /// Time a client has to send the request head (slowloris bound).
+    #[serde(deserialize_with = "de_duration")]
+    pub header_read_timeout: Duration,
+    /// Time a client has to send the request body.
+    #[serde(deserialize_with = "de_duration")]
+    pub request_timeout: Duration,
+    /// Open connections at most; further clients wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    #[serde(deserialize_with = "de_duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_body_bytes: 1024 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Which backend keeps tickets, tenants and tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// A crash-safe file (redb): the default.
+    #[default]
+    Embedded,
+    /// Process memory: for tests and throwaway runs; everything is lost on exit.
+    Memory,
+    /// Redis, for several replicas (a later stage).
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    /// The embedded store's file.
+    pub path: PathBuf,
+    /// The Redis URL (may carry a password, so it is a secret).
+    pub url: Option<Secret>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::Embedded,
+            path: PathBuf::from("data/lark-ticketd.db"),
+            url: None,
+        }
+    }
+}
+
+/// One Feishu / Lark app-store app.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    pub app_id: String,
+    pub app_secret: Secret,
+    /// Optional in Feishu's console; without it events arrive in clear text and unsigned.
+    #[serde(default)]
+    pub encrypt_key: Option<Secret>,
+    pub verification_token: Secret,
+    #[serde(default = "default_base_url")]
+    pub base_url: String,
+}
+
+/// A scope a downstream client may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Tokens,
+    Status,
+    Admin,
+}
+
+/// A downstream caller of the token API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    pub name: String,
+    /// Hex SHA-256 of the bearer key; the key itself never sits in the file.
+    #[serde(deserialize_with = "de_key_hash")]
+    pub key_sha256: KeyHash,
+    /// App ids this client may use, or `["*"]`.
+    pub apps: Vec<String>,
+    pub scopes: Vec<Scope>,
+}
+
+/// The SHA-256 of a bearer key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct KeyHash(pub [u8; 32]);
+
+impl fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}…", hex::encode(&self.0[..4]))
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn default_base_url() -> String {
+    FEISHU_BASE_URL.to_string()
+}
+
+impl Config {
+    /// Read, parse, expand and validate a config file, with the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
+        })?;
+        Config::parse(&text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parse, expand and validate config text; `env` resolves `${NAME}` references.
+    pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.inner();
+            let line = inner
+                .span()
+                .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+            let key = match (path.as_str(), line) {
+                (".", Some(line)) => format!("line {line}"),
+                (".", None) => "config".to_string(),
+                (p, Some(line)) => format!("{p} (line {line})"),
+                (p, None) => p.to_string(),
+            };
+            ConfigError::new(key, inner.message().trim().to_string())
+        })?;
+        config.expand_env(env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn expand_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        for (i, app) in self.apps.iter_mut().enumerate() {
+            let key = |field: &str| format!("apps[{i}].{field}");
+            app.app_secret = expand_secret(&app.app_secret, &key("app_secret"), env)?;
+            app.verification_token =
+                expand_secret(&app.verification_token, &key("verification_token"), env)?;
+            if let Some(k) = &app.encrypt_key {
+                let expanded = expand_secret(k, &key("encrypt_key"), env)?;
+                // An empty Encrypt Key means "not set", as in Feishu's console.
+                app.encrypt_key = (!expanded.is_empty()).then_some(expanded);
+            }
+            app.base_url = expand(&app.base_url, &key("base_url"), env)?;
+        }
+        if let Some(url) = &self.store.url {
+            self.store.url = Some(expand_secret(url, "store.url", env)?);
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.max_body_bytes < 1024 {
+            return Err(ConfigError::new(
+                "server.max_body_bytes",
+                "must be at least 1KiB",
+            ));
+        }
+        if s.max_connections == 0 {
+            return Err(ConfigError::new(
+                "server.max_connections",
+                "must be at least 1",
+            ));
+        }
+        for (key, d) in [
+            ("server.header_read_timeout", s.header_read_timeout),
+            ("server.request_timeout", s.request_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::new(key, "must be longer than 0s"));
+            }
+        }
+        match self.store.kind {
+            StoreKind::Embedded if self.store.path.as_os_str().is_empty() => {
+                return Err(ConfigError::new("store.path", "must not be empty"));
+            }
+            StoreKind::Redis => {
+                return Err(ConfigError::new(
+                    "store.kind",
+                    "\"redis\" is not available in this version; use \"embedded\" or \"memory\"",
+                ));
+            }
+            _ => {}
+        }
+        if self.apps.is_empty() {
+            return Err(ConfigError::new(
+                "apps",
+                "at least one [[apps]] entry is required",
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, app) in self.apps.iter().enumerate() {
+            let key = |field: &str| format!("apps[{i}].{field}");
+            if !is_valid_app_id(&app.app_id) {
+                return Err(ConfigError::new(
+                    key("app_id"),
+                    "must be a Feishu app id like \"cli_a1b2c3d4e5f6a7b8\" (letters, digits, '_' and '-')",
+                ));
+            }
+            if !seen.insert(app.app_id.as_str()) {
+                return Err(ConfigError::new(
+                    key("app_id"),
+                    format!("duplicate app_id {:?}", app.app_id),
+                ));
+            }
+            if app.app_secret.is_empty() {
+                return Err(ConfigError::new(key("app_secret"), "must not be empty"));
+            }
+            if app.verification_token.is_empty() {
+                return Err(ConfigError::new(
+                    key("verification_token"),
+                    "must not be empty",
+                ));
+            }
+            validate_base_url(&app.base_url).map_err(|m| ConfigError::new(key("base_url"), m))?;
+        }
+        let mut names = HashSet::new();
+        for (i, client) in self.clients.iter().enumerate() {
+            let key = |field: &str| format!("clients[{i}].{field}");
+            if client.name.trim().is_empty() {
+                return Err(ConfigError::new(key("name"), "must not be empty"));
+            }
+            if !names.insert(client.name.as_str()) {
+                return Err(ConfigError::new(
+                    key("name"),
+                    format!("duplicate client name {:?}", client.name),
+                ));
+            }
+            if client.apps.is_empty() {
+                return Err(ConfigError::new(
+                    key("apps"),
+                    "list the app ids this client may use, or [\"*\"]",
+                ));
+            }
+            for app in &client.apps {
+                if app != "*" && !seen.contains(app.as_str()) {
+                    return Err(ConfigError::new(
+                        key("apps"),
+                        format!("{app:?} is not an app_id of any [[apps]] entry"),
+                    ));
+                }
+            }
+            if client.scopes.is_empty() {
+                return Err(ConfigError::new(
+                    key("scopes"),
+                    "list at least one of \"tokens\", \"status\", \"admin\"",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The app with this id.
+    pub fn app(&self, app_id: &str) -> Option<&AppConfig> {
+        self.apps.iter().find(|a| a.app_id == app_id)
+    }
+}
+
+fn is_valid_app_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn validate_base_url(url: &str) -> Result<(), String> {
+    let parsed =
+        reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a valid URL: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("{url:?} must be an http or https URL"));
+    }
+    if parsed.host_str().is_none() {
+        return Err(format!("{url:?} has no host"));
+    }
+    Ok(())
+}
+
+fn expand_secret(
+    value: &Secret,
+    key: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Secret, ConfigError> {
+    expand(value.expose(), key, env).map(Secret::new)
+}
+
+/// Replace every `${NAME}` in `value` with the variable's value.
+fn expand(
+    value: &str,
+    key: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| ConfigError::new(key, "unterminated ${…} reference"))?;
+        let name = &after[..end];
+        let valid_name = !name.is_empty()
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid_name {
+            return Err(ConfigError::new(
+                key,
+                format!("${{{name}}} is not a valid environment variable reference"),
+            ));
+        }
+        let resolved = env(name).ok_or_else(|| {
+            ConfigError::new(key, format!("environment variable {name} is not set"))
+        })?;
+        out.push_str(&resolved);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Parse a duration like `"90s"`, `"5m"`, `"1h"`, `"250ms"`, `"1d"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{s:?} has no unit: write e.g. \"90s\", \"5m\", \"1h\""))?;
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like \"90s\", \"5m\", \"1h\""))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        "d" => n.checked_mul(86_400_000),
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
+            ))
+        }
+    };
+    ms.map(Duration::from_millis)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
+/// Parse a size like `1048576`, `"64KiB"`, `"1MiB"`.
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: usize = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like \"64KiB\" or \"1MiB\""))?;
+    let factor = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "KB" | "K" => 1024,
+        "MiB" | "MB" | "M" => 1024 * 1024,
+        other => return Err(format!("{s:?}: unknown unit {other:?} (use B, KiB or MiB)")),
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Int(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Int(n) => usize::try_from(n).map_err(serde::de::Error::custom),
+        Size::Text(s) => parse_bytes(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+fn de_key_hash<'de, D: Deserializer<'de>>(d: D) -> Result<KeyHash, D::Error> {
+    let s = String::deserialize(d)?;
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s.trim(), &mut out).map_err(|_| {
+        serde::de::Error::custom("must be 64 hex digits: the SHA-256 of the bearer key")
+    })?;
+    Ok(KeyHash(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| map.get(name).cloned()
+    }
+
+    const MINIMAL: &str = r#"
+[[apps]]
+app_id = "cli_a1b2c3d4e5f6a7b8"
+app_secret = "${SECRET}"
+encrypt_key = "ek-${EK}-suffix"
+verification_token = "vt-literal"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults_and_expands_env() {
+        let c = Config::parse(MINIMAL, &env_of(&[("SECRET", "s3cr3t"), ("EK", "key")])).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.server.max_body_bytes, 1024 * 1024);
+        assert_eq!(c.store.kind, StoreKind::Embedded);
+        let app = &c.apps[0];
+        assert_eq!(app.app_secret.expose(), "s3cr3t");
+        assert_eq!(app.encrypt_key.as_ref().unwrap().expose(), "ek-key-suffix");
+        assert_eq!(app.verification_token.expose(), "vt-literal");
+        assert_eq!(app.base_url, FEISHU_BASE_URL);
+    }
+
+    #[test]
+    fn debug_output_redacts_every_secret() {
+        let c = Config::parse(MINIMAL, &env_of(&[("SECRET", "s3cr3t"), ("EK", "key")])).unwrap();
+        let dump = format!("{c:?} {c:#?}");
+        for secret in ["s3cr3t", "ek-key-suffix", "vt-literal"] {
+            assert!(!dump.contains(secret), "{secret} leaked in {dump}");
+        }
+        assert!(dump.contains("[redacted]"));
+    }
+
+    #[test]
+    fn missing_env_variable_names_the_key() {
+        let err = Config::parse(MINIMAL, &env_of(&[("EK", "key")])).unwrap_err();
+        assert_eq!(err.key, "apps[0].app_secret");
+        assert!(err.message.contains("SECRET"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let text = format!("lisen = \"127.0.0.1:1\"\n{MINIMAL}");
+        let err = Config::parse(&text, &env_of(&[("SECRET", "s"), ("EK", "k")])).unwrap_err();
+        assert!(err.to_string().contains("lisen"), "{err}");
+        assert!(!err.to_string().contains('\n'), "one line: {err}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let text = format!("[server]\nshutdown_grace = \"10 parsecs\"\n{MINIMAL}");
+        let err = Config::parse(&text, &env_of(&[("SECRET", "s"), ("EK", "k")])).unwrap_err();
+        assert!(err.key.starts_with("server.shutdown_grace"), "{err}");
+    }
+
+    #[test]
+    fn durations_and_sizes_parse() {
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("m").is_err());
+        assert!(parse_duration("5y").is_err());
+        assert_eq!(parse_bytes("1MiB").unwrap(), 1 << 20);
+        assert_eq!(parse_bytes("64KiB").unwrap(), 64 << 10);
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert!(parse_bytes("1GiB").is_err());
+    }
+
+    #[test]
+    fn empty_encrypt_key_means_none() {
+        let text = r#"
+[[apps]]
+app_id = "cli_x"
+app_secret = "s"
+encrypt_key = ""
+verification_token = "t"
+"#;
+        let c = Config::parse(text, &env_of(&[])).unwrap();
+        assert!(c.apps[0].encrypt_key.is_none());
+    }
+
+    #[test]
+    fn validation_errors_name_the_key() {
+        let cases = [
+            ("listen = \"127.0.0.1:1\"", "apps"),
+            (
+                "[[apps]]\napp_id = \"cli x\"\napp_secret = \"s\"\nverification_token = \"t\"",
+                "apps[0].app_id",
+            ),
+            (
+                "[[apps]]\napp_id = \"cli_x\"\napp_secret = \"\"\nverification_token = \"t\"",
+                "apps[0].app_secret",
+            ),
+            (
+                "[[apps]]\napp_id = \"cli_x\"\napp_secret = \"s\"\nverification_token = \"t\"\nbase_url = \"ftp://x\"",
+                "apps[0].base_url",
+            ),
+            (
+                "[[apps]]\napp_id = \"cli_x\"\napp_secret = \"s\"\nverification_token = \"t\"\n[[apps]]\napp_id = \"cli_x\"\napp_secret = \"s\"\nverification_token = \"t\"",
+                "apps[1].app_id",
+            ),
+            (
+                "[[apps]]\napp_id = \"cli_x\"\napp_secret = \"s\"\nverification_token = \"t\"\n[[clients]]\nname = \"a\"\nkey_sha256 = \"00\"\napps = [\"*\"]\nscopes = [\"tokens\"]",
+                "clients[0].key_sha256",
+            ),
+            (
+                "[[apps]]\napp_id = \"cli_x\"\napp_secret = \"s\"\nverification_token = \"t\"\n[[clients]]\nname = \"a\"\nkey_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\napps = [\"cli_y\"]\nscopes = [\"tokens\"]",
+                "clients[0].apps",
+            ),
+            (
+                "[server]\nmax_body_bytes = 10\n[[apps]]\napp_id = \"cli_x\"\napp_secret = \"s\"\nverification_token = \"t\"",
+                "server.max_body_bytes",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = Config::parse(text, &env_of(&[])).unwrap_err();
+            assert!(err.key.starts_with(key), "expected {key}, got {err}");
+        }
+    }
+}

@@ -1,0 +1,442 @@
+//! Intake: everything between the raw bytes Feishu POSTs to `/events` and a stored ticket.
+//!
+//! The order is fixed and is the point of this module (protocol.md §8, STYLE.md habit 3):
+//!
+//! 1. the body must be a JSON object (`malformed_body`);
+//! 2. `{"encrypt": ...}`: the **signature over the raw bytes** decides the app (on bare `/events`)
+//!    and authenticity, in constant time; only then is the payload decrypted (`bad_payload` for
+//!    every decryption failure alike). A request without a valid signature may still be a
+//!    URL-verification challenge, the one request Feishu does not sign: it is decrypted, and if it
+//!    is anything but a challenge it is refused as `bad_signature`;
+//! 3. a plaintext body is accepted only for apps without an Encrypt Key (`encryption_required`);
+//!    on bare `/events` the app is the one whose Verification Token matches;
+//! 4. the Verification Token must match on every shape, in constant time (`bad_token`);
+//! 5. an event naming another app than the routed one is refused (`app_mismatch`).
+//!
+//! Only [`Verifier::verify`] builds a [`Verified`], so nothing downstream can act on a payload
+//! that skipped a step. [`accept`] then does the one thing each verified payload asks for: echo
+//! the challenge, store the ticket (durably, before the 200), record tenant state, or just ack.
+//!
+//! About oracles: with no valid signature, a body that fails to decrypt and one that decrypts to
+//! garbage answer identically (`bad_payload`); only a ciphertext that decrypts to a JSON object
+//! that is not a challenge answers `bad_signature`, which an attacker cannot produce without the
+//! key. So the unsigned challenge path is not a padding oracle.
+
+pub mod cipher;
+pub mod envelope;
+pub mod signature;
+
+use std::collections::HashMap;
+
+use crate::config::AppConfig;
+use crate::error::{Error, ErrorKind};
+use crate::secret::Secret;
+use crate::store::{TenantEvent, TicketRecord, TicketSource, TicketWrite};
+use crate::AppState;
+
+use cipher::EventCipher;
+use envelope::{EventDetail, Payload, ShapeError};
+use signature::SignatureHeaders;
+
+pub use envelope::{Event, Order, Schema, TenantChange};
+
+/// The credentials intake checks for one app.
+#[derive(Debug)]
+struct AppKeys {
+    app_id: String,
+    verification_token: Secret,
+    encrypt_key: Option<(Secret, EventCipher)>,
+}
+
+/// Which app a request was addressed to.
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    /// `POST /events`: find the app from the request.
+    AnyApp,
+    /// `POST /events/{app_id}`.
+    App(&'a str),
+}
+
+/// A payload that passed every check for the app it names. Only [`Verifier::verify`] makes one.
+#[derive(Debug)]
+pub struct Verified {
+    app_id: String,
+    payload: Payload,
+}
+
+impl Verified {
+    pub fn app_id(&self) -> &str {
+        &self.app_id
+    }
+
+    pub fn payload(&self) -> &Payload {
+        &self.payload
+    }
+
+    /// The event type for logs and metrics: `url_verification` or the event's type.
+    pub fn event_type(&self) -> &str {
+        match &self.payload {
+            Payload::Challenge { .. } => "url_verification",
+            Payload::Event(e) => &e.event_type,
+        }
+    }
+}
+
+/// Checks requests against the configured apps' keys and tokens.
+#[derive(Debug)]
+pub struct Verifier {
+    apps: Vec<AppKeys>,
+    index: HashMap<String, usize>,
+}
+
+impl Verifier {
+    pub fn new(apps: &[AppConfig]) -> Self {
+        let apps: Vec<AppKeys> = apps
+            .iter()
+            .map(|a| AppKeys {
+                app_id: a.app_id.clone(),
+                verification_token: a.verification_token.clone(),
+                encrypt_key: a
+                    .encrypt_key
+                    .as_ref()
+                    .map(|k| (k.clone(), EventCipher::new(k.expose()))),
+            })
+            .collect();
+        let index = apps
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.app_id.clone(), i))
+            .collect();
+        Verifier { apps, index }
+    }
+
+    /// Is this app configured?
+    pub fn knows(&self, app_id: &str) -> bool {
+        self.index.contains_key(app_id)
+    }
+
+    /// Run every check on one request. `signature` is `None` when any of the three
+    /// `X-Lark-*` headers is absent.
+    pub fn verify(
+        &self,
+        target: Target<'_>,
+        signature: Option<SignatureHeaders<'_>>,
+        body: &[u8],
+    ) -> Result<Verified, Error> {
+        let candidates: &[AppKeys] = match target {
+            Target::AnyApp => &self.apps,
+            Target::App(id) => {
+                let i = *self.index.get(id).ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::UnknownApp,
+                        "no app with this app_id is configured",
+                    )
+                })?;
+                std::slice::from_ref(&self.apps[i])
+            }
+        };
+        let wire =
+            envelope::parse_object(body).map_err(|_| Error::from(ErrorKind::MalformedBody))?;
+        match wire.encrypt.as_deref() {
+            Some(encrypt) => Self::verify_encrypted(candidates, signature, body, encrypt),
+            None => Self::verify_plain(candidates, &wire),
+        }
+    }
+
+    fn verify_encrypted(
+        candidates: &[AppKeys],
+        signature: Option<SignatureHeaders<'_>>,
+        body: &[u8],
+        encrypt: &str,
+    ) -> Result<Verified, Error> {
+        let mut keyed = candidates
+            .iter()
+            .filter_map(|a| a.encrypt_key.as_ref().map(|(k, c)| (a, k, c)))
+            .peekable();
+        if keyed.peek().is_none() {
+            return Err(ErrorKind::EncryptKeyNotConfigured.into());
+        }
+        // Signed: the signature picks the app, then decrypt.
+        if let Some(headers) = signature {
+            let signed_by = keyed
+                .clone()
+                .find(|(_, key, _)| signature::verify(&headers, key.expose(), body));
+            if let Some((app, _, cipher)) = signed_by {
+                let payload = decrypt_payload(cipher, encrypt)?;
+                return finish(app, payload);
+            }
+        }
+        // Unsigned (or signed by no app): only a URL-verification challenge may pass.
+        let decrypted = keyed.find_map(|(app, _, cipher)| {
+            decrypt_payload(cipher, encrypt)
+                .ok()
+                .map(|payload| (app, payload))
+        });
+        match decrypted {
+            Some((app, payload @ Payload::Challenge { .. })) => finish(app, payload),
+            Some(_) => Err(ErrorKind::BadSignature.into()),
+            None => Err(ErrorKind::BadPayload.into()),
+        }
+    }
+
+    fn verify_plain(candidates: &[AppKeys], wire: &envelope::Wire<'_>) -> Result<Verified, Error> {
+        if candidates.iter().all(|a| a.encrypt_key.is_some()) {
+            return Err(ErrorKind::EncryptionRequired.into());
+        }
+        let payload = envelope::classify(wire).map_err(shape_error)?;
+        let token = payload
+            .token()
+            .ok_or_else(|| Error::new(ErrorKind::BadToken, "the Verification Token is missing"))?;
+        let matches = |a: &&AppKeys| a.verification_token.ct_eq(token.expose());
+        match candidates.iter().find(matches) {
+            Some(app) if app.encrypt_key.is_none() => finish(app, payload),
+            Some(_) => Err(ErrorKind::EncryptionRequired.into()),
+            None => Err(ErrorKind::BadToken.into()),
+        }
+    }
+}
+
+/// Decrypt and classify; every failure up to a parsed JSON object is `bad_payload`.
+fn decrypt_payload(cipher: &EventCipher, encrypt: &str) -> Result<Payload, Error> {
+    let plaintext = cipher
+        .decrypt(encrypt)
+        .map_err(|cause| Error::from(ErrorKind::BadPayload).with_cause(cause))?;
+    let wire = envelope::parse_object(plaintext.as_bytes())
+        .map_err(|_| Error::from(ErrorKind::BadPayload))?;
+    envelope::classify(&wire).map_err(shape_error)
+}
+
+fn shape_error(e: ShapeError) -> Error {
+    match e {
+        ShapeError::NotAnObject => ErrorKind::MalformedBody.into(),
+        ShapeError::Unrecognised(why) => Error::new(ErrorKind::MalformedBody, why),
+    }
+}
+
+/// The token and app checks shared by every path.
+fn finish(app: &AppKeys, payload: Payload) -> Result<Verified, Error> {
+    let token = payload
+        .token()
+        .ok_or_else(|| Error::new(ErrorKind::BadToken, "the Verification Token is missing"))?;
+    if !app.verification_token.ct_eq(token.expose()) {
+        return Err(ErrorKind::BadToken.into());
+    }
+    if let Payload::Event(event) = &payload {
+        let names_app = event.app_id.as_deref();
+        match (&event.detail, names_app) {
+            (EventDetail::AppTicket { .. }, None) => {
+                return Err(Error::new(
+                    ErrorKind::MalformedBody,
+                    "app_ticket event without event.app_id",
+                ))
+            }
+            (_, Some(named)) if named != app.app_id => {
+                return Err(Error::new(
+                    ErrorKind::AppMismatch,
+                    format!(
+                        "the event is for app {named:?} but was routed to {:?}",
+                        app.app_id
+                    ),
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(Verified {
+        app_id: app.app_id.clone(),
+        payload,
+    })
+}
+
+/// What intake did with a verified payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answer `{"challenge": ...}`.
+    Challenge(String),
+    /// A ticket was stored (it is the newest now).
+    TicketStored,
+    /// A ticket arrived that is older than the stored one: acknowledged, not stored.
+    TicketKeptNewer,
+    /// Tenant state was recorded.
+    TenantRecorded,
+    /// Any other authentic event: acknowledged.
+    Acknowledged,
+}
+
+/// Act on a verified payload. Returns only after anything that must be durable is durable.
+pub async fn accept(state: &AppState, verified: Verified) -> Result<Outcome, Error> {
+    let Verified { app_id, payload } = verified;
+    let event = match payload {
+        Payload::Challenge { challenge, .. } => return Ok(Outcome::Challenge(challenge)),
+        Payload::Event(event) => event,
+    };
+    let now_ms = state.clock().now_ms();
+    // Without a usable event time, order by arrival.
+    let time_us = event.time_us.unwrap_or(now_ms as i64 * 1000);
+    match event.detail {
+        EventDetail::AppTicket { ticket } => {
+            let record = TicketRecord {
+                ticket,
+                event_time_us: time_us,
+                event_id: event.event_id.unwrap_or_default(),
+                received_at_ms: now_ms,
+                source: TicketSource::Push,
+                pushes_seen: 0,
+            };
+            let fingerprint = record.ticket.fingerprint();
+            let write = state.store().put_ticket(&app_id, record).await?;
+            tracing::info!(
+                app_id = %app_id,
+                ticket = %fingerprint,
+                stored = matches!(write, TicketWrite::Stored),
+                "app_ticket received"
+            );
+            Ok(match write {
+                TicketWrite::Stored => Outcome::TicketStored,
+                TicketWrite::KeptNewer => Outcome::TicketKeptNewer,
+            })
+        }
+        EventDetail::Tenant(change) => {
+            let tenant_key = event.tenant_key.unwrap_or_default();
+            let ev = TenantEvent {
+                tenant_key,
+                change,
+                event_type: event.event_type,
+                event_time_us: time_us,
+                received_at_ms: now_ms,
+            };
+            state.store().record_tenant_event(&app_id, ev).await?;
+            Ok(Outcome::TenantRecorded)
+        }
+        EventDetail::Other => Ok(Outcome::Acknowledged),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const TOKEN: &str = "Vt0kExampleVerificationTok3n0001";
+    const KEY: &str = "EkEyExampleEncryptKey000000000001";
+
+    fn verifier(apps: &[(&str, Option<&str>, &str)]) -> Verifier {
+        let mut text = String::new();
+        for (id, key, token) in apps {
+            text.push_str(&format!(
+                "[[apps]]\napp_id = \"{id}\"\napp_secret = \"s\"\nverification_token = \"{token}\"\n"
+            ));
+            if let Some(k) = key {
+                text.push_str(&format!("encrypt_key = \"{k}\"\n"));
+            }
+        }
+        let config = Config::parse(&text, &|_| None).unwrap();
+        Verifier::new(&config.apps)
+    }
+
+    fn encrypted(key: &str, plaintext: &str) -> Vec<u8> {
+        let blob = EventCipher::new(key).encrypt(plaintext.as_bytes(), [3; 16]);
+        format!("{{\"encrypt\":\"{blob}\"}}").into_bytes()
+    }
+
+    fn signed<'a>(key: &str, body: &[u8], sig: &'a mut String) -> SignatureHeaders<'a> {
+        *sig = signature::compute_hex("1", "2", key, body);
+        SignatureHeaders {
+            timestamp: "1",
+            nonce: "2",
+            signature: sig,
+        }
+    }
+
+    fn ticket_json(app_id: &str, token: &str) -> String {
+        format!(
+            r#"{{"ts":"1700000000.5","uuid":"u","token":"{token}","type":"event_callback","event":{{"app_id":"{app_id}","app_ticket":"tk","type":"app_ticket"}}}}"#
+        )
+    }
+
+    #[test]
+    fn bare_events_picks_the_app_whose_key_signs() {
+        let v = verifier(&[
+            ("cli_a", Some("key-a"), "tok-a"),
+            ("cli_b", Some("key-b"), "tok-b"),
+        ]);
+        let body = encrypted("key-b", &ticket_json("cli_b", "tok-b"));
+        let mut sig = String::new();
+        let h = signed("key-b", &body, &mut sig);
+        let verified = v.verify(Target::AnyApp, Some(h), &body).unwrap();
+        assert_eq!(verified.app_id(), "cli_b");
+    }
+
+    #[test]
+    fn bare_events_picks_the_app_whose_key_decrypts_the_challenge() {
+        let v = verifier(&[
+            ("cli_a", Some("key-a"), "tok-a"),
+            ("cli_b", Some("key-b"), "tok-b"),
+        ]);
+        let body = encrypted(
+            "key-b",
+            r#"{"challenge":"c","token":"tok-b","type":"url_verification"}"#,
+        );
+        let verified = v.verify(Target::AnyApp, None, &body).unwrap();
+        assert_eq!(verified.app_id(), "cli_b");
+    }
+
+    #[test]
+    fn bare_events_picks_the_plain_app_by_token() {
+        let v = verifier(&[("cli_a", None, "tok-a"), ("cli_b", None, "tok-b")]);
+        let body = ticket_json("cli_b", "tok-b");
+        let verified = v.verify(Target::AnyApp, None, body.as_bytes()).unwrap();
+        assert_eq!(verified.app_id(), "cli_b");
+    }
+
+    #[test]
+    fn every_check_has_its_error() {
+        let v = verifier(&[("cli_a", Some(KEY), TOKEN), ("cli_p", None, "tok-p")]);
+        let kind = |target, body: &[u8], sign: bool| {
+            let mut sig = String::new();
+            let h = sign.then(|| signed(KEY, body, &mut sig));
+            v.verify(target, h, body).unwrap_err().kind()
+        };
+        let a = Target::App("cli_a");
+        let ticket = encrypted(KEY, &ticket_json("cli_a", TOKEN));
+        assert_eq!(kind(a, b"[]", true), ErrorKind::MalformedBody);
+        assert_eq!(
+            kind(Target::App("cli_zzz"), &ticket, true),
+            ErrorKind::UnknownApp
+        );
+        assert_eq!(kind(a, &ticket, false), ErrorKind::BadSignature);
+        assert_eq!(
+            kind(a, ticket_json("cli_a", TOKEN).as_bytes(), false),
+            ErrorKind::EncryptionRequired
+        );
+        assert_eq!(
+            kind(a, &encrypted(KEY, &ticket_json("cli_a", "nope")), true),
+            ErrorKind::BadToken
+        );
+        assert_eq!(
+            kind(a, &encrypted(KEY, &ticket_json("cli_other", TOKEN)), true),
+            ErrorKind::AppMismatch
+        );
+        assert_eq!(
+            kind(a, br#"{"encrypt":"AAAA"}"#, true),
+            ErrorKind::BadPayload
+        );
+        assert_eq!(
+            kind(a, br#"{"encrypt":"AAAA"}"#, false),
+            ErrorKind::BadPayload
+        );
+        assert_eq!(
+            kind(Target::App("cli_p"), &ticket, false),
+            ErrorKind::EncryptKeyNotConfigured
+        );
+        // A plaintext body whose token belongs to an app with a key: encryption_required.
+        assert_eq!(
+            kind(
+                Target::AnyApp,
+                ticket_json("cli_a", TOKEN).as_bytes(),
+                false
+            ),
+            ErrorKind::EncryptionRequired
+        );
+    }
+}

@@ -1,0 +1,372 @@
+//! The `lark-ticketd` command: parse the command line, load config, start. Nothing else lives
+//! here; every command's work is a library function.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use lark_ticketd::clock;
+use lark_ticketd::config::{Config, ConfigError};
+use lark_ticketd::events::cipher::EventCipher;
+use lark_ticketd::ops::logging::{self, LogFormat};
+use lark_ticketd::push::{self, Seal};
+use lark_ticketd::secret::Secret;
+use lark_ticketd::server::{self, Listeners};
+use lark_ticketd::store::Store;
+use lark_ticketd::AppState;
+
+/// Exit code for bad configuration (sysexits EX_USAGE / EX_CONFIG family; 64 as in DESIGN.md).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "lark-ticketd",
+    version,
+    about = "App Ticket intake and token service for Feishu / Lark app-store apps"
+)]
+struct Cli {
+    /// Log format: text on a terminal, JSON otherwise, unless set.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service.
+    Serve {
+        #[arg(long, env = "LARK_TICKETD_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file and print what it resolved to (secrets redacted).
+    CheckConfig {
+        #[arg(long, env = "LARK_TICKETD_CONFIG")]
+        config: PathBuf,
+    },
+    /// Send one event to an events URL exactly as Feishu would (encrypted, signed, with the token).
+    Push {
+        #[command(subcommand)]
+        what: PushWhat,
+    },
+    /// Decrypt an `encrypt` blob (or a whole `{"encrypt": ...}` body) with an Encrypt Key.
+    Decrypt {
+        /// The Encrypt Key.
+        #[arg(long, env = "LARK_ENCRYPT_KEY", hide_env_values = true)]
+        encrypt_key: String,
+        /// The blob or body; read from stdin when absent.
+        blob: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PushWhat {
+    /// A URL-verification challenge (as when saving the request URL in the console).
+    Challenge {
+        #[command(flatten)]
+        target: PushTarget,
+        /// The challenge string (random when absent).
+        #[arg(long)]
+        challenge: Option<String>,
+    },
+    /// An app_ticket event.
+    Ticket {
+        #[command(flatten)]
+        target: PushTarget,
+        /// The ticket value (random when absent).
+        #[arg(long, env = "LARK_APP_TICKET", hide_env_values = true)]
+        ticket: Option<String>,
+    },
+    /// Any event from a JSON file; the Verification Token is filled in.
+    Event {
+        #[command(flatten)]
+        target: PushTarget,
+        /// The event JSON (schema 1.0 or 2.0).
+        #[arg(long)]
+        file: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct PushTarget {
+    /// The events URL, e.g. https://example.com/events/cli_xxx
+    #[arg(long)]
+    url: String,
+    /// The app id (for app_ticket events).
+    #[arg(long, env = "LARK_APP_ID")]
+    app_id: Option<String>,
+    /// The Encrypt Key; without it the event is sent in clear text, unsigned.
+    #[arg(long, env = "LARK_ENCRYPT_KEY", hide_env_values = true)]
+    encrypt_key: Option<String>,
+    /// The Verification Token.
+    #[arg(long, env = "LARK_VERIFICATION_TOKEN", hide_env_values = true)]
+    verification_token: Option<String>,
+    /// Take app id, Encrypt Key and Verification Token from this config file instead.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lark-ticketd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Serve { config } => serve(config).await,
+            Command::CheckConfig { config } => check_config(config),
+            Command::Push { what } => push_command(what).await,
+            Command::Decrypt { encrypt_key, blob } => decrypt(&encrypt_key, blob),
+        }
+    })
+}
+
+fn config_error(e: &ConfigError) -> ExitCode {
+    eprintln!("lark-ticketd: config error: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+async fn serve(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    let store = match Store::open(&config.store).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("lark-ticketd: cannot open the store: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let main = match TcpListener::bind(config.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("lark-ticketd: cannot listen on {}: {e}", config.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let ops = match config.ops_listen {
+        Some(addr) => match TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("lark-ticketd: cannot listen on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let listen = main.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(
+        listen = %listen,
+        ops_listen = ?config.ops_listen,
+        store = ?config.store.kind,
+        apps = config.apps.len(),
+        "lark-ticketd serving"
+    );
+    let state = AppState::new(config, store, clock::system());
+    match server::run(Listeners { main, ops }, state, server::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lark-ticketd: server error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(path: PathBuf) -> ExitCode {
+    match Config::load(&path) {
+        Ok(config) => {
+            println!("{} is valid:\n{config:#?}", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => config_error(&e),
+    }
+}
+
+/// Credentials for `push`: from `--config` or from flags / environment.
+struct PushCredentials {
+    app_id: Option<String>,
+    encrypt_key: Option<Secret>,
+    verification_token: Secret,
+}
+
+fn push_credentials(target: &PushTarget) -> Result<PushCredentials, ExitCode> {
+    if let Some(path) = &target.config {
+        let config = Config::load(path).map_err(|e| config_error(&e))?;
+        let app = match &target.app_id {
+            Some(id) => config.app(id),
+            None => config.apps.first(),
+        };
+        let Some(app) = app else {
+            eprintln!("lark-ticketd: --app-id names no app in {}", path.display());
+            return Err(ExitCode::from(EXIT_CONFIG));
+        };
+        return Ok(PushCredentials {
+            app_id: Some(app.app_id.clone()),
+            encrypt_key: app.encrypt_key.clone(),
+            verification_token: app.verification_token.clone(),
+        });
+    }
+    let Some(token) = target.verification_token.clone() else {
+        eprintln!(
+            "lark-ticketd: give --verification-token (or LARK_VERIFICATION_TOKEN) or --config"
+        );
+        return Err(ExitCode::from(EXIT_CONFIG));
+    };
+    Ok(PushCredentials {
+        app_id: target.app_id.clone(),
+        encrypt_key: target
+            .encrypt_key
+            .clone()
+            .filter(|k| !k.is_empty())
+            .map(Secret::new),
+        verification_token: Secret::new(token),
+    })
+}
+
+async fn push_command(what: PushWhat) -> ExitCode {
+    let (target, plaintext, sign, expect_challenge) = match &what {
+        PushWhat::Challenge { target, challenge } => {
+            let creds = match push_credentials(target) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let challenge = challenge.clone().unwrap_or_else(push::random_event_id);
+            let json = push::challenge_json(&challenge, &creds.verification_token);
+            (target, (json, creds), false, Some(challenge))
+        }
+        PushWhat::Ticket { target, ticket } => {
+            let creds = match push_credentials(target) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let Some(app_id) = creds.app_id.clone() else {
+                eprintln!("lark-ticketd: push ticket needs --app-id (or LARK_APP_ID) or --config");
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            let ticket = Secret::new(
+                ticket
+                    .clone()
+                    .unwrap_or_else(|| format!("ticket-{}", push::random_event_id())),
+            );
+            let now_us = clock::system().now_ms() as i64 * 1000;
+            let json = push::app_ticket_json(
+                &app_id,
+                &ticket,
+                &creds.verification_token,
+                now_us,
+                &push::random_event_id(),
+            );
+            println!("ticket fingerprint: {}", ticket.fingerprint());
+            (target, (json, creds), true, None)
+        }
+        PushWhat::Event { target, file } => {
+            let creds = match push_credentials(target) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let text = match std::fs::read_to_string(file) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("lark-ticketd: cannot read {}: {e}", file.display());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let json = match push::with_token(&text, &creds.verification_token) {
+                Ok(j) => j,
+                Err(e) => {
+                    eprintln!("lark-ticketd: {}: {e}", file.display());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            (target, (json, creds), true, None)
+        }
+    };
+    let (json, creds) = plaintext;
+    let request = push::seal(
+        &json,
+        Seal {
+            encrypt_key: creds.encrypt_key.as_ref(),
+            sign,
+        },
+    );
+    let client = match reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lark-ticketd: cannot build an HTTP client: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match push::send(&client, &target.url, &request).await {
+        Ok((status, body)) => {
+            println!("HTTP {status}\n{body}");
+            if !(200..300).contains(&status) {
+                return ExitCode::FAILURE;
+            }
+            if let Some(expected) = expect_challenge {
+                let echoed = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| {
+                        v.get("challenge")
+                            .and_then(|c| c.as_str().map(str::to_string))
+                    });
+                if echoed.as_deref() != Some(expected.as_str()) {
+                    eprintln!("lark-ticketd: the challenge was not echoed back");
+                    return ExitCode::FAILURE;
+                }
+                println!("challenge echoed correctly");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("lark-ticketd: request to {} failed: {e}", target.url);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn decrypt(encrypt_key: &str, blob: Option<String>) -> ExitCode {
+    let input = match blob {
+        Some(b) => b,
+        None => {
+            let mut s = String::new();
+            if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut s) {
+                eprintln!("lark-ticketd: cannot read stdin: {e}");
+                return ExitCode::FAILURE;
+            }
+            s
+        }
+    };
+    let input = input.trim();
+    // Accept a whole body too.
+    let blob = serde_json::from_str::<serde_json::Value>(input)
+        .ok()
+        .and_then(|v| {
+            v.get("encrypt")
+                .and_then(|e| e.as_str().map(str::to_string))
+        })
+        .unwrap_or_else(|| input.to_string());
+    match EventCipher::new(encrypt_key).decrypt(&blob) {
+        Ok(plaintext) => {
+            println!("{plaintext}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("lark-ticketd: cannot decrypt: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! Paths to handlers, request bounds, and the one place an [`Error`] becomes a response.
+//!
+//! Every response is built here: successes as small JSON bodies, failures as
+//! `{"error": {"code", "message"}}` with the kind's status (5xx messages stay generic; the cause
+//! goes to the log, once, from [`handle`]). One log line per request, with the app, route, event
+//! type, status and elapsed time, and never a secret.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Body;
+use hyper::header::{HeaderMap, HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+
+use crate::error::{Error, ErrorKind};
+use crate::events::signature::{
+    SignatureHeaders, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
+};
+use crate::events::{self, Outcome, Target};
+use crate::AppState;
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Events and API (and the ops endpoints, unless `ops_listen` is set).
+    Main,
+    /// `ops_listen`: only `/healthz`, `/readyz`, `/metrics`.
+    Ops,
+}
+
+/// What the per-request log line reports beyond method, path and status.
+#[derive(Default)]
+struct RequestLog {
+    app_id: Option<String>,
+    event_type: Option<String>,
+}
+
+/// Handle one request. Never fails: every error is a response.
+pub async fn handle<B>(state: &AppState, role: Role, req: Request<B>) -> Response<Full<Bytes>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let mut log = RequestLog::default();
+    let result = route(state, role, req, &mut log).await;
+    let response = match result {
+        Ok(response) => response,
+        Err(error) => {
+            if let Some(cause) = error.cause() {
+                if error.kind().is_server_error() {
+                    tracing::error!(code = error.kind().code(), cause = %cause, "request failed");
+                } else {
+                    tracing::debug!(code = error.kind().code(), cause = %cause, "request rejected");
+                }
+            }
+            error_response(&error)
+        }
+    };
+    let status = response.status().as_u16();
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let error_code = response
+        .extensions()
+        .get::<ErrorCode>()
+        .map(|c| c.0)
+        .unwrap_or("");
+    tracing::info!(
+        method = %method,
+        route = %route_name(&path),
+        app_id = log.app_id.as_deref().unwrap_or(""),
+        event_type = log.event_type.as_deref().unwrap_or(""),
+        status,
+        error = error_code,
+        elapsed_ms = (elapsed_ms * 1000.0).round() / 1000.0,
+        "request"
+    );
+    response
+}
+
+/// The error code of an error response, for the log line.
+#[derive(Clone, Copy)]
+struct ErrorCode(&'static str);
+
+/// A route template for logs and metrics: never the raw path (bounded cardinality).
+fn route_name(path: &str) -> &'static str {
+    match path
+        .trim_end_matches('/')
+        .split('/')
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["", "events"] => "/events",
+        ["", "events", _] => "/events/{app_id}",
+        ["", "healthz"] => "/healthz",
+        ["", "readyz"] => "/readyz",
+        ["", "metrics"] => "/metrics",
+        _ => "other",
+    }
+}
+
+async fn route<B>(
+    state: &AppState,
+    role: Role,
+    req: Request<B>,
+    log: &mut RequestLog,
+) -> Result<Response<Full<Bytes>>, Error>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    match (segments.as_slice(), role) {
+        (["healthz"], _) => {
+            only(&req, &[Method::GET, Method::HEAD])?;
+            Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
+        }
+        (["readyz"], _) => {
+            only(&req, &[Method::GET, Method::HEAD])?;
+            readyz(state).await
+        }
+        (["events"], Role::Main) => {
+            only(&req, &[Method::POST])?;
+            intake(state, Target::AnyApp, req, log).await
+        }
+        (["events", app_id], Role::Main) => {
+            only(&req, &[Method::POST])?;
+            let app_id = app_id.to_string();
+            log.app_id = Some(app_id.clone());
+            intake(state, Target::App(&app_id), req, log).await
+        }
+        _ => Err(ErrorKind::NotFound.into()),
+    }
+}
+
+/// 405 with an `Allow` header unless the method is one of `allowed`.
+fn only<B>(req: &Request<B>, allowed: &[Method]) -> Result<(), Error> {
+    if allowed.contains(req.method()) {
+        return Ok(());
+    }
+    let list: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+    Err(Error::new(
+        ErrorKind::MethodNotAllowed,
+        format!("use {}", list.join(", ")),
+    ))
+}
+
+async fn readyz(state: &AppState) -> Result<Response<Full<Bytes>>, Error> {
+    // Readiness is "the store answers", never ticket freshness: a new replica must be ready to
+    // receive its first ticket.
+    state.store().ping().await?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"status": "ready"}),
+    ))
+}
+
+async fn intake<B>(
+    state: &AppState,
+    target: Target<'_>,
+    req: Request<B>,
+    log: &mut RequestLog,
+) -> Result<Response<Full<Bytes>>, Error>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let limits = &state.config().server;
+    let (parts, body) = req.into_parts();
+    let body = read_body(
+        &parts.headers,
+        body,
+        limits.max_body_bytes,
+        limits.request_timeout,
+    )
+    .await?;
+    let signature = signature_headers(&parts.headers);
+    let verified = state.verifier().verify(target, signature, &body)?;
+    log.app_id = Some(verified.app_id().to_string());
+    log.event_type = Some(verified.event_type().to_string());
+    match events::accept(state, verified).await? {
+        Outcome::Challenge(challenge) => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({ "challenge": challenge }),
+        )),
+        _ => Ok(json(StatusCode::OK, &serde_json::json!({"msg": "success"}))),
+    }
+}
+
+/// The three signature headers, if all are present and readable.
+fn signature_headers(headers: &HeaderMap) -> Option<SignatureHeaders<'_>> {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    Some(SignatureHeaders {
+        timestamp: get(TIMESTAMP_HEADER)?,
+        nonce: get(NONCE_HEADER)?,
+        signature: get(SIGNATURE_HEADER)?,
+    })
+}
+
+/// Read a body of at most `limit` bytes within `timeout`.
+async fn read_body<B>(
+    headers: &HeaderMap,
+    body: B,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, Error>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(payload_too_large(limit));
+    }
+    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(ErrorKind::RequestTimeout.into()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(payload_too_large(limit))
+        }
+        Ok(Err(e)) => Err(
+            Error::new(ErrorKind::MalformedBody, "the body could not be read")
+                .with_cause(e.to_string()),
+        ),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
+fn payload_too_large(limit: usize) -> Error {
+    Error::new(
+        ErrorKind::PayloadTooLarge,
+        format!("the body is larger than {limit} bytes"),
+    )
+}
+
+/// A JSON response.
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    response
+}
+
+/// The one place an error becomes a response.
+pub fn error_response(error: &Error) -> Response<Full<Bytes>> {
+    let kind = error.kind();
+    let status = StatusCode::from_u16(kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let message = if kind == ErrorKind::Internal {
+        "internal error"
+    } else {
+        error.message()
+    };
+    let mut response = json(
+        status,
+        &serde_json::json!({"error": {"code": kind.code(), "message": message}}),
+    );
+    let headers = response.headers_mut();
+    match kind {
+        ErrorKind::StoreUnavailable | ErrorKind::TicketMissing => {
+            headers.insert(RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        ErrorKind::Unauthorized => {
+            headers.insert(
+                hyper::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+        }
+        ErrorKind::MethodNotAllowed => {
+            if let Some(allow) = error
+                .message()
+                .strip_prefix("use ")
+                .and_then(|m| HeaderValue::from_str(m).ok())
+            {
+                headers.insert(ALLOW, allow);
+            }
+        }
+        _ => {}
+    }
+    response.extensions_mut().insert(ErrorCode(kind.code()));
+    response
+}

@@ -1,0 +1,67 @@
+//! The in-memory backend: the store contract over `HashMap`s, for tests and throwaway runs.
+//! Nothing survives the process. A std `Mutex` suffices: no lock is held across an `.await`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::{
+    apply_tenant_event, merge_ticket, TenantEvent, TenantRecord, TicketRecord, TicketWrite,
+};
+
+#[derive(Debug, Default)]
+struct Tables {
+    tickets: HashMap<String, TicketRecord>,
+    /// app_id → tenant_key → record (ordered, like the embedded backend's range scans).
+    tenants: HashMap<String, BTreeMap<String, TenantRecord>>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct MemoryStore {
+    tables: Arc<Mutex<Tables>>,
+}
+
+impl MemoryStore {
+    fn lock(&self) -> MutexGuard<'_, Tables> {
+        // A panic while holding the lock cannot leave a half-applied record (each update is one
+        // insert), so a poisoned lock is still consistent.
+        self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn put_ticket(&self, app_id: &str, incoming: TicketRecord) -> TicketWrite {
+        let mut t = self.lock();
+        let stored = t.tickets.remove(app_id);
+        let (record, write) = merge_ticket(stored, incoming);
+        t.tickets.insert(app_id.to_string(), record);
+        write
+    }
+
+    pub fn ticket(&self, app_id: &str) -> Option<TicketRecord> {
+        self.lock().tickets.get(app_id).cloned()
+    }
+
+    pub fn record_tenant_event(&self, app_id: &str, ev: &TenantEvent) -> TenantRecord {
+        let mut t = self.lock();
+        let tenants = t.tenants.entry(app_id.to_string()).or_default();
+        let record = apply_tenant_event(tenants.remove(&ev.tenant_key), ev);
+        tenants.insert(ev.tenant_key.clone(), record.clone());
+        record
+    }
+
+    pub fn tenants(&self, app_id: &str) -> Vec<TenantRecord> {
+        self.lock()
+            .tenants
+            .get(app_id)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::{contract, Store};
+
+    #[tokio::test]
+    async fn memory_store_passes_the_contract() {
+        contract::run(&Store::Memory(Default::default())).await;
+    }
+}

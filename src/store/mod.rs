@@ -1,0 +1,358 @@
+//! Durable state: the newest App Ticket per app, tenant state per (app, tenant), cached tokens.
+//!
+//! One [`Store`] over several backends, chosen once at start-up (an enum, not a trait object:
+//! the set is closed and known). Every backend passes the same contract test (`tests` below), so
+//! intake and the token broker never know which one they talk to.
+//!
+//! * [`embedded`] — the default: a [redb](https://docs.rs/redb) file. Chosen over SQLite because
+//!   it is pure Rust (no C toolchain, no `-sys` crate), gives ACID transactions with
+//!   copy-on-write B-trees that survive a crash or power loss at any point, and commits with
+//!   fsync by default — which is exactly "a 200 means the ticket is on disk" — while we need
+//!   nothing SQL offers: a handful of key → record tables.
+//! * [`memory`] — process memory, for tests and throwaway runs.
+//! * Redis (a later stage) slots in as a third variant; the record merge rules live here, as pure
+//!   functions, so a new backend only has to apply them atomically.
+//!
+//! Merge rules, shared by every backend:
+//! * a ticket replaces the stored one only if its event time is not older ([`merge_ticket`]), so
+//!   a late redelivery never replaces a fresher ticket;
+//! * tenant state follows the newest lifecycle event by event time ([`apply_tenant_event`]).
+
+pub mod embedded;
+pub mod memory;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{StoreConfig, StoreKind};
+use crate::error::Error;
+use crate::events::{Order, TenantChange};
+use crate::secret::Secret;
+
+/// How a ticket arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TicketSource {
+    /// Feishu's hourly push.
+    Push,
+    /// A push that followed a resend request of ours.
+    Resend,
+}
+
+/// The stored App Ticket of one app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TicketRecord {
+    pub ticket: Secret,
+    /// The push's event time (`ts`), microseconds since the epoch: orders tickets.
+    pub event_time_us: i64,
+    /// The push's `uuid`.
+    pub event_id: String,
+    /// When we received it, unix milliseconds.
+    pub received_at_ms: u64,
+    pub source: TicketSource,
+    /// Authentic app_ticket pushes seen for this app, redeliveries of older tickets included.
+    #[serde(default)]
+    pub pushes_seen: u64,
+}
+
+/// Whether a ticket write replaced the stored ticket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TicketWrite {
+    Stored,
+    /// The stored ticket is newer; it stays.
+    KeptNewer,
+}
+
+/// Merge an incoming ticket into the stored one: the newer event time wins; the count of pushes
+/// seen goes up either way.
+pub fn merge_ticket(
+    stored: Option<TicketRecord>,
+    mut incoming: TicketRecord,
+) -> (TicketRecord, TicketWrite) {
+    let seen = stored.as_ref().map_or(0, |s| s.pushes_seen) + 1;
+    match stored {
+        Some(mut kept) if kept.event_time_us > incoming.event_time_us => {
+            kept.pushes_seen = seen;
+            (kept, TicketWrite::KeptNewer)
+        }
+        _ => {
+            incoming.pushes_seen = seen;
+            (incoming, TicketWrite::Stored)
+        }
+    }
+}
+
+/// A tenant's install state as the lifecycle events tell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TenantState {
+    /// Installed and enabled (`app_open`, `app_status_change: start_by_tenant`, a paid order).
+    Active,
+    /// Disabled by the tenant or the platform (`app_status_change: stop_by_*`).
+    Stopped,
+    /// `app_uninstalled`.
+    Uninstalled,
+}
+
+/// A lifecycle event, as intake hands it to the store.
+#[derive(Debug, Clone)]
+pub struct TenantEvent {
+    pub tenant_key: String,
+    pub change: TenantChange,
+    pub event_type: String,
+    pub event_time_us: i64,
+    pub received_at_ms: u64,
+}
+
+/// What we know about one tenant of one app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantRecord {
+    pub tenant_key: String,
+    pub state: TenantState,
+    /// The `status` of the last `app_status_change`, if that set the state.
+    pub status: Option<String>,
+    /// Event time of the event that set `state`, microseconds.
+    pub state_time_us: i64,
+    pub first_seen_ms: u64,
+    pub last_event_type: String,
+    pub last_event_ms: u64,
+    pub last_order: Option<Order>,
+}
+
+/// Apply a lifecycle event: state follows the newest event by event time; orders and "last seen"
+/// are recorded whatever the order of arrival.
+pub fn apply_tenant_event(stored: Option<TenantRecord>, ev: &TenantEvent) -> TenantRecord {
+    let mut rec = stored.unwrap_or_else(|| TenantRecord {
+        tenant_key: ev.tenant_key.clone(),
+        state: TenantState::Active,
+        status: None,
+        state_time_us: i64::MIN,
+        first_seen_ms: ev.received_at_ms,
+        last_event_type: String::new(),
+        last_event_ms: 0,
+        last_order: None,
+    });
+    rec.last_event_type = ev.event_type.clone();
+    rec.last_event_ms = ev.received_at_ms;
+    let (state, status) = match &ev.change {
+        TenantChange::Opened => (Some(TenantState::Active), None),
+        TenantChange::StatusChanged { status } => {
+            let state = match status.as_str() {
+                "start_by_tenant" => Some(TenantState::Active),
+                s if s.starts_with("stop") => Some(TenantState::Stopped),
+                _ => None,
+            };
+            (state, Some(status.clone()))
+        }
+        TenantChange::Uninstalled => (Some(TenantState::Uninstalled), None),
+        TenantChange::OrderPaid(order) => {
+            rec.last_order = Some(order.clone());
+            (None, None)
+        }
+    };
+    if let Some(state) = state {
+        if ev.event_time_us >= rec.state_time_us {
+            rec.state = state;
+            rec.status = status;
+            rec.state_time_us = ev.event_time_us;
+        }
+    }
+    rec
+}
+
+/// A storage failure (the backend's own error, boxed).
+#[derive(Debug)]
+pub struct StoreError(pub String);
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "store: {}", self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl StoreError {
+    pub fn new(e: impl fmt::Display) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        Error::store(e)
+    }
+}
+
+/// The one store handle. Cheap to clone.
+#[derive(Clone, Debug)]
+pub enum Store {
+    Memory(memory::MemoryStore),
+    Embedded(embedded::EmbeddedStore),
+}
+
+impl Store {
+    /// Open the backend the config names.
+    pub async fn open(config: &StoreConfig) -> Result<Store, StoreError> {
+        match config.kind {
+            StoreKind::Memory => Ok(Store::Memory(memory::MemoryStore::default())),
+            StoreKind::Embedded => {
+                let path = config.path.clone();
+                tokio::task::spawn_blocking(move || embedded::EmbeddedStore::open(&path))
+                    .await
+                    .map_err(StoreError::new)?
+                    .map(Store::Embedded)
+            }
+            StoreKind::Redis => Err(StoreError::new("the redis backend is not available yet")),
+        }
+    }
+
+    /// Store `incoming` unless a newer ticket is already stored; durable before it returns.
+    pub async fn put_ticket(
+        &self,
+        app_id: &str,
+        incoming: TicketRecord,
+    ) -> Result<TicketWrite, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.put_ticket(app_id, incoming)),
+            Store::Embedded(e) => e.put_ticket(app_id, incoming).await,
+        }
+    }
+
+    pub async fn ticket(&self, app_id: &str) -> Result<Option<TicketRecord>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.ticket(app_id)),
+            Store::Embedded(e) => e.ticket(app_id).await,
+        }
+    }
+
+    /// Apply a lifecycle event to the tenant's record; durable before it returns.
+    pub async fn record_tenant_event(
+        &self,
+        app_id: &str,
+        ev: TenantEvent,
+    ) -> Result<TenantRecord, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.record_tenant_event(app_id, &ev)),
+            Store::Embedded(e) => e.record_tenant_event(app_id, ev).await,
+        }
+    }
+
+    /// Every tenant of an app, ordered by tenant_key.
+    pub async fn tenants(&self, app_id: &str) -> Result<Vec<TenantRecord>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.tenants(app_id)),
+            Store::Embedded(e) => e.tenants(app_id).await,
+        }
+    }
+
+    /// Is the backend usable? (Readiness.)
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(_) => Ok(()),
+            Store::Embedded(e) => e.ping().await,
+        }
+    }
+
+    pub fn kind(&self) -> StoreKind {
+        match self {
+            Store::Memory(_) => StoreKind::Memory,
+            Store::Embedded(_) => StoreKind::Embedded,
+        }
+    }
+}
+
+/// The contract every backend passes: run by each backend's tests.
+#[cfg(test)]
+pub(crate) mod contract {
+    use super::*;
+
+    pub fn ticket(value: &str, time_us: i64) -> TicketRecord {
+        TicketRecord {
+            ticket: Secret::new(value),
+            event_time_us: time_us,
+            event_id: format!("uuid-{value}"),
+            received_at_ms: 1000,
+            source: TicketSource::Push,
+            pushes_seen: 0,
+        }
+    }
+
+    fn tenant_event(key: &str, change: TenantChange, time_us: i64) -> TenantEvent {
+        TenantEvent {
+            tenant_key: key.to_string(),
+            change,
+            event_type: "x".to_string(),
+            event_time_us: time_us,
+            received_at_ms: 5,
+        }
+    }
+
+    pub async fn run(store: &Store) {
+        store.ping().await.unwrap();
+        assert_eq!(store.ticket("cli_a").await.unwrap(), None);
+
+        // Newest by event time wins; a late redelivery does not replace it.
+        assert_eq!(
+            store.put_ticket("cli_a", ticket("t2", 200)).await.unwrap(),
+            TicketWrite::Stored
+        );
+        assert_eq!(
+            store.put_ticket("cli_a", ticket("t1", 100)).await.unwrap(),
+            TicketWrite::KeptNewer
+        );
+        let got = store.ticket("cli_a").await.unwrap().unwrap();
+        assert_eq!(got.ticket.expose(), "t2");
+        assert_eq!(got.pushes_seen, 2);
+        assert_eq!(
+            store.put_ticket("cli_a", ticket("t3", 300)).await.unwrap(),
+            TicketWrite::Stored
+        );
+        let got = store.ticket("cli_a").await.unwrap().unwrap();
+        assert_eq!(got.ticket.expose(), "t3");
+        assert_eq!(got.pushes_seen, 3);
+        // Apps are independent.
+        assert_eq!(store.ticket("cli_b").await.unwrap(), None);
+
+        // Tenants: state follows the newest event, orders are kept.
+        store
+            .record_tenant_event("cli_a", tenant_event("t-b", TenantChange::Opened, 10))
+            .await
+            .unwrap();
+        store
+            .record_tenant_event("cli_a", tenant_event("t-a", TenantChange::Uninstalled, 30))
+            .await
+            .unwrap();
+        // An older "opened" arriving late does not resurrect an uninstalled tenant.
+        let rec = store
+            .record_tenant_event("cli_a", tenant_event("t-a", TenantChange::Opened, 20))
+            .await
+            .unwrap();
+        assert_eq!(rec.state, TenantState::Uninstalled);
+        let order = Order {
+            order_id: "o1".into(),
+            price_plan_type: Some("per_year".into()),
+            buy_type: Some("buy".into()),
+            seats: Some(10),
+            pay_time: None,
+        };
+        store
+            .record_tenant_event(
+                "cli_a",
+                tenant_event("t-b", TenantChange::OrderPaid(order.clone()), 40),
+            )
+            .await
+            .unwrap();
+        store
+            .record_tenant_event("cli_other", tenant_event("t-z", TenantChange::Opened, 1))
+            .await
+            .unwrap();
+        let tenants = store.tenants("cli_a").await.unwrap();
+        let keys: Vec<&str> = tenants.iter().map(|t| t.tenant_key.as_str()).collect();
+        assert_eq!(keys, ["t-a", "t-b"]);
+        assert_eq!(tenants[1].state, TenantState::Active);
+        assert_eq!(tenants[1].last_order.as_ref(), Some(&order));
+        assert_eq!(store.tenants("cli_none").await.unwrap(), vec![]);
+    }
+}
