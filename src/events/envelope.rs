@@ -121,7 +121,7 @@ pub enum Payload {
         challenge: String,
         token: Option<Secret>,
     },
-    Event(Event),
+    Event(Box<Event>),
 }
 
 impl Payload {
@@ -183,22 +183,16 @@ pub struct Order {
     pub pay_time: Option<String>,
 }
 
-/// Classify a parsed object into one of the three shapes.
+/// Classify a parsed object into one of the three shapes (protocol.md §4.1: a challenge has
+/// `type == "url_verification"` and no `schema`).
 pub(crate) fn classify(wire: &Wire<'_>) -> Result<Payload, ShapeError> {
-    if wire.kind.as_deref() == Some("url_verification") {
-        let challenge = wire.challenge.as_deref().ok_or(ShapeError::Unrecognised(
-            "url_verification without a challenge",
-        ))?;
-        return Ok(Payload::Challenge {
-            challenge: challenge.to_string(),
-            token: wire.token.as_deref().map(Secret::new),
-        });
-    }
+    // Schema first: a 2.0 envelope is an event whatever else it carries (the Go/Java SDK test
+    // event has a stray `"type":"url_verification"` beside its header).
     if wire.schema.is_some() {
         let header = wire.header.as_ref().ok_or(ShapeError::Unrecognised(
             "schema 2.0 event without a header",
         ))?;
-        return Ok(Payload::Event(Event {
+        return Ok(Payload::Event(Box::new(Event {
             schema: Schema::V2,
             event_id: header.event_id.as_deref().map(str::to_string),
             event_type: header.event_type.as_deref().unwrap_or_default().to_string(),
@@ -209,10 +203,19 @@ pub(crate) fn classify(wire: &Wire<'_>) -> Result<Payload, ShapeError> {
                 .create_time
                 .and_then(|t| parse_time_us(t, TimeUnit::Millis)),
             detail: EventDetail::Other,
-        }));
+        })));
+    }
+    if wire.kind.as_deref() == Some("url_verification") {
+        let challenge = wire.challenge.as_deref().ok_or(ShapeError::Unrecognised(
+            "url_verification without a challenge",
+        ))?;
+        return Ok(Payload::Challenge {
+            challenge: challenge.to_string(),
+            token: wire.token.as_deref().map(Secret::new),
+        });
     }
     if wire.uuid.is_some() || wire.kind.as_deref() == Some("event_callback") {
-        return classify_v1(wire).map(Payload::Event);
+        return classify_v1(wire).map(|e| Payload::Event(Box::new(e)));
     }
     Err(ShapeError::Unrecognised(
         "neither url_verification, schema 1.0 nor schema 2.0",
@@ -388,11 +391,8 @@ mod tests {
             r#"{"uuid":"u","token":"t","ts":"1","type":"event_callback","event":{"type":"order_paid","tenant_key":"k","order_id":"o","seats":"5","pay_time":"17"}}"#,
         )
         .unwrap();
-        let Payload::Event(Event {
-            detail: EventDetail::Tenant(TenantChange::OrderPaid(order)),
-            ..
-        }) = e
-        else {
+        let Payload::Event(event) = e else { panic!() };
+        let EventDetail::Tenant(TenantChange::OrderPaid(order)) = event.detail else {
             panic!()
         };
         assert_eq!(order.seats, Some(5));

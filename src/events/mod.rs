@@ -17,10 +17,12 @@
 //! that skipped a step. [`accept`] then does the one thing each verified payload asks for: echo
 //! the challenge, store the ticket (durably, before the 200), record tenant state, or just ack.
 //!
-//! About oracles: with no valid signature, a body that fails to decrypt and one that decrypts to
-//! garbage answer identically (`bad_payload`); only a ciphertext that decrypts to a JSON object
-//! that is not a challenge answers `bad_signature`, which an attacker cannot produce without the
-//! key. So the unsigned challenge path is not a padding oracle.
+//! About oracles: a request that carries signature headers that match no key gets
+//! `bad_signature` whatever its ciphertext holds (unless it is a valid challenge). Without
+//! signature headers, a body that fails to decrypt and one that decrypts to garbage answer
+//! identically (`bad_payload`); only a ciphertext that decrypts to a JSON object that is not a
+//! challenge answers `bad_signature`, which an attacker cannot produce without the key. So the
+//! unsigned challenge path is not a padding oracle.
 
 pub mod cipher;
 pub mod envelope;
@@ -175,6 +177,8 @@ impl Verifier {
         match decrypted {
             Some((app, payload @ Payload::Challenge { .. })) => finish(app, payload),
             Some(_) => Err(ErrorKind::BadSignature.into()),
+            // A signature was claimed and is wrong: that is the answer, whatever the payload.
+            None if signature.is_some() => Err(ErrorKind::BadSignature.into()),
             None => Err(ErrorKind::BadPayload.into()),
         }
     }
@@ -268,7 +272,7 @@ pub async fn accept(state: &AppState, verified: Verified) -> Result<Outcome, Err
     let Verified { app_id, payload } = verified;
     let event = match payload {
         Payload::Challenge { challenge, .. } => return Ok(Outcome::Challenge(challenge)),
-        Payload::Event(event) => event,
+        Payload::Event(event) => *event,
     };
     let now_ms = state.clock().now_ms();
     // Without a usable event time, order by arrival.

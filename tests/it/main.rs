@@ -1,1 +1,14 @@
+//! The integration suite: the real server on port 0, driven over real HTTP.
+//!
+//! One binary (STYLE.md habit 9). `util` holds `TestApp` (the server in-process, with its logs
+//! captured) and `Child` (the real binary as a separate process, for crash and restart tests).
 
+#![allow(clippy::unwrap_used)]
+
+mod util;
+
+mod intake;
+mod leaks;
+mod process;
+mod robustness;
+mod vectors;

@@ -1,0 +1,178 @@
+//! The real binary: crash safety, restarts, signals, and the CLI helpers.
+
+use std::process::Command;
+
+use lark_ticketd::store::embedded::EmbeddedStore;
+
+use crate::util::{app_toml, binary, client, Child, Reply, TempConfig, APP_ID, KEY, TOKEN};
+
+/// Read the ticket straight from the store file (the server must not be running).
+async fn stored_ticket(config: &TempConfig) -> Option<String> {
+    let store = EmbeddedStore::open(&config.db_path()).expect("open store file");
+    store
+        .ticket(APP_ID)
+        .await
+        .unwrap()
+        .map(|t| t.ticket.expose().to_string())
+}
+
+fn push_ticket_cli(url: &str, config: &TempConfig, ticket: &str) -> std::process::Output {
+    Command::new(binary())
+        .args(["push", "ticket", "--url", url, "--config"])
+        .arg(&config.path)
+        .args(["--ticket", ticket])
+        .env_remove("LARK_APP_TICKET")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn cli_push_ticket_survives_sigkill_and_restart() {
+    let config = TempConfig::embedded(&app_toml(APP_ID, Some(KEY), TOKEN));
+    let server = Child::serve(&config.path);
+    let url = server.url(&format!("/events/{APP_ID}"));
+    let out = push_ticket_cli(&url, &config, "tkt-secret-cli-1");
+    assert!(
+        out.status.success(),
+        "push failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("HTTP 200"));
+    // Kill -9 right after the 200: no shutdown path runs.
+    server.kill();
+    assert_eq!(
+        stored_ticket(&config).await.as_deref(),
+        Some("tkt-secret-cli-1")
+    );
+
+    // The service starts again on the same file and is ready.
+    let server = Child::serve(&config.path);
+    let ready = Reply::from(client().get(server.url("/readyz")).send().await.unwrap()).await;
+    assert_eq!(ready.status, 200);
+    server.kill();
+    assert_eq!(
+        stored_ticket(&config).await.as_deref(),
+        Some("tkt-secret-cli-1")
+    );
+}
+
+#[tokio::test]
+async fn every_acknowledged_ticket_is_on_disk_when_killed() {
+    let config = TempConfig::embedded(&app_toml(APP_ID, Some(KEY), TOKEN));
+    let server = Child::serve(&config.path);
+    let url = server.url(&format!("/events/{APP_ID}"));
+    let http = client();
+    let mut last = String::new();
+    for i in 0..20i64 {
+        last = format!("tkt-secret-burst-{i}");
+        let req = crate::intake::ticket_push(APP_ID, KEY, TOKEN, &last, 1_700_000_000_000_000 + i);
+        let (status, body) = lark_ticketd::push::send(&http, &url, &req).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    server.kill();
+    assert_eq!(stored_ticket(&config).await, Some(last));
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_cleanly() {
+    let config = TempConfig::embedded(&app_toml(APP_ID, Some(KEY), TOKEN));
+    let server = Child::serve(&config.path);
+    let reply = Reply::from(client().get(server.url("/healthz")).send().await.unwrap()).await;
+    assert_eq!(reply.status, 200);
+    let (status, logs) = server.terminate();
+    assert!(status.success(), "exit {status:?}\n{logs}");
+    assert!(logs.contains("shutting down"), "{logs}");
+}
+
+#[tokio::test]
+async fn cli_push_challenge_is_echoed() {
+    let config = TempConfig::embedded(&app_toml(APP_ID, Some(KEY), TOKEN));
+    let server = Child::serve(&config.path);
+    let out = Command::new(binary())
+        .args([
+            "push",
+            "challenge",
+            "--url",
+            &server.url("/events"),
+            "--config",
+        ])
+        .arg(&config.path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("challenge echoed correctly"), "{stdout}");
+    server.kill();
+}
+
+#[test]
+fn bad_config_exits_64_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[[apps]]\napp_id = \"cli_x\"\napp_secret = \"${LARK_TICKETD_TEST_UNSET_VAR}\"\nverification_token = \"t\"\n",
+    )
+    .unwrap();
+    for command in ["serve", "check-config"] {
+        let out = Command::new(binary())
+            .args([command, "--config"])
+            .arg(&path)
+            .env_remove("LARK_TICKETD_TEST_UNSET_VAR")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{command}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains("apps[0].app_secret"), "{stderr}");
+    }
+}
+
+#[test]
+fn check_config_prints_the_resolution_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ok.toml");
+    std::fs::write(&path, app_toml(APP_ID, Some(KEY), TOKEN)).unwrap();
+    let out = Command::new(binary())
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(APP_ID), "{stdout}");
+    for secret in [KEY, TOKEN, crate::util::APP_SECRET] {
+        assert!(!stdout.contains(secret), "{secret} printed");
+    }
+    assert!(stdout.contains("[redacted]"));
+}
+
+#[test]
+fn decrypt_cli_decrypts_the_doc_vector() {
+    let out = Command::new(binary())
+        .args([
+            "decrypt",
+            "--encrypt-key",
+            "test key",
+            "P37w+VZImNgPEO1RBhJ6RtKl7n6zymIbEG1pReEzghk=",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello world");
+    let out = Command::new(binary())
+        .args([
+            "decrypt",
+            "--encrypt-key",
+            "wrong",
+            "P37w+VZImNgPEO1RBhJ6RtKl7n6zymIbEG1pReEzghk=",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}

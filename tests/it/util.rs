@@ -1,0 +1,400 @@
+//! Test harness: spawn lark-ticketd in-process or as a child process, on port 0.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use lark_ticketd::clock::{self, SharedClock};
+use lark_ticketd::config::Config;
+use lark_ticketd::server::{self, Listeners};
+use lark_ticketd::store::Store;
+use lark_ticketd::AppState;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The fake credentials the shared vectors use.
+pub const APP_ID: &str = "cli_a5f0e9d8c7b6a5f4";
+pub const TOKEN: &str = "Vt0kExampleVerificationTok3n0001";
+pub const KEY: &str = "EkEyExampleEncryptKey000000000001";
+pub const APP_SECRET: &str = "AppSecretExampleValue0000000001";
+
+/// A fixture file's text (fixtures/ is the only place tests read from).
+pub fn fixture(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A fixture file's JSON.
+pub fn fixture_json(name: &str) -> serde_json::Value {
+    serde_json::from_str(&fixture(name)).unwrap()
+}
+
+/// An `[[apps]]` table.
+pub fn app_toml(app_id: &str, encrypt_key: Option<&str>, token: &str) -> String {
+    let key = encrypt_key
+        .map(|k| format!("encrypt_key = {}\n", toml_str(k)))
+        .unwrap_or_default();
+    format!(
+        "[[apps]]\napp_id = {}\napp_secret = {}\n{key}verification_token = {}\n",
+        toml_str(app_id),
+        toml_str(APP_SECRET),
+        toml_str(token)
+    )
+}
+
+/// A TOML basic string.
+pub fn toml_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap()
+}
+
+/// Everything the in-process servers logged, for the leak test.
+pub fn captured_logs() -> String {
+    let buf = log_buffer().lock().unwrap();
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+fn log_buffer() -> &'static Arc<Mutex<Vec<u8>>> {
+    static BUF: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    BUF.get_or_init(Default::default)
+}
+
+#[derive(Clone)]
+struct Capture;
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        log_buffer().lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Capture every log line of every in-process server, at the most verbose level.
+fn install_log_capture() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(|| Capture)
+            .json()
+            .try_init();
+    });
+}
+
+/// Every secret value the suite uses. Test tickets all carry the `tkt-secret-` marker.
+pub fn secrets_used() -> Vec<String> {
+    let mut secrets: Vec<String> = [
+        KEY,
+        TOKEN,
+        APP_SECRET,
+        "tkt-secret-",
+        "key-one",
+        "key-two",
+        "tok-one",
+        "tok-two",
+        "tok-plain",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // Tickets inside the shared vectors' plaintexts.
+    let vectors = fixture_json("vectors/decrypt.json");
+    for v in vectors["vectors"].as_array().unwrap() {
+        let plaintext: serde_json::Value =
+            serde_json::from_str(v["plaintext"].as_str().unwrap()).unwrap_or_default();
+        if let Some(ticket) = plaintext["event"]["app_ticket"].as_str() {
+            secrets.push(ticket.to_string());
+        }
+    }
+    secrets
+}
+
+pub fn assert_no_secrets(logs: &str, what: &str) {
+    assert!(
+        !logs.is_empty(),
+        "{what}: nothing was logged, the check would be vacuous"
+    );
+    for secret in secrets_used() {
+        assert!(
+            !logs.contains(&secret),
+            "{what} logged a secret ({}…)",
+            &secret[..4]
+        );
+    }
+}
+
+/// The server, in this process, on an ephemeral port.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    pub client: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestApp {
+    /// Spawn with this config text (its `listen` is ignored: port 0) and the system clock.
+    pub async fn spawn(config: &str) -> TestApp {
+        Self::spawn_with_clock(config, clock::system()).await
+    }
+
+    pub async fn spawn_with_clock(config: &str, clock: SharedClock) -> TestApp {
+        install_log_capture();
+        // In-process servers keep state in memory unless the test asks for a store.
+        let config = if config.contains("[store]") {
+            config.to_string()
+        } else {
+            format!("[store]\nkind = \"memory\"\n{config}")
+        };
+        let config = Config::parse(&config, &|_| None).expect("test config");
+        let store = Store::open(&config.store).await.expect("store");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = AppState::new(config, store, clock);
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(
+            Listeners {
+                main: listener,
+                ops: None,
+            },
+            state.clone(),
+            async {
+                let _ = rx.await;
+            },
+        ));
+        TestApp {
+            addr,
+            state,
+            client: client(),
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// POST raw bytes with extra headers; returns status, headers and JSON body (Null if not JSON).
+    pub async fn post(&self, path: &str, body: &[u8], headers: &[(&str, &str)]) -> Reply {
+        let mut req = self
+            .client
+            .post(self.url(path))
+            .header("content-type", "application/json; charset=utf-8")
+            .body(body.to_vec());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        Reply::from(req.send().await.expect("request")).await
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        Reply::from(
+            self.client
+                .get(self.url(path))
+                .send()
+                .await
+                .expect("request"),
+        )
+        .await
+    }
+
+    /// Shut down gracefully and wait for the server to finish.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+        // Every test that stops a server also checks everything logged so far.
+        assert_no_secrets(&captured_logs(), "the in-process servers");
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub text: String,
+    pub json: serde_json::Value,
+}
+
+impl Reply {
+    pub async fn from(resp: reqwest::Response) -> Reply {
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap_or_default();
+        let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+        Reply {
+            status,
+            headers,
+            text,
+            json,
+        }
+    }
+
+    /// The error code of an error body, or "".
+    pub fn code(&self) -> &str {
+        self.json["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+/// The release-independent path of the binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_lark-ticketd")
+}
+
+/// The real binary running `serve`, its stderr collected line by line.
+pub struct Child {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub logs: Arc<Mutex<String>>,
+    /// Ends when the child's stderr closes, i.e. when it has exited.
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Child {
+    /// Start `lark-ticketd serve --config <path>` and wait until it says where it listens.
+    pub fn serve(config_path: &Path) -> Child {
+        let mut child = Command::new(binary())
+            .args(["serve", "--config"])
+            .arg(config_path)
+            .env("LARK_TICKETD_LOG", "trace")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn lark-ticketd");
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = Arc::clone(&logs);
+        let reader = std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = listen_addr(&line) {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr);
+                    }
+                }
+                let mut logs = sink.lock().unwrap();
+                logs.push_str(&line);
+                logs.push('\n');
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "lark-ticketd did not start; it logged:\n{}",
+                    logs.lock().unwrap()
+                )
+            });
+        Child {
+            child,
+            addr,
+            logs,
+            reader: Some(reader),
+        }
+    }
+
+    /// Wait for the reader to see the end of stderr, then return everything logged.
+    fn drain_logs(&mut self) -> String {
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        let logs = self.logs.lock().unwrap().clone();
+        logs
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill(mut self) -> String {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.drain_logs()
+    }
+
+    /// SIGTERM, then wait for exit; returns the exit status and the logs.
+    pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = self.child.wait().unwrap();
+        (exit, self.drain_logs())
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn listen_addr(line: &str) -> Option<SocketAddr> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    if v["message"] != "lark-ticketd serving" {
+        return None;
+    }
+    v["listen"].as_str()?.parse().ok()
+}
+
+/// A temp dir with a config file for the child-process tests.
+pub struct TempConfig {
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl TempConfig {
+    /// Write `body` (apps etc.) with an embedded store in the temp dir and listen on port 0.
+    pub fn embedded(body: &str) -> TempConfig {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("store.db");
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\n[store]\nkind = \"embedded\"\npath = {}\n{body}",
+            toml_str(db.to_str().unwrap())
+        );
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        TempConfig { dir, path }
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("store.db")
+    }
+}
