@@ -62,9 +62,77 @@ pub struct Config {
     #[serde(default)]
     pub store: StoreConfig,
     #[serde(default)]
+    pub tickets: TicketConfig,
+    #[serde(default)]
+    pub tokens: TokenConfig,
+    #[serde(default)]
     pub apps: Vec<AppConfig>,
     #[serde(default)]
     pub clients: Vec<ClientConfig>,
+}
+
+/// How tickets are chased when missing and judged when old.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TicketConfig {
+    /// At most one resend request per app per this interval, however many callers ask.
+    #[serde(deserialize_with = "de_duration")]
+    pub resend_interval: Duration,
+    /// How long a token request without a ticket waits for the pushed ticket before answering
+    /// `503 ticket_missing`.
+    #[serde(deserialize_with = "de_duration")]
+    pub resend_wait: Duration,
+    /// A ticket older than this is `stale` (Feishu pushes hourly).
+    #[serde(deserialize_with = "de_duration")]
+    pub stale_after: Duration,
+}
+
+impl Default for TicketConfig {
+    fn default() -> Self {
+        TicketConfig {
+            resend_interval: Duration::from_secs(60),
+            resend_wait: Duration::from_secs(5),
+            stale_after: Duration::from_secs(75 * 60),
+        }
+    }
+}
+
+/// Token caching, refresh and the upstream client.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenConfig {
+    /// A token is served until `expire` minus this margin (clock skew, request latency).
+    #[serde(deserialize_with = "de_duration")]
+    pub refresh_margin: Duration,
+    /// Refresh in the background once fewer than this remain. Feishu issues a new token only
+    /// when fewer than 30 minutes remain, so this is 30 minutes by default.
+    #[serde(deserialize_with = "de_duration")]
+    pub refresh_ahead: Duration,
+    /// How often the background refresher looks for tokens due.
+    #[serde(deserialize_with = "de_duration")]
+    pub refresh_check_interval: Duration,
+    /// Tenant tokens used within this window are refreshed in the background; others are
+    /// refreshed on their next use.
+    #[serde(deserialize_with = "de_duration")]
+    pub recent_use: Duration,
+    /// Timeout of one call to the Open Platform.
+    #[serde(deserialize_with = "de_duration")]
+    pub upstream_timeout: Duration,
+    /// Retries of a call that failed in transport or with a 5xx (never of an answered error).
+    pub upstream_retries: u32,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        TokenConfig {
+            refresh_margin: Duration::from_secs(3 * 60),
+            refresh_ahead: Duration::from_secs(30 * 60),
+            refresh_check_interval: Duration::from_secs(30),
+            recent_use: Duration::from_secs(2 * 3600),
+            upstream_timeout: Duration::from_secs(3),
+            upstream_retries: 2,
+        }
+    }
 }
 
 /// Resource bounds of the HTTP server.
@@ -253,6 +321,23 @@ impl Config {
         for (key, d) in [
             ("server.header_read_timeout", s.header_read_timeout),
             ("server.request_timeout", s.request_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::new(key, "must be longer than 0s"));
+            }
+        }
+        let t = &self.tokens;
+        if t.refresh_ahead <= t.refresh_margin {
+            return Err(ConfigError::new(
+                "tokens.refresh_ahead",
+                "must be longer than tokens.refresh_margin",
+            ));
+        }
+        for (key, d) in [
+            ("tokens.refresh_check_interval", t.refresh_check_interval),
+            ("tokens.upstream_timeout", t.upstream_timeout),
+            ("tickets.resend_wait", self.tickets.resend_wait),
+            ("tickets.stale_after", self.tickets.stale_after),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::new(key, "must be longer than 0s"));

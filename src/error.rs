@@ -123,6 +123,9 @@ pub struct Error {
     kind: ErrorKind,
     message: Cow<'static, str>,
     cause: Option<Cause>,
+    /// Feishu's `code` and `msg`, for `upstream_error`: public, they tell the caller what the
+    /// Open Platform said.
+    upstream: Option<(i64, String)>,
 }
 
 impl Error {
@@ -131,7 +134,19 @@ impl Error {
             kind,
             message: message.into(),
             cause: None,
+            upstream: None,
         }
+    }
+
+    /// Attach Feishu's answer (`code`, `msg`).
+    pub fn with_upstream(mut self, code: i64, msg: impl Into<String>) -> Self {
+        self.upstream = Some((code, msg.into()));
+        self
+    }
+
+    /// Feishu's `code` and `msg`, when the Open Platform answered with an error.
+    pub fn upstream(&self) -> Option<(i64, &str)> {
+        self.upstream.as_ref().map(|(c, m)| (*c, m.as_str()))
     }
 
     /// Attach the underlying cause: logged by the one place errors become responses, never sent.
@@ -169,6 +184,7 @@ impl fmt::Debug for Error {
             .field("kind", &self.kind)
             .field("message", &self.message)
             .field("cause", &self.cause.as_ref().map(|c| c.to_string()))
+            .field("upstream", &self.upstream)
             .finish()
     }
 }

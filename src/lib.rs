@@ -13,26 +13,39 @@
 //!                    │
 //!   events (verify signature over raw bytes → decrypt → parse envelope → check token)
 //!                    │
-//!   store (newest ticket per app, tenant state; embedded redb file | memory)
+//!   store (newest ticket per app, tenant state, tokens; embedded redb file | memory)
+//!                    ▲
+//!   tokens (broker: cache, single-flight, background refresh) ──► Feishu auth API
 //! ```
+//!
+//! [`mock_feishu`] is a faithful local fake of the Open Platform (auth endpoints, ticket pushes),
+//! used by `lark-ticketd demo`, the tests, and developers without a Feishu tenant.
 //!
 //! The intake flow: request → limit → verify signature (raw bytes) → decrypt → parse envelope →
 //! check token → challenge | store ticket | record tenant | ack. Intake answers 200 to Feishu only
-//! after the ticket is durable.
+//! after the ticket is durable, and wakes token requests waiting for it.
+//!
+//! The token flow: request → bearer auth ([`auth`]) → cache → (single-flight) store ticket →
+//! upstream (Feishu's auth API, [`tokens::upstream`]) → cache and store → respond. The broker
+//! ([`tokens`]) refreshes in the background before expiry so callers never wait on the common path.
 //!
 //! State is shared as one cheap, clonable [`AppState`] handle; time comes from a [`clock::Clock`]
 //! so tests move it by hand.
 
+pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod events;
+pub mod mock_feishu;
 pub mod ops;
 pub mod push;
 pub mod routes;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod tokens;
 
 use std::sync::Arc;
 
@@ -40,6 +53,7 @@ use clock::{Clock, SharedClock};
 use config::Config;
 use events::Verifier;
 use store::Store;
+use tokens::Broker;
 
 /// Everything a request handler needs, behind one `Arc`.
 #[derive(Clone)]
@@ -48,6 +62,8 @@ pub struct AppState(Arc<Inner>);
 struct Inner {
     config: Config,
     verifier: Verifier,
+    clients: auth::Clients,
+    broker: Broker,
     store: Store,
     clock: SharedClock,
 }
@@ -55,9 +71,13 @@ struct Inner {
 impl AppState {
     pub fn new(config: Config, store: Store, clock: SharedClock) -> Self {
         let verifier = Verifier::new(&config.apps);
+        let clients = auth::Clients::new(&config.clients);
+        let broker = Broker::new(&config, store.clone(), Arc::clone(&clock));
         AppState(Arc::new(Inner {
             config,
             verifier,
+            clients,
+            broker,
             store,
             clock,
         }))
@@ -69,6 +89,14 @@ impl AppState {
 
     pub fn verifier(&self) -> &Verifier {
         &self.0.verifier
+    }
+
+    pub fn clients(&self) -> &auth::Clients {
+        &self.0.clients
+    }
+
+    pub fn broker(&self) -> &Broker {
+        &self.0.broker
     }
 
     pub fn store(&self) -> &Store {

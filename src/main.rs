@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use lark_ticketd::clock;
 use lark_ticketd::config::{Config, ConfigError};
 use lark_ticketd::events::cipher::EventCipher;
+use lark_ticketd::mock_feishu::{MockFeishu, MockOptions};
 use lark_ticketd::ops::logging::{self, LogFormat};
 use lark_ticketd::push::{self, Seal};
 use lark_ticketd::secret::Secret;
@@ -51,6 +52,16 @@ enum Command {
         #[command(subcommand)]
         what: PushWhat,
     },
+    /// The whole flow on this machine with nothing to configure: a fake Open Platform, the
+    /// service, a pushed ticket, and tokens fetched through the API.
+    Demo {
+        /// Exit after the flow instead of serving until Ctrl-C.
+        #[arg(long)]
+        once: bool,
+    },
+    /// A local fake of the Open Platform: the store-app auth API, and app_ticket pushes to an
+    /// events URL (on resend and periodically).
+    MockFeishu(MockFeishuArgs),
     /// Decrypt an `encrypt` blob (or a whole `{"encrypt": ...}` body) with an Encrypt Key.
     Decrypt {
         /// The Encrypt Key.
@@ -90,6 +101,35 @@ enum PushWhat {
 }
 
 #[derive(Args)]
+struct MockFeishuArgs {
+    /// Where to listen.
+    #[arg(long, default_value = "127.0.0.1:9999")]
+    listen: std::net::SocketAddr,
+    /// A lark-ticketd config: the fake platform knows its apps and their credentials.
+    #[arg(long, env = "LARK_TICKETD_CONFIG")]
+    config: PathBuf,
+    /// Where to push app_ticket events; `{app_id}` is replaced by the app id.
+    #[arg(long, default_value = "http://127.0.0.1:8080/events/{app_id}")]
+    events_url: String,
+    /// Push a new ticket to every app this often, like Feishu's hourly push ("0s": only on resend).
+    #[arg(long, default_value = "1h", value_parser = parse_duration_arg)]
+    push_interval: std::time::Duration,
+    /// Lifetime of issued tokens.
+    #[arg(long, default_value = "2h", value_parser = parse_duration_arg)]
+    token_ttl: std::time::Duration,
+    /// Delay before answering each auth call.
+    #[arg(long, default_value = "0s", value_parser = parse_duration_arg)]
+    latency: std::time::Duration,
+    /// Share of auth calls answered with HTTP 500 (0.0 to 1.0).
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+}
+
+fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    lark_ticketd::config::parse_duration(s)
+}
+
+#[derive(Args)]
 struct PushTarget {
     /// The events URL, e.g. https://example.com/events/cli_xxx
     #[arg(long)]
@@ -110,7 +150,11 @@ struct PushTarget {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    let default_level = match cli.command {
+        Command::Demo { .. } => "warn",
+        _ => "info",
+    };
+    logging::init(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -126,6 +170,14 @@ fn main() -> ExitCode {
             Command::Serve { config } => serve(config).await,
             Command::CheckConfig { config } => check_config(config),
             Command::Push { what } => push_command(what).await,
+            Command::Demo { once } => match lark_ticketd::demo::run(once).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("lark-ticketd demo: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            Command::MockFeishu(args) => mock_feishu(args).await,
             Command::Decrypt { encrypt_key, blob } => decrypt(&encrypt_key, blob),
         }
     })
@@ -181,6 +233,51 @@ async fn serve(path: PathBuf) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn mock_feishu(args: MockFeishuArgs) -> ExitCode {
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    if !(0.0..=1.0).contains(&args.error_rate) {
+        eprintln!("lark-ticketd: --error-rate must be between 0.0 and 1.0");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let mut options = MockOptions::from_config(&config, clock::system());
+    options.events_url = Some(args.events_url.clone());
+    options.push_interval = (!args.push_interval.is_zero()).then_some(args.push_interval);
+    options.token_ttl = args.token_ttl;
+    options.latency = args.latency;
+    options.error_rate = args.error_rate;
+    let listener = match TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("lark-ticketd: cannot listen on {}: {e}", args.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let mock = match MockFeishu::start(listener, options) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("lark-ticketd: cannot start mock-feishu: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let apps: Vec<&str> = config.apps.iter().map(|a| a.app_id.as_str()).collect();
+    println!(
+        "mock-feishu: a fake Open Platform at {} for {}\n\
+         set base_url = \"{}\" in lark-ticketd's [[apps]]; tickets are pushed to {}\n\
+         call counts: GET {}/mock/calls; push now: POST {}/mock/push/<app_id>",
+        mock.base_url(),
+        apps.join(", "),
+        mock.base_url(),
+        args.events_url,
+        mock.base_url(),
+        mock.base_url()
+    );
+    server::shutdown_signal().await;
+    ExitCode::SUCCESS
 }
 
 fn check_config(path: PathBuf) -> ExitCode {

@@ -14,11 +14,14 @@ use hyper::header::{HeaderMap, HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE,
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
+use crate::auth;
+use crate::config::Scope;
 use crate::error::{Error, ErrorKind};
 use crate::events::signature::{
     SignatureHeaders, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
 };
 use crate::events::{self, Outcome, Target};
+use crate::tokens::TokenKey;
 use crate::AppState;
 
 /// Which listener a request came in on.
@@ -35,6 +38,10 @@ pub enum Role {
 struct RequestLog {
     app_id: Option<String>,
     event_type: Option<String>,
+    /// Token API: how the token was served (hit, waited, refreshed, stale).
+    served: Option<&'static str>,
+    /// Token API: the authenticated client's name.
+    client: Option<String>,
 }
 
 /// Handle one request. Never fails: every error is a response.
@@ -73,6 +80,8 @@ where
         route = %route_name(&path),
         app_id = log.app_id.as_deref().unwrap_or(""),
         event_type = log.event_type.as_deref().unwrap_or(""),
+        client = log.client.as_deref().unwrap_or(""),
+        served = log.served.unwrap_or(""),
         status,
         error = error_code,
         elapsed_ms = (elapsed_ms * 1000.0).round() / 1000.0,
@@ -98,6 +107,16 @@ fn route_name(path: &str) -> &'static str {
         ["", "healthz"] => "/healthz",
         ["", "readyz"] => "/readyz",
         ["", "metrics"] => "/metrics",
+        ["", "v1", "apps", _, "app_access_token"] => "/v1/apps/{app_id}/app_access_token",
+        ["", "v1", "apps", _, "app_access_token", "invalidate"] => {
+            "/v1/apps/{app_id}/app_access_token/invalidate"
+        }
+        ["", "v1", "apps", _, "tenants", _, "tenant_access_token"] => {
+            "/v1/apps/{app_id}/tenants/{tenant_key}/tenant_access_token"
+        }
+        ["", "v1", "apps", _, "tenants", _, "tenant_access_token", "invalidate"] => {
+            "/v1/apps/{app_id}/tenants/{tenant_key}/tenant_access_token/invalidate"
+        }
         _ => "other",
     }
 }
@@ -133,8 +152,139 @@ where
             log.app_id = Some(app_id.clone());
             intake(state, Target::App(&app_id), req, log).await
         }
+        (["v1", "apps", app_id, "app_access_token"], Role::Main) => {
+            only(&req, &[Method::GET])?;
+            let key = TokenKey::App(app_id.to_string());
+            token_request(state, req, key, false, log).await
+        }
+        (["v1", "apps", app_id, "app_access_token", "invalidate"], Role::Main) => {
+            only(&req, &[Method::POST])?;
+            let key = TokenKey::App(app_id.to_string());
+            token_request(state, req, key, true, log).await
+        }
+        (["v1", "apps", app_id, "tenants", tenant, "tenant_access_token"], Role::Main) => {
+            only(&req, &[Method::GET])?;
+            let key = TokenKey::Tenant(app_id.to_string(), tenant.to_string());
+            token_request(state, req, key, false, log).await
+        }
+        (
+            ["v1", "apps", app_id, "tenants", tenant, "tenant_access_token", "invalidate"],
+            Role::Main,
+        ) => {
+            only(&req, &[Method::POST])?;
+            let key = TokenKey::Tenant(app_id.to_string(), tenant.to_string());
+            token_request(state, req, key, true, log).await
+        }
         _ => Err(ErrorKind::NotFound.into()),
     }
+}
+
+/// The bearer-authenticated client, allowed `scope` on `app_id` (which must exist).
+fn caller<'s, B>(
+    state: &'s AppState,
+    req: &Request<B>,
+    scope: Scope,
+    app_id: Option<&str>,
+    log: &mut RequestLog,
+) -> Result<&'s crate::config::ClientConfig, Error> {
+    let header = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let client = state.clients().authenticate(header)?;
+    log.client = Some(client.name.clone());
+    auth::authorize(client, scope, app_id)?;
+    if let Some(app_id) = app_id {
+        log.app_id = Some(app_id.to_string());
+        if !state.verifier().knows(app_id) {
+            return Err(Error::new(
+                ErrorKind::UnknownApp,
+                "no app with this app_id is configured",
+            ));
+        }
+    }
+    Ok(client)
+}
+
+/// A tenant_key as Feishu issues them: short, URL-safe.
+fn valid_tenant_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 128
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+/// Largest body of an API request (`{"token": ...}`).
+const MAX_API_BODY_BYTES: usize = 16 * 1024;
+
+#[derive(serde::Deserialize)]
+struct InvalidateRequest {
+    token: String,
+}
+
+/// `GET …/{app,tenant}_access_token` and `POST …/invalidate`.
+async fn token_request<B>(
+    state: &AppState,
+    req: Request<B>,
+    key: TokenKey,
+    invalidate: bool,
+    log: &mut RequestLog,
+) -> Result<Response<Full<Bytes>>, Error>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    caller(state, &req, Scope::Tokens, Some(key.app_id()), log)?;
+    if let TokenKey::Tenant(_, tenant_key) = &key {
+        if !valid_tenant_key(tenant_key) {
+            return Err(Error::new(
+                ErrorKind::BadRequest,
+                "tenant_key must be 1-128 letters, digits, '_', '-' or '.'",
+            ));
+        }
+    }
+    let broker = state.broker();
+    let (token, invalidated) = if invalidate {
+        let (parts, body) = req.into_parts();
+        let timeout = state.config().server.request_timeout;
+        let body = read_body(&parts.headers, body, MAX_API_BODY_BYTES, timeout).await?;
+        let request: InvalidateRequest = serde_json::from_slice(&body).map_err(|_| {
+            Error::new(
+                ErrorKind::BadRequest,
+                "send {\"token\": \"<the token Feishu rejected>\"}",
+            )
+        })?;
+        let (token, dropped) = broker.invalidate(&key, &request.token).await?;
+        log.served = Some(if dropped { "refreshed" } else { "hit" });
+        (token, Some(dropped))
+    } else {
+        let (token, served) = broker.get(&key).await?;
+        log.served = Some(served.as_str());
+        (token, None)
+    };
+    let now = state.clock().now_ms();
+    let mut body = serde_json::Map::new();
+    body.insert("app_id".into(), key.app_id().into());
+    let field = match &key {
+        TokenKey::App(_) => "app_access_token",
+        TokenKey::Tenant(_, tenant_key) => {
+            body.insert("tenant_key".into(), tenant_key.as_str().into());
+            "tenant_access_token"
+        }
+    };
+    body.insert(field.into(), token.value.expose().into());
+    body.insert("expire".into(), token.expire_s(now).into());
+    body.insert("expires_at".into(), (token.expires_at_ms / 1000).into());
+    if let Some(dropped) = invalidated {
+        body.insert("invalidated".into(), dropped.into());
+    }
+    let mut response = json(StatusCode::OK, &body);
+    response.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    Ok(response)
 }
 
 /// 405 with an `Allow` header unless the method is one of `allowed`.
@@ -260,10 +410,11 @@ pub fn error_response(error: &Error) -> Response<Full<Bytes>> {
     } else {
         error.message()
     };
-    let mut response = json(
-        status,
-        &serde_json::json!({"error": {"code": kind.code(), "message": message}}),
-    );
+    let mut body = serde_json::json!({"error": {"code": kind.code(), "message": message}});
+    if let Some((code, msg)) = error.upstream() {
+        body["error"]["upstream"] = serde_json::json!({"code": code, "msg": msg});
+    }
+    let mut response = json(status, &body);
     let headers = response.headers_mut();
     match kind {
         ErrorKind::StoreUnavailable | ErrorKind::TicketMissing => {

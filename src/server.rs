@@ -42,6 +42,7 @@ pub async fn run(
     let Listeners { main, ops } = listeners;
     tokio::pin!(shutdown);
     let mut backoff = Backoff::default();
+    let background = state.broker().start();
 
     loop {
         let permit = tokio::select! {
@@ -89,6 +90,7 @@ pub async fn run(
 
     drop(main);
     drop(ops);
+    background.abort();
     tracing::info!(
         grace_ms = limits.shutdown_grace.as_millis() as u64,
         "shutting down: draining in-flight requests"

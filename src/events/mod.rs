@@ -279,16 +279,24 @@ pub async fn accept(state: &AppState, verified: Verified) -> Result<Outcome, Err
     let time_us = event.time_us.unwrap_or(now_ms as i64 * 1000);
     match event.detail {
         EventDetail::AppTicket { ticket } => {
+            let source = if state.broker().take_resend_pending(&app_id) {
+                TicketSource::Resend
+            } else {
+                TicketSource::Push
+            };
             let record = TicketRecord {
                 ticket,
                 event_time_us: time_us,
                 event_id: event.event_id.unwrap_or_default(),
                 received_at_ms: now_ms,
-                source: TicketSource::Push,
+                source,
                 pushes_seen: 0,
             };
             let fingerprint = record.ticket.fingerprint();
             let write = state.store().put_ticket(&app_id, record).await?;
+            if write == TicketWrite::Stored {
+                state.broker().ticket_stored(&app_id);
+            }
             tracing::info!(
                 app_id = %app_id,
                 ticket = %fingerprint,

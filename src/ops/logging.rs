@@ -18,11 +18,12 @@ pub enum LogFormat {
     Json,
 }
 
-/// Install the global subscriber, writing to stderr. Call once, from `main`.
-pub fn init(format: LogFormat) {
+/// Install the global subscriber, writing to stderr, at `default_level` unless the environment
+/// says otherwise. Call once, from `main`.
+pub fn init(format: LogFormat, default_level: &str) {
     let filter = EnvFilter::try_from_env("LARK_TICKETD_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .unwrap_or_else(|_| EnvFilter::new(default_level));
     let terminal = std::io::stderr().is_terminal();
     let json = match format {
         LogFormat::Auto => !terminal,

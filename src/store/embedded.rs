@@ -17,13 +17,16 @@ use serde::Serialize;
 
 use super::{
     apply_tenant_event, merge_ticket, StoreError, TenantEvent, TenantRecord, TicketRecord,
-    TicketWrite,
+    TicketWrite, TokenRecord,
 };
+use crate::secret::Secret;
 
 /// app_id → TicketRecord (JSON).
 const TICKETS: TableDefinition<&str, &[u8]> = TableDefinition::new("tickets");
 /// (app_id, tenant_key) → TenantRecord (JSON).
 const TENANTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tenants");
+/// Broker key → TokenRecord (JSON).
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 
 #[derive(Clone)]
 pub struct EmbeddedStore {
@@ -57,6 +60,7 @@ impl EmbeddedStore {
         let txn = db.begin_write().map_err(StoreError::new)?;
         txn.open_table(TICKETS).map_err(StoreError::new)?;
         txn.open_table(TENANTS).map_err(StoreError::new)?;
+        txn.open_table(TOKENS).map_err(StoreError::new)?;
         txn.commit().map_err(StoreError::new)?;
         Ok(EmbeddedStore { db: Arc::new(db) })
     }
@@ -154,6 +158,52 @@ impl EmbeddedStore {
                 out.push(decode(value.value())?);
             }
             Ok(out)
+        })
+        .await
+    }
+
+    pub async fn put_token(&self, key: &str, record: TokenRecord) -> Result<(), StoreError> {
+        let key = key.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(StoreError::new)?;
+            {
+                let mut table = txn.open_table(TOKENS).map_err(StoreError::new)?;
+                table
+                    .insert(key.as_str(), encode(&record)?.as_slice())
+                    .map_err(StoreError::new)?;
+            }
+            txn.commit().map_err(StoreError::new)
+        })
+        .await
+    }
+
+    pub async fn token(&self, key: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let key = key.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(StoreError::new)?;
+            let table = txn.open_table(TOKENS).map_err(StoreError::new)?;
+            let value = table.get(key.as_str()).map_err(StoreError::new)?;
+            value.map(|v| decode(v.value())).transpose()
+        })
+        .await
+    }
+
+    pub async fn delete_token(&self, key: &str, token: &Secret) -> Result<(), StoreError> {
+        let key = key.to_string();
+        let token = token.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(StoreError::new)?;
+            {
+                let mut table = txn.open_table(TOKENS).map_err(StoreError::new)?;
+                let current = match table.get(key.as_str()).map_err(StoreError::new)? {
+                    Some(v) => Some(decode::<TokenRecord>(v.value())?),
+                    None => None,
+                };
+                if current.is_some_and(|r| r.token == token) {
+                    table.remove(key.as_str()).map_err(StoreError::new)?;
+                }
+            }
+            txn.commit().map_err(StoreError::new)
         })
         .await
     }

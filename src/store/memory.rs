@@ -6,13 +6,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{
     apply_tenant_event, merge_ticket, TenantEvent, TenantRecord, TicketRecord, TicketWrite,
+    TokenRecord,
 };
+use crate::secret::Secret;
 
 #[derive(Debug, Default)]
 struct Tables {
     tickets: HashMap<String, TicketRecord>,
     /// app_id → tenant_key → record (ordered, like the embedded backend's range scans).
     tenants: HashMap<String, BTreeMap<String, TenantRecord>>,
+    tokens: HashMap<String, TokenRecord>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -45,6 +48,21 @@ impl MemoryStore {
         let record = apply_tenant_event(tenants.remove(&ev.tenant_key), ev);
         tenants.insert(ev.tenant_key.clone(), record.clone());
         record
+    }
+
+    pub fn put_token(&self, key: &str, record: TokenRecord) {
+        self.lock().tokens.insert(key.to_string(), record);
+    }
+
+    pub fn token(&self, key: &str) -> Option<TokenRecord> {
+        self.lock().tokens.get(key).cloned()
+    }
+
+    pub fn delete_token(&self, key: &str, token: &Secret) {
+        let mut t = self.lock();
+        if t.tokens.get(key).is_some_and(|r| r.token == *token) {
+            t.tokens.remove(key);
+        }
     }
 
     pub fn tenants(&self, app_id: &str) -> Vec<TenantRecord> {

@@ -161,6 +161,16 @@ pub fn apply_tenant_event(stored: Option<TenantRecord>, ev: &TenantEvent) -> Ten
     rec
 }
 
+/// A cached access token, persisted so a restart serves it without calling Feishu.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub token: Secret,
+    /// When Feishu says it expires, unix milliseconds.
+    pub expires_at_ms: u64,
+    /// When we fetched it, unix milliseconds.
+    pub fetched_at_ms: u64,
+}
+
 /// A storage failure (the backend's own error, boxed).
 #[derive(Debug)]
 pub struct StoreError(pub String);
@@ -244,6 +254,35 @@ impl Store {
         match self {
             Store::Memory(m) => Ok(m.tenants(app_id)),
             Store::Embedded(e) => e.tenants(app_id).await,
+        }
+    }
+
+    /// Persist a token under `key` (the broker's key: `app/{app_id}` or `tenant/{app_id}/{tenant_key}`).
+    pub async fn put_token(&self, key: &str, record: TokenRecord) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(m) => {
+                m.put_token(key, record);
+                Ok(())
+            }
+            Store::Embedded(e) => e.put_token(key, record).await,
+        }
+    }
+
+    pub async fn token(&self, key: &str) -> Result<Option<TokenRecord>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.token(key)),
+            Store::Embedded(e) => e.token(key).await,
+        }
+    }
+
+    /// Delete the token under `key` if it is still `token` (compare-and-delete).
+    pub async fn delete_token(&self, key: &str, token: &Secret) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(m) => {
+                m.delete_token(key, token);
+                Ok(())
+            }
+            Store::Embedded(e) => e.delete_token(key, token).await,
         }
     }
 
@@ -354,5 +393,33 @@ pub(crate) mod contract {
         assert_eq!(tenants[1].state, TenantState::Active);
         assert_eq!(tenants[1].last_order.as_ref(), Some(&order));
         assert_eq!(store.tenants("cli_none").await.unwrap(), vec![]);
+
+        // Tokens: put, get, compare-and-delete.
+        let record = |v: &str| TokenRecord {
+            token: Secret::new(v),
+            expires_at_ms: 9_000,
+            fetched_at_ms: 1_000,
+        };
+        assert_eq!(store.token("app/cli_a").await.unwrap(), None);
+        store.put_token("app/cli_a", record("a-1")).await.unwrap();
+        store
+            .put_token("tenant/cli_a/t", record("t-1"))
+            .await
+            .unwrap();
+        assert_eq!(store.token("app/cli_a").await.unwrap(), Some(record("a-1")));
+        store
+            .delete_token("app/cli_a", &Secret::new("a-0"))
+            .await
+            .unwrap();
+        assert_eq!(store.token("app/cli_a").await.unwrap(), Some(record("a-1")));
+        store
+            .delete_token("app/cli_a", &Secret::new("a-1"))
+            .await
+            .unwrap();
+        assert_eq!(store.token("app/cli_a").await.unwrap(), None);
+        assert_eq!(
+            store.token("tenant/cli_a/t").await.unwrap(),
+            Some(record("t-1"))
+        );
     }
 }

@@ -9,6 +9,8 @@ mod util;
 
 mod intake;
 mod leaks;
+mod mock;
 mod process;
 mod robustness;
+mod tokens;
 mod vectors;

@@ -176,3 +176,28 @@ fn decrypt_cli_decrypts_the_doc_vector() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+#[test]
+fn demo_once_prints_a_tenant_token_fetched_through_the_api() {
+    let out = Command::new(binary())
+        .args(["demo", "--once"])
+        .env_remove("LARK_TICKETD_LOG")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token_line = stdout
+        .lines()
+        .find(|l| l.starts_with("tenant_access_token: t-"))
+        .unwrap_or_else(|| panic!("no tenant token in:\n{stdout}"));
+    assert!(token_line.len() > "tenant_access_token: t-".len() + 10);
+    assert!(
+        stdout.contains("app_access_token 1, tenant_access_token 1, app_ticket/resend 1"),
+        "{stdout}"
+    );
+}

@@ -23,6 +23,9 @@ pub const APP_ID: &str = "cli_a5f0e9d8c7b6a5f4";
 pub const TOKEN: &str = "Vt0kExampleVerificationTok3n0001";
 pub const KEY: &str = "EkEyExampleEncryptKey000000000001";
 pub const APP_SECRET: &str = "AppSecretExampleValue0000000001";
+/// Where tests point `base_url` when no fake Open Platform runs: a closed loopback port, so the
+/// start-up resend request fails at once and never leaves the machine.
+pub const NO_UPSTREAM: &str = "http://127.0.0.1:1";
 
 /// A fixture file's text (fixtures/ is the only place tests read from).
 pub fn fixture(name: &str) -> String {
@@ -39,14 +42,20 @@ pub fn fixture_json(name: &str) -> serde_json::Value {
 
 /// An `[[apps]]` table.
 pub fn app_toml(app_id: &str, encrypt_key: Option<&str>, token: &str) -> String {
+    app_toml_at(app_id, encrypt_key, token, NO_UPSTREAM)
+}
+
+/// An `[[apps]]` table with its `base_url`.
+pub fn app_toml_at(app_id: &str, encrypt_key: Option<&str>, token: &str, base_url: &str) -> String {
     let key = encrypt_key
         .map(|k| format!("encrypt_key = {}\n", toml_str(k)))
         .unwrap_or_default();
     format!(
-        "[[apps]]\napp_id = {}\napp_secret = {}\n{key}verification_token = {}\n",
+        "[[apps]]\napp_id = {}\napp_secret = {}\n{key}verification_token = {}\nbase_url = {}\n",
         toml_str(app_id),
         toml_str(APP_SECRET),
-        toml_str(token)
+        toml_str(token),
+        toml_str(base_url)
     )
 }
 
@@ -103,6 +112,12 @@ pub fn secrets_used() -> Vec<String> {
         "tok-one",
         "tok-two",
         "tok-plain",
+        "second-key",
+        "second-token",
+        "a-different-secret",
+        BEARER,
+        STATUS_BEARER,
+        SECOND_APP_BEARER,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -119,6 +134,19 @@ pub fn secrets_used() -> Vec<String> {
     secrets
 }
 
+/// Does `text` hold something shaped like a token or ticket mock-feishu issues (`a-`/`t-` + 40
+/// hex digits, `ticket-` + 32)?
+fn holds_issued_secret(text: &str) -> bool {
+    [("a-", 40), ("t-", 40), ("ticket-", 32)]
+        .iter()
+        .any(|(prefix, len)| {
+            text.match_indices(prefix).any(|(i, _)| {
+                let rest = &text.as_bytes()[i + prefix.len()..];
+                rest.len() >= *len && rest[..*len].iter().all(u8::is_ascii_hexdigit)
+            })
+        })
+}
+
 pub fn assert_no_secrets(logs: &str, what: &str) {
     assert!(
         !logs.is_empty(),
@@ -131,6 +159,10 @@ pub fn assert_no_secrets(logs: &str, what: &str) {
             &secret[..4]
         );
     }
+    assert!(
+        !holds_issued_secret(logs),
+        "{what} logged an issued token or ticket"
+    );
 }
 
 /// The server, in this process, on an ephemeral port.
@@ -149,6 +181,12 @@ impl TestApp {
     }
 
     pub async fn spawn_with_clock(config: &str, clock: SharedClock) -> TestApp {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::spawn_on(listener, config, clock).await
+    }
+
+    /// Spawn on a listener the test bound (to know the address before the config is written).
+    pub async fn spawn_on(listener: TcpListener, config: &str, clock: SharedClock) -> TestApp {
         install_log_capture();
         // In-process servers keep state in memory unless the test asks for a store.
         let config = if config.contains("[store]") {
@@ -158,7 +196,6 @@ impl TestApp {
         };
         let config = Config::parse(&config, &|_| None).expect("test config");
         let store = Store::open(&config.store).await.expect("store");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = AppState::new(config, store, clock);
         let (tx, rx) = oneshot::channel::<()>();
@@ -396,5 +433,151 @@ impl TempConfig {
 
     pub fn db_path(&self) -> PathBuf {
         self.dir.path().join("store.db")
+    }
+}
+
+/// The bearer key of the `orders` client in every [`Stack`] (tokens scope, all apps).
+pub const BEARER: &str = "test-bearer-key-orders";
+/// A key with only the `status` scope.
+pub const STATUS_BEARER: &str = "test-bearer-key-status";
+/// A key allowed the tokens scope on `cli_second` only.
+pub const SECOND_APP_BEARER: &str = "test-bearer-key-second";
+
+/// How to build a [`Stack`].
+#[derive(Default)]
+pub struct StackOptions {
+    /// Extra config tables (`[tokens]`, `[tickets]`, `[store]` …).
+    pub config: String,
+    /// A clock shared by the service and the fake platform.
+    pub clock: Option<Arc<lark_ticketd::clock::ManualClock>>,
+    /// The fake platform does not push after a resend request.
+    pub no_push_on_resend: bool,
+    /// The fake platform knows a different app secret than the service.
+    pub wrong_secret: bool,
+}
+
+/// The service and a fake Open Platform, each on port 0, wired to each other.
+pub struct Stack {
+    pub mock: lark_ticketd::mock_feishu::MockFeishu,
+    pub app: TestApp,
+    pub config: String,
+    clock: SharedClock,
+}
+
+impl Stack {
+    pub async fn start(options: StackOptions) -> Stack {
+        let service = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mock_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mock_url = format!("http://{}", mock_listener.local_addr().unwrap());
+        let clock: SharedClock = match options.clock {
+            Some(c) => c,
+            None => clock::system(),
+        };
+        let config = format!(
+            "{}\n{}{}\
+             [[clients]]\nname = \"orders\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"tokens\"]\n\
+             [[clients]]\nname = \"dashboards\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"status\"]\n\
+             [[clients]]\nname = \"second\"\nkey_sha256 = \"{}\"\napps = [\"cli_second\"]\nscopes = [\"tokens\"]\n",
+            options.config,
+            app_toml_at(APP_ID, Some(KEY), TOKEN, &mock_url),
+            app_toml_at("cli_second", Some("second-key"), "second-token", &mock_url),
+            lark_ticketd::auth::key_sha256_hex(BEARER),
+            lark_ticketd::auth::key_sha256_hex(STATUS_BEARER),
+            lark_ticketd::auth::key_sha256_hex(SECOND_APP_BEARER),
+        );
+        let parsed = Config::parse(&config, &|_| None).expect("stack config");
+        let mut mock_options =
+            lark_ticketd::mock_feishu::MockOptions::from_config(&parsed, Arc::clone(&clock));
+        mock_options.events_url = Some(format!(
+            "http://{}/events/{{app_id}}",
+            service.local_addr().unwrap()
+        ));
+        mock_options.push_on_resend = !options.no_push_on_resend;
+        if options.wrong_secret {
+            for app in &mut mock_options.apps {
+                app.app_secret = lark_ticketd::secret::Secret::new("a-different-secret");
+            }
+        }
+        let mock =
+            lark_ticketd::mock_feishu::MockFeishu::start(mock_listener, mock_options).unwrap();
+        let app = TestApp::spawn_on(service, &config, Arc::clone(&clock)).await;
+        Stack {
+            mock,
+            app,
+            config,
+            clock,
+        }
+    }
+
+    /// Stop the service and start it again on the same config (same store file if embedded).
+    pub async fn restart(self) -> Stack {
+        let Stack {
+            mock,
+            app,
+            config,
+            clock,
+        } = self;
+        app.stop().await;
+        let service = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = TestApp::spawn_on(service, &config, Arc::clone(&clock)).await;
+        Stack {
+            mock,
+            app,
+            config,
+            clock,
+        }
+    }
+
+    /// GET with the orders key.
+    pub async fn get(&self, path: &str) -> Reply {
+        self.get_as(path, Some(BEARER)).await
+    }
+
+    pub async fn get_as(&self, path: &str, bearer: Option<&str>) -> Reply {
+        let mut req = self.app.client.get(self.app.url(path));
+        if let Some(key) = bearer {
+            req = req.bearer_auth(key);
+        }
+        Reply::from(req.send().await.expect("request")).await
+    }
+
+    /// POST JSON with the orders key.
+    pub async fn post_json(&self, path: &str, body: serde_json::Value) -> Reply {
+        let req = self
+            .app
+            .client
+            .post(self.app.url(path))
+            .bearer_auth(BEARER)
+            .json(&body);
+        Reply::from(req.send().await.expect("request")).await
+    }
+
+    /// Wait until a ticket for `app_id` is stored (the start-up resend's push).
+    pub async fn wait_for_ticket(&self, app_id: &str) {
+        let mut signal = self.app.state.broker().ticket_watch(app_id).unwrap();
+        let store = self.app.state.store();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while store.ticket(app_id).await.unwrap().is_none() {
+                signal.changed().await.unwrap();
+            }
+        })
+        .await
+        .expect("a ticket should arrive");
+    }
+
+    pub async fn stop(self) {
+        self.app.stop().await;
+    }
+}
+
+/// Poll `condition` until it holds (for state that has no signal to await), at most 10 s.
+pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

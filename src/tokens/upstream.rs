@@ -1,0 +1,275 @@
+//! The Feishu / Lark auth API for store apps (protocol.md §6): `app_access_token`,
+//! `tenant_access_token`, `app_ticket/resend`, on each app's `base_url`.
+//!
+//! Every call has a timeout. Transport failures (including timeouts) and 5xx answers are retried
+//! with exponential backoff and jitter; an answered error (`code != 0`) is never retried — it is
+//! Feishu's verdict, and the broker decides what it means (10012: resend the ticket; 99991663 /
+//! 99991664: drop that token). Non-200 statuses are still parsed for `code` and `msg`, since Feishu
+//! answers some auth failures with HTTP 400 and a JSON body.
+
+use std::fmt;
+use std::time::Duration;
+
+use rand::Rng;
+use serde::Deserialize;
+
+use crate::error::{Error, ErrorKind};
+use crate::secret::Secret;
+
+pub const APP_ACCESS_TOKEN_PATH: &str = "/open-apis/auth/v3/app_access_token";
+pub const TENANT_ACCESS_TOKEN_PATH: &str = "/open-apis/auth/v3/tenant_access_token";
+pub const APP_TICKET_RESEND_PATH: &str = "/open-apis/auth/v3/app_ticket/resend";
+
+/// Feishu codes the broker acts on.
+pub mod codes {
+    /// "get app access token fail": by SDK convention, the app_ticket is invalid.
+    pub const APP_TICKET_INVALID: i64 = 10012;
+    /// "invalid access token" (tenant_access_token expired or of the wrong type).
+    pub const INVALID_ACCESS_TOKEN: i64 = 99991663;
+    /// "invalid app token".
+    pub const INVALID_APP_TOKEN: i64 = 99991664;
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamError {
+    /// Feishu answered with a non-zero `code`.
+    Api { code: i64, msg: String, status: u16 },
+    /// No answer within the timeout (after retries).
+    Timeout,
+    /// Connection failure or an unreadable / 5xx answer (after retries).
+    Transport(String),
+}
+
+impl UpstreamError {
+    pub fn code(&self) -> Option<i64> {
+        match self {
+            UpstreamError::Api { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamError::Api { code, msg, status } => {
+                write!(f, "Feishu answered code {code} ({msg}), HTTP {status}")
+            }
+            UpstreamError::Timeout => f.write_str("Feishu did not answer in time"),
+            UpstreamError::Transport(e) => write!(f, "cannot reach Feishu: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for UpstreamError {}
+
+impl From<UpstreamError> for Error {
+    fn from(e: UpstreamError) -> Self {
+        match &e {
+            UpstreamError::Api { code, msg, .. } => Error::new(
+                ErrorKind::UpstreamError,
+                format!("the Open Platform answered code {code}: {msg}"),
+            )
+            .with_upstream(*code, msg.clone()),
+            UpstreamError::Timeout => Error::from(ErrorKind::UpstreamTimeout),
+            UpstreamError::Transport(_) => Error::new(
+                ErrorKind::UpstreamError,
+                "the Open Platform could not be reached",
+            )
+            .with_cause(e),
+        }
+    }
+}
+
+/// A token and its lifetime in seconds, as Feishu returned them.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    pub token: Secret,
+    pub expire_s: u64,
+}
+
+#[derive(Deserialize)]
+struct AuthResponse {
+    code: i64,
+    #[serde(default)]
+    msg: String,
+    app_access_token: Option<Secret>,
+    tenant_access_token: Option<Secret>,
+    expire: Option<u64>,
+}
+
+/// The auth API client.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    http: reqwest::Client,
+    timeout: Duration,
+    retries: u32,
+}
+
+impl Upstream {
+    pub fn new(timeout: Duration, retries: u32) -> Upstream {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("lark-ticketd/", env!("CARGO_PKG_VERSION")))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .unwrap_or_default();
+        Upstream {
+            http,
+            timeout,
+            retries,
+        }
+    }
+
+    /// `app_access_token` for a store app: needs the newest app_ticket.
+    pub async fn app_access_token(
+        &self,
+        base_url: &str,
+        app_id: &str,
+        app_secret: &Secret,
+        app_ticket: &Secret,
+    ) -> Result<IssuedToken, UpstreamError> {
+        let body = serde_json::json!({
+            "app_id": app_id,
+            "app_secret": app_secret.expose(),
+            "app_ticket": app_ticket.expose(),
+        });
+        let r = self.call(base_url, APP_ACCESS_TOKEN_PATH, &body).await?;
+        issued(r.app_access_token, r.expire)
+    }
+
+    /// `tenant_access_token` for one tenant of a store app.
+    pub async fn tenant_access_token(
+        &self,
+        base_url: &str,
+        app_access_token: &Secret,
+        tenant_key: &str,
+    ) -> Result<IssuedToken, UpstreamError> {
+        let body = serde_json::json!({
+            "app_access_token": app_access_token.expose(),
+            "tenant_key": tenant_key,
+        });
+        let r = self.call(base_url, TENANT_ACCESS_TOKEN_PATH, &body).await?;
+        issued(r.tenant_access_token, r.expire)
+    }
+
+    /// Ask Feishu to push the app_ticket again (it arrives at the events URL, not here).
+    pub async fn resend_app_ticket(
+        &self,
+        base_url: &str,
+        app_id: &str,
+        app_secret: &Secret,
+    ) -> Result<(), UpstreamError> {
+        let body = serde_json::json!({ "app_id": app_id, "app_secret": app_secret.expose() });
+        self.call(base_url, APP_TICKET_RESEND_PATH, &body)
+            .await
+            .map(|_| ())
+    }
+
+    async fn call(
+        &self,
+        base_url: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<AuthResponse, UpstreamError> {
+        let url = format!("{}{path}", base_url.trim_end_matches('/'));
+        let mut attempt = 0;
+        loop {
+            let outcome = self.call_once(&url, body).await;
+            let retryable = matches!(
+                outcome,
+                Err(UpstreamError::Timeout | UpstreamError::Transport(_))
+            );
+            if !retryable || attempt >= self.retries {
+                return outcome;
+            }
+            tokio::time::sleep(backoff(attempt)).await;
+            attempt += 1;
+        }
+    }
+
+    async fn call_once(
+        &self,
+        url: &str,
+        body: &serde_json::Value,
+    ) -> Result<AuthResponse, UpstreamError> {
+        let response = self
+            .http
+            .post(url)
+            .timeout(self.timeout)
+            .header("content-type", "application/json; charset=utf-8")
+            .json(body)
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await.map_err(transport)?;
+        let parsed = serde_json::from_slice::<AuthResponse>(&bytes);
+        match parsed {
+            Ok(r) if r.code == 0 && status < 300 => Ok(r),
+            Ok(r) if r.code != 0 && status < 500 => Err(UpstreamError::Api {
+                code: r.code,
+                msg: r.msg,
+                status,
+            }),
+            _ => Err(UpstreamError::Transport(format!(
+                "HTTP {status} with an unexpected body"
+            ))),
+        }
+    }
+}
+
+fn transport(e: reqwest::Error) -> UpstreamError {
+    if e.is_timeout() {
+        UpstreamError::Timeout
+    } else {
+        // Without the URL: it is ours to log, not news to anyone.
+        UpstreamError::Transport(e.without_url().to_string())
+    }
+}
+
+fn issued(token: Option<Secret>, expire: Option<u64>) -> Result<IssuedToken, UpstreamError> {
+    match (token, expire) {
+        (Some(token), Some(expire_s)) if !token.is_empty() && expire_s > 0 => {
+            Ok(IssuedToken { token, expire_s })
+        }
+        _ => Err(UpstreamError::Transport(
+            "a success answer without a token or expire".to_string(),
+        )),
+    }
+}
+
+/// 100 ms, 200 ms, 400 ms … (at most 3.2 s), each ±50 % jitter.
+fn backoff(attempt: u32) -> Duration {
+    let base_ms = 100u64 << attempt.min(5);
+    let jitter = rand::thread_rng().gen_range(0.5..1.5);
+    Duration::from_millis((base_ms as f64 * jitter) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter() {
+        for attempt in 0..8 {
+            let d = backoff(attempt).as_millis() as u64;
+            let base = 100u64 << attempt.min(5);
+            assert!(d >= base / 2 && d <= base * 3 / 2, "{attempt}: {d}");
+        }
+    }
+
+    #[test]
+    fn api_errors_keep_code_and_msg() {
+        let e: Error = UpstreamError::Api {
+            code: 10014,
+            msg: "app secret invalid".into(),
+            status: 400,
+        }
+        .into();
+        assert_eq!(e.kind(), ErrorKind::UpstreamError);
+        assert_eq!(e.upstream(), Some((10014, "app secret invalid")));
+        let e: Error = UpstreamError::Timeout.into();
+        assert_eq!(e.kind(), ErrorKind::UpstreamTimeout);
+    }
+}

@@ -1,0 +1,442 @@
+//! The token broker end to end: the real server and mock-feishu, both on port 0.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lark_ticketd::clock::ManualClock;
+use lark_ticketd::mock_feishu::Endpoint;
+use lark_ticketd::store::TicketSource;
+use lark_ticketd::tokens::{BrokerEvent, TokenKey};
+
+use crate::util::{
+    eventually, Stack, StackOptions, APP_ID, BEARER, SECOND_APP_BEARER, STATUS_BEARER,
+};
+
+const TENANT: &str = "2ed263bf32cf1651";
+
+fn tenant_path(tenant: &str) -> String {
+    format!("/v1/apps/{APP_ID}/tenants/{tenant}/tenant_access_token")
+}
+
+fn app_path() -> String {
+    format!("/v1/apps/{APP_ID}/app_access_token")
+}
+
+/// A clock that starts at a realistic time.
+fn manual_clock() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(1_800_000_000_000))
+}
+
+async fn await_event(
+    events: &mut tokio::sync::broadcast::Receiver<BrokerEvent>,
+    expected: BrokerEvent,
+) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if events.recv().await.unwrap() == expected {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {expected:?}"));
+}
+
+#[tokio::test]
+async fn five_hundred_cold_requests_make_one_call_per_endpoint() {
+    let stack = Stack::start(StackOptions::default()).await;
+    stack.wait_for_ticket(APP_ID).await;
+    let ticket = stack
+        .app
+        .state
+        .store()
+        .ticket(APP_ID)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ticket.source,
+        TicketSource::Resend,
+        "the start-up resend's push"
+    );
+
+    let path = stack.app.url(&tenant_path(TENANT));
+    let mut tasks = Vec::new();
+    for _ in 0..500 {
+        let client = stack.app.client.clone();
+        let path = path.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = client.get(&path).bearer_auth(BEARER).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let v: serde_json::Value = r.json().await.unwrap();
+            v["tenant_access_token"].as_str().unwrap().to_string()
+        }));
+    }
+    let mut tokens = Vec::new();
+    for t in tasks {
+        tokens.push(t.await.unwrap());
+    }
+    assert!(
+        tokens.iter().all(|t| *t == tokens[0]),
+        "all callers get the same token"
+    );
+    assert_eq!(stack.mock.calls(Endpoint::AppAccessToken), 1);
+    assert_eq!(stack.mock.calls(Endpoint::TenantAccessToken), 1);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn token_api_answers_in_feishu_terms() {
+    let stack = Stack::start(StackOptions::default()).await;
+    stack.wait_for_ticket(APP_ID).await;
+    let r = stack.get(&app_path()).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["app_id"], APP_ID);
+    assert!(r.json["app_access_token"]
+        .as_str()
+        .unwrap()
+        .starts_with("a-"));
+    assert_eq!(r.json["expire"], 7200);
+    assert!(r.json["expires_at"].as_u64().unwrap() > 1_700_000_000);
+    assert_eq!(r.headers["cache-control"], "no-store");
+    let r = stack.get(&tenant_path(TENANT)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["tenant_key"], TENANT);
+    assert!(r.json["tenant_access_token"]
+        .as_str()
+        .unwrap()
+        .starts_with("t-"));
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn background_refresh_happens_before_expiry_without_making_callers_wait() {
+    let clock = manual_clock();
+    let stack = Stack::start(StackOptions {
+        clock: Some(Arc::clone(&clock)),
+        ..Default::default()
+    })
+    .await;
+    stack.wait_for_ticket(APP_ID).await;
+    let first = stack.get(&tenant_path(TENANT)).await;
+    let t1 = first.json["tenant_access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // 91 minutes later, 29 remain: Feishu would now issue a new token.
+    clock.advance(Duration::from_secs(91 * 60));
+    let mut events = stack.app.state.broker().subscribe();
+    let r = stack.get(&tenant_path(TENANT)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json["tenant_access_token"], t1,
+        "the caller got the still-valid token at once; the refresh runs behind it"
+    );
+    assert_eq!(r.json["expire"], 29 * 60);
+    let key = TokenKey::Tenant(APP_ID.into(), TENANT.into());
+    await_event(&mut events, BrokerEvent::Refreshed(key)).await;
+
+    let r = stack.get(&tenant_path(TENANT)).await;
+    let t2 = r.json["tenant_access_token"].as_str().unwrap();
+    assert_ne!(t2, t1, "the refreshed token is served");
+    assert_eq!(r.json["expire"], 7200);
+    assert_eq!(stack.mock.calls(Endpoint::TenantAccessToken), 2);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn the_sweep_refreshes_app_tokens_nobody_asks_for() {
+    let clock = manual_clock();
+    let stack = Stack::start(StackOptions {
+        clock: Some(Arc::clone(&clock)),
+        config: "[tokens]\nrefresh_check_interval = \"20ms\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    stack.wait_for_ticket(APP_ID).await;
+    let a1 = stack.get(&app_path()).await.json["app_access_token"].clone();
+    let mut events = stack.app.state.broker().subscribe();
+    clock.advance(Duration::from_secs(100 * 60));
+    await_event(
+        &mut events,
+        BrokerEvent::Refreshed(TokenKey::App(APP_ID.into())),
+    )
+    .await;
+    assert_eq!(stack.mock.calls(Endpoint::AppAccessToken), 2);
+    let a2 = stack.get(&app_path()).await.json["app_access_token"].clone();
+    assert_ne!(a1, a2);
+    assert_eq!(
+        stack.mock.calls(Endpoint::AppAccessToken),
+        2,
+        "served from the cache"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn compare_and_invalidate_drops_only_the_current_token() {
+    let stack = Stack::start(StackOptions::default()).await;
+    stack.wait_for_ticket(APP_ID).await;
+    let t1 = stack.get(&tenant_path(TENANT)).await.json["tenant_access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let invalidate = format!("{}/invalidate", tenant_path(TENANT));
+
+    // A stale report (some older token) changes nothing.
+    let r = stack
+        .post_json(
+            &invalidate,
+            serde_json::json!({"token": "t-some-older-token"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["invalidated"], false);
+    assert_eq!(r.json["tenant_access_token"], t1);
+    assert_eq!(stack.mock.calls(Endpoint::TenantAccessToken), 1);
+
+    // Feishu revoked the current one: it is replaced with exactly one upstream call.
+    stack.mock.revoke(&t1);
+    let r = stack
+        .post_json(&invalidate, serde_json::json!({"token": t1}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["invalidated"], true);
+    let t2 = r.json["tenant_access_token"].as_str().unwrap().to_string();
+    assert_ne!(t2, t1);
+    assert_eq!(stack.mock.calls(Endpoint::TenantAccessToken), 2);
+    // Reporting t1 again (a second replica's late report) keeps t2.
+    let r = stack
+        .post_json(&invalidate, serde_json::json!({"token": t1}))
+        .await;
+    assert_eq!(
+        (
+            r.json["invalidated"].clone(),
+            r.json["tenant_access_token"].clone()
+        ),
+        (false.into(), t2.clone().into())
+    );
+    assert_eq!(stack.mock.calls(Endpoint::TenantAccessToken), 2);
+
+    let r = stack
+        .post_json(&invalidate, serde_json::json!({"nope": 1}))
+        .await;
+    assert_eq!((r.status, r.code()), (400, "bad_request"));
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_down_serves_the_still_valid_token_then_reports_the_failure() {
+    let clock = manual_clock();
+    let stack = Stack::start(StackOptions {
+        clock: Some(Arc::clone(&clock)),
+        config: "[tokens]\nupstream_retries = 0\nupstream_timeout = \"300ms\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    stack.wait_for_ticket(APP_ID).await;
+    let t1 = stack.get(&tenant_path(TENANT)).await.json["tenant_access_token"].clone();
+
+    stack.mock.set_down(true);
+    // Inside the 3-minute margin but not expired: a refresh is attempted, fails, t1 is served.
+    clock.advance(Duration::from_secs(118 * 60));
+    let r = stack.get(&tenant_path(TENANT)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["tenant_access_token"], t1);
+    assert_eq!(r.json["expire"], 120);
+
+    // Expired, upstream down: 502 with the code.
+    clock.advance(Duration::from_secs(3 * 60));
+    let r = stack.get(&tenant_path(TENANT)).await;
+    assert_eq!((r.status, r.code()), (502, "upstream_error"), "{}", r.text);
+
+    // Upstream slow: 504.
+    stack.mock.set_down(false);
+    stack.mock.set_latency(Duration::from_secs(2));
+    let r = stack.get(&tenant_path("another-tenant")).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (504, "upstream_timeout"),
+        "{}",
+        r.text
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn feishu_error_codes_reach_the_caller() {
+    let stack = Stack::start(StackOptions {
+        wrong_secret: true,
+        ..Default::default()
+    })
+    .await;
+    // The resend is refused (wrong secret), so push a ticket the way the platform would.
+    assert_eq!(stack.mock.push_ticket(APP_ID).await.unwrap(), 200);
+    let r = stack.get(&app_path()).await;
+    assert_eq!((r.status, r.code()), (502, "upstream_error"), "{}", r.text);
+    assert_eq!(r.json["error"]["upstream"]["code"], 10015);
+    assert_eq!(r.json["error"]["upstream"]["msg"], "app secret invalid");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn missing_ticket_one_resend_and_the_push_wakes_waiting_callers() {
+    let stack = Stack::start(StackOptions {
+        no_push_on_resend: true,
+        config: "[tickets]\nresend_wait = \"30s\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let mut callers = Vec::new();
+    for i in 0..20 {
+        let client = stack.app.client.clone();
+        let url = stack.app.url(&tenant_path(&format!("tenant-{}", i % 2)));
+        callers.push(tokio::spawn(async move {
+            let r = client.get(&url).bearer_auth(BEARER).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }));
+    }
+    let broker = stack.app.state.broker().clone();
+    eventually("a caller waiting for the ticket", || {
+        broker.ticket_waiters(APP_ID) > 0
+    })
+    .await;
+    eventually("the start-up resends, one per app", || {
+        stack.mock.calls(Endpoint::AppTicketResend) == 2
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    assert_eq!(stack.mock.push_ticket(APP_ID).await.unwrap(), 200);
+    for c in callers {
+        let (status, body) = c.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "woken by the push, not by the 30 s wait"
+    );
+    assert_eq!(
+        stack.mock.calls(Endpoint::AppTicketResend),
+        2,
+        "no resend per caller"
+    );
+    assert_eq!(stack.mock.calls(Endpoint::AppAccessToken), 1);
+    assert_eq!(stack.mock.calls(Endpoint::TenantAccessToken), 2);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn no_push_means_503_ticket_missing_with_retry_after() {
+    let stack = Stack::start(StackOptions {
+        no_push_on_resend: true,
+        config: "[tickets]\nresend_wait = \"200ms\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let r = stack.get(&tenant_path(TENANT)).await;
+    assert_eq!((r.status, r.code()), (503, "ticket_missing"), "{}", r.text);
+    assert!(r.headers.contains_key("retry-after"));
+    assert_eq!(stack.mock.calls(Endpoint::AppAccessToken), 0);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn rejected_ticket_10012_resends_and_retries_once() {
+    let clock = manual_clock();
+    let stack = Stack::start(StackOptions {
+        clock: Some(Arc::clone(&clock)),
+        ..Default::default()
+    })
+    .await;
+    stack.wait_for_ticket(APP_ID).await;
+    stack.wait_for_ticket("cli_second").await;
+    stack.mock.invalidate_tickets(APP_ID);
+    clock.advance(Duration::from_secs(61)); // past the resend interval of the start-up resend
+    let r = stack.get(&app_path()).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        stack.mock.calls(Endpoint::AppAccessToken),
+        2,
+        "10012, then success"
+    );
+    assert_eq!(
+        stack.mock.calls(Endpoint::AppTicketResend),
+        3,
+        "2 at start-up, 1 for 10012"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn rejected_app_token_on_the_tenant_call_is_replaced_once() {
+    let stack = Stack::start(StackOptions::default()).await;
+    stack.wait_for_ticket(APP_ID).await;
+    let a1 = stack.get(&app_path()).await.json["app_access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    stack.mock.revoke(&a1);
+    let r = stack.get(&tenant_path(TENANT)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(stack.mock.calls(Endpoint::AppAccessToken), 2);
+    assert_eq!(
+        stack.mock.calls(Endpoint::TenantAccessToken),
+        2,
+        "99991664, then success"
+    );
+    let a2 = stack.get(&app_path()).await.json["app_access_token"].clone();
+    assert_ne!(a2, a1.as_str());
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn restart_on_the_embedded_store_serves_tokens_without_upstream_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[store]\nkind = \"embedded\"\npath = {}\n",
+        crate::util::toml_str(dir.path().join("s.db").to_str().unwrap())
+    );
+    let stack = Stack::start(StackOptions {
+        config,
+        ..Default::default()
+    })
+    .await;
+    stack.wait_for_ticket(APP_ID).await;
+    let t1 = stack.get(&tenant_path(TENANT)).await.json["tenant_access_token"].clone();
+    let calls = |s: &Stack| Endpoint::ALL_AUTH.map(|e| s.mock.calls(e));
+    let before = calls(&stack);
+    let stack = stack.restart().await;
+    let r = stack.get(&tenant_path(TENANT)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json["tenant_access_token"], t1);
+    let r = stack.get(&app_path()).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        calls(&stack),
+        before,
+        "zero upstream calls after the restart"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn bearer_keys_scopes_and_apps_are_enforced() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let r = stack.get_as(&app_path(), None).await;
+    assert_eq!((r.status, r.code()), (401, "unauthorized"));
+    assert_eq!(r.headers["www-authenticate"], "Bearer");
+    let r = stack.get_as(&app_path(), Some("not-a-key")).await;
+    assert_eq!((r.status, r.code()), (401, "unauthorized"));
+    let r = stack.get_as(&app_path(), Some(STATUS_BEARER)).await;
+    assert_eq!((r.status, r.code()), (403, "forbidden"));
+    let r = stack.get_as(&app_path(), Some(SECOND_APP_BEARER)).await;
+    assert_eq!((r.status, r.code()), (403, "forbidden"));
+    let r = stack.get("/v1/apps/cli_nobody/app_access_token").await;
+    assert_eq!((r.status, r.code()), (404, "unknown_app"));
+    let r = stack.get(&tenant_path("bad%20key")).await;
+    assert_eq!((r.status, r.code()), (400, "bad_request"));
+    let r = stack.post_json(&app_path(), serde_json::json!({})).await;
+    assert_eq!((r.status, r.code()), (405, "method_not_allowed"));
+    stack.stop().await;
+}
