@@ -2,11 +2,12 @@
 //! Nothing survives the process. A std `Mutex` suffices: no lock is held across an `.await`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{
-    apply_tenant_event, merge_ticket, TenantEvent, TenantRecord, TicketRecord, TicketWrite,
-    TokenRecord,
+    apply_tenant_event, merge_ticket, StoreError, TenantEvent, TenantRecord, TicketRecord,
+    TicketWrite, TokenRecord,
 };
 use crate::secret::Secret;
 
@@ -21,9 +22,25 @@ struct Tables {
 #[derive(Debug, Default, Clone)]
 pub struct MemoryStore {
     tables: Arc<Mutex<Tables>>,
+    /// Fault injection: when set, every operation fails as a broken disk would.
+    unavailable: Arc<AtomicBool>,
 }
 
 impl MemoryStore {
+    /// Make every operation fail (or work again): for tests of what callers see when storage
+    /// breaks.
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.unavailable.store(unavailable, Ordering::SeqCst);
+    }
+
+    /// Fails while the store is marked unavailable.
+    pub fn check(&self) -> Result<(), StoreError> {
+        if self.unavailable.load(Ordering::SeqCst) {
+            return Err(StoreError::new("memory store marked unavailable"));
+        }
+        Ok(())
+    }
+
     fn lock(&self) -> MutexGuard<'_, Tables> {
         // A panic while holding the lock cannot leave a half-applied record (each update is one
         // insert), so a poisoned lock is still consistent.

@@ -225,14 +225,14 @@ impl Store {
         incoming: TicketRecord,
     ) -> Result<TicketWrite, StoreError> {
         match self {
-            Store::Memory(m) => Ok(m.put_ticket(app_id, incoming)),
+            Store::Memory(m) => m.check().map(|()| m.put_ticket(app_id, incoming)),
             Store::Embedded(e) => e.put_ticket(app_id, incoming).await,
         }
     }
 
     pub async fn ticket(&self, app_id: &str) -> Result<Option<TicketRecord>, StoreError> {
         match self {
-            Store::Memory(m) => Ok(m.ticket(app_id)),
+            Store::Memory(m) => m.check().map(|()| m.ticket(app_id)),
             Store::Embedded(e) => e.ticket(app_id).await,
         }
     }
@@ -244,7 +244,7 @@ impl Store {
         ev: TenantEvent,
     ) -> Result<TenantRecord, StoreError> {
         match self {
-            Store::Memory(m) => Ok(m.record_tenant_event(app_id, &ev)),
+            Store::Memory(m) => m.check().map(|()| m.record_tenant_event(app_id, &ev)),
             Store::Embedded(e) => e.record_tenant_event(app_id, ev).await,
         }
     }
@@ -252,7 +252,7 @@ impl Store {
     /// Every tenant of an app, ordered by tenant_key.
     pub async fn tenants(&self, app_id: &str) -> Result<Vec<TenantRecord>, StoreError> {
         match self {
-            Store::Memory(m) => Ok(m.tenants(app_id)),
+            Store::Memory(m) => m.check().map(|()| m.tenants(app_id)),
             Store::Embedded(e) => e.tenants(app_id).await,
         }
     }
@@ -260,17 +260,14 @@ impl Store {
     /// Persist a token under `key` (the broker's key: `app/{app_id}` or `tenant/{app_id}/{tenant_key}`).
     pub async fn put_token(&self, key: &str, record: TokenRecord) -> Result<(), StoreError> {
         match self {
-            Store::Memory(m) => {
-                m.put_token(key, record);
-                Ok(())
-            }
+            Store::Memory(m) => m.check().map(|()| m.put_token(key, record)),
             Store::Embedded(e) => e.put_token(key, record).await,
         }
     }
 
     pub async fn token(&self, key: &str) -> Result<Option<TokenRecord>, StoreError> {
         match self {
-            Store::Memory(m) => Ok(m.token(key)),
+            Store::Memory(m) => m.check().map(|()| m.token(key)),
             Store::Embedded(e) => e.token(key).await,
         }
     }
@@ -278,10 +275,7 @@ impl Store {
     /// Delete the token under `key` if it is still `token` (compare-and-delete).
     pub async fn delete_token(&self, key: &str, token: &Secret) -> Result<(), StoreError> {
         match self {
-            Store::Memory(m) => {
-                m.delete_token(key, token);
-                Ok(())
-            }
+            Store::Memory(m) => m.check().map(|()| m.delete_token(key, token)),
             Store::Embedded(e) => e.delete_token(key, token).await,
         }
     }
@@ -289,7 +283,7 @@ impl Store {
     /// Is the backend usable? (Readiness.)
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {
-            Store::Memory(_) => Ok(()),
+            Store::Memory(m) => m.check(),
             Store::Embedded(e) => e.ping().await,
         }
     }

@@ -349,3 +349,39 @@ async fn connection_limit_holds_back_extra_clients() {
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn storage_failure_is_a_503_and_loses_nothing_acknowledged() {
+    let app = TestApp::spawn(&app_toml(APP_ID, Some(KEY), TOKEN)).await;
+    let lark_ticketd::store::Store::Memory(memory) = app.state.store() else {
+        panic!("the test app runs on the memory store")
+    };
+    let path = format!("/events/{APP_ID}");
+    let first = ticket_push(APP_ID, KEY, TOKEN, "tkt-secret-kept", 1_000_000);
+    assert_eq!(send(&app, &path, &first).await.status, 200);
+
+    memory.set_unavailable(true);
+    let second = ticket_push(APP_ID, KEY, TOKEN, "tkt-secret-later", 2_000_000);
+    let reply = send(&app, &path, &second).await;
+    assert_eq!((reply.status, reply.code()), (503, "store_unavailable"));
+    assert!(reply.headers.contains_key("retry-after"));
+    assert!(
+        !reply.text.contains("memory store"),
+        "5xx bodies stay generic: {}",
+        reply.text
+    );
+    let ready = app.get("/readyz").await;
+    assert_eq!((ready.status, ready.code()), (503, "store_unavailable"));
+    assert_eq!(
+        app.get("/healthz").await.status,
+        200,
+        "alive, just not ready"
+    );
+
+    // Feishu retries the same push: it lands.
+    memory.set_unavailable(false);
+    assert_eq!(send(&app, &path, &second).await.status, 200);
+    let stored = app.state.store().ticket(APP_ID).await.unwrap().unwrap();
+    assert_eq!(stored.ticket.expose(), "tkt-secret-later");
+    app.stop().await;
+}
