@@ -145,12 +145,28 @@ scopes = ["tokens", "status", "admin"]
     println!("   → {app_token}");
 
     let tenant_path = format!("/v1/apps/{app_id}/tenants/{tenant_key}/tenant_access_token");
-    step(
-        5,
-        &format!(
-            "And a tenant_access_token for customer tenant {tenant_key}:\n   GET {tenant_path}"
-        ),
+    let app = state.config().apps[0].clone();
+    let app_open = crate::push::seal(
+        &serde_json::json!({
+            "ts": format!("{}.000000", clock::SystemClock.now_ms() / 1000),
+            "uuid": crate::push::random_event_id(),
+            "token": app.verification_token.expose(),
+            "type": "event_callback",
+            "event": {"type": "app_open", "app_id": app_id, "tenant_key": tenant_key,
+                      "installer": {"open_id": "ou_demo"}},
+        })
+        .to_string(),
+        crate::push::Seal {
+            encrypt_key: app.encrypt_key.as_ref(),
+            sign: true,
+        },
     );
+    let (status, _) = crate::push::send(&http, &format!("{base}/events/{app_id}"), &app_open)
+        .await
+        .map_err(|e| e.to_string())?;
+    step(5, &format!(
+        "A customer tenant ({tenant_key}) installs the app: the platform pushes an app_open event\n   (HTTP {status}: lark-ticketd recorded the tenant). Its tenant_access_token:\n   GET {tenant_path}"
+    ));
     let tenant = get_json(&http, &format!("{base}{tenant_path}"), &client_key).await?;
     println!("   → {tenant}");
     let tenant_token = tenant["tenant_access_token"]

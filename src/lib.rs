@@ -64,6 +64,7 @@ struct Inner {
     verifier: Verifier,
     clients: auth::Clients,
     broker: Broker,
+    metrics: ops::metrics::Metrics,
     store: Store,
     clock: SharedClock,
 }
@@ -72,12 +73,14 @@ impl AppState {
     pub fn new(config: Config, store: Store, clock: SharedClock) -> Self {
         let verifier = Verifier::new(&config.apps);
         let clients = auth::Clients::new(&config.clients);
-        let broker = Broker::new(&config, store.clone(), Arc::clone(&clock));
+        let metrics = ops::metrics::Metrics::new();
+        let broker = Broker::new(&config, store.clone(), Arc::clone(&clock), metrics.clone());
         AppState(Arc::new(Inner {
             config,
             verifier,
             clients,
             broker,
+            metrics,
             store,
             clock,
         }))
@@ -97,6 +100,10 @@ impl AppState {
 
     pub fn broker(&self) -> &Broker {
         &self.0.broker
+    }
+
+    pub fn metrics(&self) -> &ops::metrics::Metrics {
+        &self.0.metrics
     }
 
     pub fn store(&self) -> &Store {

@@ -62,6 +62,23 @@ enum Command {
     /// A local fake of the Open Platform: the store-app auth API, and app_ticket pushes to an
     /// events URL (on resend and periodically).
     MockFeishu(MockFeishuArgs),
+    /// Operators: every app's ticket freshness and token state. Exit code 0 when every ticket is
+    /// fresh, 1 when one is stale, 2 when one is missing or the service is unreachable.
+    Status {
+        /// The service's base URL.
+        #[arg(
+            long,
+            env = "LARK_TICKETD_URL",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        url: String,
+        /// The environment variable that holds a bearer key with the status scope.
+        #[arg(long, default_value = "LARK_TICKETD_API_KEY")]
+        api_key_env: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Decrypt an `encrypt` blob (or a whole `{"encrypt": ...}` body) with an Encrypt Key.
     Decrypt {
         /// The Encrypt Key.
@@ -151,7 +168,7 @@ struct PushTarget {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Demo { .. } => "warn",
+        Command::Demo { .. } | Command::Status { .. } => "warn",
         _ => "info",
     };
     logging::init(cli.log_format, default_level);
@@ -178,6 +195,14 @@ fn main() -> ExitCode {
                 }
             },
             Command::MockFeishu(args) => mock_feishu(args).await,
+            Command::Status {
+                url,
+                api_key_env,
+                json,
+            } => {
+                let key = std::env::var(&api_key_env).ok().filter(|k| !k.is_empty());
+                ExitCode::from(lark_ticketd::ops::status::run_cli(&url, key.as_deref(), json).await)
+            }
             Command::Decrypt { encrypt_key, blob } => decrypt(&encrypt_key, blob),
         }
     })
@@ -218,9 +243,14 @@ async fn serve(path: PathBuf) -> ExitCode {
         None => None,
     };
     let listen = main.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let ops_listen = ops
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     tracing::info!(
         listen = %listen,
-        ops_listen = ?config.ops_listen,
+        ops_listen = %ops_listen,
         store = ?config.store.kind,
         apps = config.apps.len(),
         "lark-ticketd serving"

@@ -21,6 +21,7 @@ use crate::events::signature::{
     SignatureHeaders, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
 };
 use crate::events::{self, Outcome, Target};
+use crate::ops::status;
 use crate::tokens::TokenKey;
 use crate::AppState;
 
@@ -42,6 +43,8 @@ struct RequestLog {
     served: Option<&'static str>,
     /// Token API: the authenticated client's name.
     client: Option<String>,
+    /// Token API: `app` or `tenant`.
+    token_kind: Option<&'static str>,
 }
 
 /// Handle one request. Never fails: every error is a response.
@@ -75,9 +78,24 @@ where
         .get::<ErrorCode>()
         .map(|c| c.0)
         .unwrap_or("");
+    let route = route_name(&path);
+    let metrics = state.metrics();
+    if route.starts_with("/events") && method == Method::POST {
+        let outcome = if error_code.is_empty() {
+            "accepted"
+        } else {
+            error_code
+        };
+        let event_type = log.event_type.as_deref().unwrap_or("");
+        metrics.event(event_type, outcome, elapsed_ms / 1000.0);
+    }
+    if let Some(kind) = log.token_kind {
+        let outcome = log.served.unwrap_or(error_code);
+        metrics.token_request(kind, outcome);
+    }
     tracing::info!(
         method = %method,
-        route = %route_name(&path),
+        route = %route,
         app_id = log.app_id.as_deref().unwrap_or(""),
         event_type = log.event_type.as_deref().unwrap_or(""),
         client = log.client.as_deref().unwrap_or(""),
@@ -107,6 +125,10 @@ fn route_name(path: &str) -> &'static str {
         ["", "healthz"] => "/healthz",
         ["", "readyz"] => "/readyz",
         ["", "metrics"] => "/metrics",
+        ["", "v1", "apps"] => "/v1/apps",
+        ["", "v1", "apps", _] => "/v1/apps/{app_id}",
+        ["", "v1", "apps", _, "tenants"] => "/v1/apps/{app_id}/tenants",
+        ["", "v1", "apps", _, "ticket", "resend"] => "/v1/apps/{app_id}/ticket/resend",
         ["", "v1", "apps", _, "app_access_token"] => "/v1/apps/{app_id}/app_access_token",
         ["", "v1", "apps", _, "app_access_token", "invalidate"] => {
             "/v1/apps/{app_id}/app_access_token/invalidate"
@@ -133,7 +155,59 @@ where
 {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    // /metrics moves to the ops listener when there is one.
+    let metrics_here = role == Role::Ops || state.config().ops_listen.is_none();
     match (segments.as_slice(), role) {
+        (["metrics"], _) if metrics_here => {
+            only(&req, &[Method::GET])?;
+            metrics(state).await
+        }
+        (["v1", "apps"], Role::Main) => {
+            only(&req, &[Method::GET])?;
+            let client = caller(state, &req, Scope::Status, None, log)?;
+            let mut apps = Vec::new();
+            for app in &state.config().apps {
+                if auth::authorize(client, Scope::Status, Some(&app.app_id)).is_ok() {
+                    apps.push(status::app_status(state, &app.app_id).await?);
+                }
+            }
+            let now = state.clock().now_ms() / 1000;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({"now": now, "apps": apps}),
+            ))
+        }
+        (["v1", "apps", app_id], Role::Main) => {
+            only(&req, &[Method::GET])?;
+            caller(state, &req, Scope::Status, Some(app_id), log)?;
+            Ok(json(
+                StatusCode::OK,
+                &status::app_status(state, app_id).await?,
+            ))
+        }
+        (["v1", "apps", app_id, "tenants"], Role::Main) => {
+            only(&req, &[Method::GET])?;
+            caller(state, &req, Scope::Status, Some(app_id), log)?;
+            let tenants = status::tenants(state, app_id).await?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({"app_id": app_id, "tenants": tenants}),
+            ))
+        }
+        (["v1", "apps", app_id, "ticket", "resend"], Role::Main) => {
+            only(&req, &[Method::POST])?;
+            caller(state, &req, Scope::Admin, Some(app_id), log)?;
+            let requested = state.broker().request_resend(app_id);
+            let app = status::app_status(state, app_id).await?;
+            Ok(json(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({
+                    "app_id": app_id,
+                    "requested": requested,
+                    "last_resend": app.last_resend,
+                }),
+            ))
+        }
         (["healthz"], _) => {
             only(&req, &[Method::GET, Method::HEAD])?;
             Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
@@ -235,6 +309,7 @@ where
     B: Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
+    log.token_kind = Some(key.kind());
     caller(state, &req, Scope::Tokens, Some(key.app_id()), log)?;
     if let TokenKey::Tenant(_, tenant_key) = &key {
         if !valid_tenant_key(tenant_key) {
@@ -297,6 +372,24 @@ fn only<B>(req: &Request<B>, allowed: &[Method]) -> Result<(), Error> {
         ErrorKind::MethodNotAllowed,
         format!("use {}", list.join(", ")),
     ))
+}
+
+/// The Prometheus exposition, with the ticket gauges computed now.
+async fn metrics(state: &AppState) -> Result<Response<Full<Bytes>>, Error> {
+    let now = state.clock().now_ms();
+    let stale_after_ms = state.config().tickets.stale_after.as_millis() as u64;
+    for app in &state.config().apps {
+        let record = state.store().ticket(&app.app_id).await?;
+        let ticket_state = status::ticket_state(record.as_ref(), now, stale_after_ms);
+        let age = record.map(|r| now.saturating_sub(r.received_at_ms) as f64 / 1000.0);
+        state.metrics().set_ticket(&app.app_id, ticket_state, age);
+    }
+    let mut response = Response::new(Full::new(Bytes::from(state.metrics().encode())));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    Ok(response)
 }
 
 async fn readyz(state: &AppState) -> Result<Response<Full<Bytes>>, Error> {

@@ -70,6 +70,7 @@ pub async fn run(
             }
         };
         let _ = stream.set_nodelay(true);
+        let open = state.metrics().connection();
         let state = state.clone();
         let service = service_fn(move |req| {
             let state = state.clone();
@@ -84,6 +85,7 @@ pub async fn run(
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(open);
             drop(permit);
         });
     }

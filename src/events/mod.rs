@@ -293,7 +293,14 @@ pub async fn accept(state: &AppState, verified: Verified) -> Result<Outcome, Err
                 pushes_seen: 0,
             };
             let fingerprint = record.ticket.fingerprint();
+            let via = match source {
+                TicketSource::Push => "push",
+                TicketSource::Resend => "resend",
+            };
             let write = state.store().put_ticket(&app_id, record).await?;
+            state
+                .metrics()
+                .ticket_push(&app_id, via, write == TicketWrite::Stored);
             if write == TicketWrite::Stored {
                 state.broker().ticket_stored(&app_id);
             }

@@ -1,3 +1,6 @@
-//! Operations: what operators see of the service — logs (and, later, status and metrics).
+//! Operations: what operators see of the service — logs, Prometheus metrics, and the ticket
+//! freshness and token state behind the status API and the `status` command.
 
 pub mod logging;
+pub mod metrics;
+pub mod status;

@@ -40,6 +40,7 @@ use tokio::task::JoinHandle;
 use crate::clock::SharedClock;
 use crate::config::{Config, TicketConfig, TokenConfig};
 use crate::error::{Error, ErrorKind};
+use crate::ops::metrics::Metrics;
 use crate::secret::Secret;
 use crate::store::{Store, TokenRecord};
 use upstream::{codes, IssuedToken, Upstream};
@@ -143,7 +144,7 @@ pub enum BrokerEvent {
 }
 
 /// The outcome of the last resend request for an app.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state")]
 pub enum ResendOutcome {
     Pending,
@@ -184,6 +185,7 @@ struct Inner {
     ticket_signals: HashMap<String, watch::Sender<u64>>,
     resends: Mutex<HashMap<String, ResendStatus>>,
     events: broadcast::Sender<BrokerEvent>,
+    metrics: Metrics,
 }
 
 /// The broker handle. Cheap to clone.
@@ -215,7 +217,7 @@ impl Drop for KeyGuard {
 }
 
 impl Broker {
-    pub fn new(config: &Config, store: Store, clock: SharedClock) -> Broker {
+    pub fn new(config: &Config, store: Store, clock: SharedClock, metrics: Metrics) -> Broker {
         let apps = config
             .apps
             .iter()
@@ -237,6 +239,7 @@ impl Broker {
         let upstream = Upstream::new(
             config.tokens.upstream_timeout,
             config.tokens.upstream_retries,
+            metrics.clone(),
         );
         Broker(Arc::new(Inner {
             apps,
@@ -250,6 +253,7 @@ impl Broker {
             ticket_signals,
             resends: Mutex::new(HashMap::new()),
             events: broadcast::channel(1024).0,
+            metrics,
         }))
     }
 
@@ -670,6 +674,9 @@ impl Broker {
                 .upstream
                 .resend_app_ticket(&base_url, &app_id, &secret)
                 .await;
+            this.0
+                .metrics
+                .ticket_resend(&app_id, if result.is_ok() { "accepted" } else { "failed" });
             let outcome = match result {
                 Ok(()) => ResendOutcome::Accepted,
                 Err(e) => {

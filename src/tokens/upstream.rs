@@ -14,6 +14,7 @@ use rand::Rng;
 use serde::Deserialize;
 
 use crate::error::{Error, ErrorKind};
+use crate::ops::metrics::Metrics;
 use crate::secret::Secret;
 
 pub const APP_ACCESS_TOKEN_PATH: &str = "/open-apis/auth/v3/app_access_token";
@@ -105,10 +106,11 @@ pub struct Upstream {
     http: reqwest::Client,
     timeout: Duration,
     retries: u32,
+    metrics: Metrics,
 }
 
 impl Upstream {
-    pub fn new(timeout: Duration, retries: u32) -> Upstream {
+    pub fn new(timeout: Duration, retries: u32, metrics: Metrics) -> Upstream {
         let http = reqwest::Client::builder()
             .user_agent(concat!("lark-ticketd/", env!("CARGO_PKG_VERSION")))
             .pool_idle_timeout(Duration::from_secs(60))
@@ -118,6 +120,7 @@ impl Upstream {
             http,
             timeout,
             retries,
+            metrics,
         }
     }
 
@@ -173,6 +176,8 @@ impl Upstream {
         body: &serde_json::Value,
     ) -> Result<AuthResponse, UpstreamError> {
         let url = format!("{}{path}", base_url.trim_end_matches('/'));
+        let endpoint = path.rsplit("/v3/").next().unwrap_or(path).replace('/', "_");
+        let started = std::time::Instant::now();
         let mut attempt = 0;
         loop {
             let outcome = self.call_once(&url, body).await;
@@ -181,6 +186,14 @@ impl Upstream {
                 Err(UpstreamError::Timeout | UpstreamError::Transport(_))
             );
             if !retryable || attempt >= self.retries {
+                let code = match &outcome {
+                    Ok(_) => "0".to_string(),
+                    Err(UpstreamError::Api { code, .. }) => code.to_string(),
+                    Err(UpstreamError::Timeout) => "timeout".to_string(),
+                    Err(UpstreamError::Transport(_)) => "transport".to_string(),
+                };
+                self.metrics
+                    .upstream_call(&endpoint, &code, started.elapsed().as_secs_f64());
                 return outcome;
             }
             tokio::time::sleep(backoff(attempt)).await;

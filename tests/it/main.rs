@@ -10,6 +10,7 @@ mod util;
 mod intake;
 mod leaks;
 mod mock;
+mod ops;
 mod process;
 mod robustness;
 mod tokens;

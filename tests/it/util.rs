@@ -118,6 +118,7 @@ pub fn secrets_used() -> Vec<String> {
         BEARER,
         STATUS_BEARER,
         SECOND_APP_BEARER,
+        ADMIN_BEARER,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -377,6 +378,17 @@ impl Child {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// Where the ops listener is, if the config has one.
+    pub fn ops_addr(&self) -> Option<SocketAddr> {
+        let logs = self.logs.lock().unwrap();
+        logs.lines().find_map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            (v["message"] == "lark-ticketd serving")
+                .then(|| v["ops_listen"].as_str()?.parse().ok())
+                .flatten()
+        })
+    }
+
     /// SIGKILL: no chance to flush or clean up.
     pub fn kill(mut self) -> String {
         self.child.kill().unwrap();
@@ -442,6 +454,8 @@ pub const BEARER: &str = "test-bearer-key-orders";
 pub const STATUS_BEARER: &str = "test-bearer-key-status";
 /// A key allowed the tokens scope on `cli_second` only.
 pub const SECOND_APP_BEARER: &str = "test-bearer-key-second";
+/// A key with the admin and status scopes.
+pub const ADMIN_BEARER: &str = "test-bearer-key-admin";
 
 /// How to build a [`Stack`].
 #[derive(Default)]
@@ -477,13 +491,15 @@ impl Stack {
             "{}\n{}{}\
              [[clients]]\nname = \"orders\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"tokens\"]\n\
              [[clients]]\nname = \"dashboards\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"status\"]\n\
-             [[clients]]\nname = \"second\"\nkey_sha256 = \"{}\"\napps = [\"cli_second\"]\nscopes = [\"tokens\"]\n",
+             [[clients]]\nname = \"second\"\nkey_sha256 = \"{}\"\napps = [\"cli_second\"]\nscopes = [\"tokens\"]\n\
+             [[clients]]\nname = \"operators\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"status\", \"admin\"]\n",
             options.config,
             app_toml_at(APP_ID, Some(KEY), TOKEN, &mock_url),
             app_toml_at("cli_second", Some("second-key"), "second-token", &mock_url),
             lark_ticketd::auth::key_sha256_hex(BEARER),
             lark_ticketd::auth::key_sha256_hex(STATUS_BEARER),
             lark_ticketd::auth::key_sha256_hex(SECOND_APP_BEARER),
+            lark_ticketd::auth::key_sha256_hex(ADMIN_BEARER),
         );
         let parsed = Config::parse(&config, &|_| None).expect("stack config");
         let mut mock_options =
@@ -543,11 +559,15 @@ impl Stack {
 
     /// POST JSON with the orders key.
     pub async fn post_json(&self, path: &str, body: serde_json::Value) -> Reply {
+        self.post_json_as(path, body, BEARER).await
+    }
+
+    pub async fn post_json_as(&self, path: &str, body: serde_json::Value, bearer: &str) -> Reply {
         let req = self
             .app
             .client
             .post(self.app.url(path))
-            .bearer_auth(BEARER)
+            .bearer_auth(bearer)
             .json(&body);
         Reply::from(req.send().await.expect("request")).await
     }

@@ -1,0 +1,471 @@
+//! Ticket freshness and token state, for operators: the status API's model, how it is computed
+//! from the store and the broker, and how the `status` command renders it.
+//!
+//! A ticket is `missing` (none stored), `stale` (older than `tickets.stale_after`, 75 minutes by
+//! default: Feishu pushes hourly, so one missed push is tolerated), or `fresh`. Nothing here ever
+//! holds a ticket or a token: only ages, expiries, counts and an 8-hex-digit fingerprint.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::store::{TenantRecord, TenantState, TicketRecord, TicketSource};
+use crate::tokens::{ResendOutcome, TokenKey};
+use crate::AppState;
+
+/// How fresh an app's ticket is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TicketState {
+    Fresh,
+    Stale,
+    Missing,
+}
+
+impl TicketState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TicketState::Fresh => "fresh",
+            TicketState::Stale => "stale",
+            TicketState::Missing => "missing",
+        }
+    }
+}
+
+/// The state of a stored ticket at `now_ms`: a pure function, so tests move time by hand.
+pub fn ticket_state(
+    record: Option<&TicketRecord>,
+    now_ms: u64,
+    stale_after_ms: u64,
+) -> TicketState {
+    match record {
+        None => TicketState::Missing,
+        Some(r) if now_ms.saturating_sub(r.received_at_ms) > stale_after_ms => TicketState::Stale,
+        Some(_) => TicketState::Fresh,
+    }
+}
+
+/// One app's status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppStatus {
+    pub app_id: String,
+    pub ticket: TicketStatus,
+    /// The last resend request since this process started.
+    pub last_resend: Option<ResendInfo>,
+    pub app_token: TokenStatus,
+    pub tenants: TenantCounts,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TicketStatus {
+    pub state: TicketState,
+    /// Unix seconds.
+    pub received_at: Option<u64>,
+    pub age_seconds: Option<u64>,
+    /// `push` (Feishu's schedule) or `resend` (the answer to a resend request of ours).
+    pub arrived_via: Option<TicketSource>,
+    /// Authentic pushes seen, redeliveries of older tickets included.
+    pub pushes_seen: u64,
+    /// 8 hex digits of the ticket's SHA-256, to match log lines.
+    pub fingerprint: Option<String>,
+    pub stale_after_seconds: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResendInfo {
+    /// Unix seconds.
+    pub requested_at: u64,
+    pub outcome: ResendOutcome,
+    /// No push has arrived since the request.
+    pub awaiting_push: bool,
+}
+
+/// A cached token's state: never the token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenStatus {
+    pub cached: bool,
+    /// Seconds left.
+    pub expire: Option<u64>,
+    /// Unix seconds.
+    pub expires_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantCounts {
+    pub total: usize,
+    pub active: usize,
+    pub stopped: usize,
+    pub uninstalled: usize,
+    pub tokens_cached: usize,
+}
+
+/// One tenant as the lifecycle events tell it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantStatus {
+    pub tenant_key: String,
+    pub state: TenantState,
+    pub status: Option<String>,
+    /// Unix seconds.
+    pub first_seen_at: u64,
+    pub last_event: String,
+    /// Unix seconds.
+    pub last_event_at: u64,
+    pub last_order: Option<crate::events::Order>,
+    pub token: TokenStatus,
+}
+
+fn token_status(state: &AppState, key: &TokenKey, now_ms: u64) -> TokenStatus {
+    let expiry = state.broker().cached_expiry(key).filter(|&at| at > now_ms);
+    TokenStatus {
+        cached: expiry.is_some(),
+        expire: expiry.map(|at| (at - now_ms) / 1000),
+        expires_at: expiry.map(|at| at / 1000),
+    }
+}
+
+/// The status of one configured app.
+pub async fn app_status(state: &AppState, app_id: &str) -> Result<AppStatus, Error> {
+    let now = state.clock().now_ms();
+    let stale_after_ms = state.config().tickets.stale_after.as_millis() as u64;
+    let record = state.store().ticket(app_id).await?;
+    let tenants = state.store().tenants(app_id).await?;
+    let count = |s: TenantState| tenants.iter().filter(|t| t.state == s).count();
+    Ok(AppStatus {
+        app_id: app_id.to_string(),
+        ticket: TicketStatus {
+            state: ticket_state(record.as_ref(), now, stale_after_ms),
+            received_at: record.as_ref().map(|r| r.received_at_ms / 1000),
+            age_seconds: record
+                .as_ref()
+                .map(|r| now.saturating_sub(r.received_at_ms) / 1000),
+            arrived_via: record.as_ref().map(|r| r.source),
+            pushes_seen: record.as_ref().map_or(0, |r| r.pushes_seen),
+            fingerprint: record.as_ref().map(|r| r.ticket.fingerprint()),
+            stale_after_seconds: stale_after_ms / 1000,
+        },
+        last_resend: state.broker().resend_status(app_id).map(|r| ResendInfo {
+            requested_at: r.requested_at_ms / 1000,
+            outcome: r.outcome,
+            awaiting_push: r.awaiting_push,
+        }),
+        app_token: token_status(state, &TokenKey::App(app_id.to_string()), now),
+        tenants: TenantCounts {
+            total: tenants.len(),
+            active: count(TenantState::Active),
+            stopped: count(TenantState::Stopped),
+            uninstalled: count(TenantState::Uninstalled),
+            tokens_cached: state.broker().cached_tenant_tokens(app_id),
+        },
+    })
+}
+
+/// Every tenant of an app.
+pub async fn tenants(state: &AppState, app_id: &str) -> Result<Vec<TenantStatus>, Error> {
+    let now = state.clock().now_ms();
+    let records: Vec<TenantRecord> = state.store().tenants(app_id).await?;
+    Ok(records
+        .into_iter()
+        .map(|t| {
+            let key = TokenKey::Tenant(app_id.to_string(), t.tenant_key.clone());
+            TenantStatus {
+                token: token_status(state, &key, now),
+                tenant_key: t.tenant_key,
+                state: t.state,
+                status: t.status,
+                first_seen_at: t.first_seen_ms / 1000,
+                last_event: t.last_event_type,
+                last_event_at: t.last_event_ms / 1000,
+                last_order: t.last_order,
+            }
+        })
+        .collect())
+}
+
+/// The `status` command's exit code: 0 all fresh, 1 some stale, 2 some missing.
+pub fn exit_code(apps: &[AppStatus]) -> u8 {
+    if apps.iter().any(|a| a.ticket.state == TicketState::Missing) {
+        2
+    } else if apps.iter().any(|a| a.ticket.state == TicketState::Stale) {
+        1
+    } else {
+        0
+    }
+}
+
+/// `12s`, `4m 05s`, `1h 02m`, `3d 04h`.
+pub fn human_duration(seconds: u64) -> String {
+    let (d, h, m, s) = (
+        seconds / 86_400,
+        seconds / 3600 % 24,
+        seconds / 60 % 60,
+        seconds % 60,
+    );
+    if d > 0 {
+        format!("{d}d {h:02}h")
+    } else if h > 0 {
+        format!("{h}h {m:02}m")
+    } else if m > 0 {
+        format!("{m}m {s:02}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// `2026-11-21 19:46:02` (UTC) from unix seconds.
+pub fn utc(unix_s: u64) -> String {
+    // Howard Hinnant's civil-from-days.
+    let days = (unix_s / 86_400) as i64;
+    let secs = unix_s % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// The operator's table. `colour` adds ANSI colours to the ticket state.
+pub fn render_table(apps: &[AppStatus], colour: bool) -> String {
+    let header = [
+        "APP",
+        "TICKET",
+        "AGE",
+        "RECEIVED AT (UTC)",
+        "APP TOKEN",
+        "TENANTS",
+        "LAST RESEND",
+    ];
+    let mut rows: Vec<[String; 7]> = Vec::new();
+    for a in apps {
+        let t = &a.ticket;
+        rows.push([
+            a.app_id.clone(),
+            t.state.as_str().to_string(),
+            t.age_seconds.map_or("-".into(), human_duration),
+            t.received_at.map_or("-".into(), utc),
+            match a.app_token.expire {
+                Some(s) => format!("{} left", human_duration(s)),
+                None => "not cached".into(),
+            },
+            format!("{} ({} active)", a.tenants.total, a.tenants.active),
+            match &a.last_resend {
+                None => "-".into(),
+                Some(r) => {
+                    let outcome = match &r.outcome {
+                        ResendOutcome::Pending => "pending".to_string(),
+                        ResendOutcome::Accepted => "accepted".to_string(),
+                        ResendOutcome::Failed { code: Some(c), .. } => format!("failed ({c})"),
+                        ResendOutcome::Failed { code: None, .. } => "failed".to_string(),
+                    };
+                    format!("{} {outcome}", utc(r.requested_at))
+                }
+            },
+        ]);
+    }
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<String>, out: &mut String| {
+        let mut text = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i > 0 {
+                text.push_str("  ");
+            }
+            text.push_str(cell);
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(
+        header
+            .iter()
+            .zip(widths)
+            .map(|(h, w)| format!("{h:<w$}"))
+            .collect(),
+        &mut out,
+    );
+    for (row, app) in rows.iter().zip(apps) {
+        let cells = row
+            .iter()
+            .zip(widths)
+            .enumerate()
+            .map(|(i, (cell, w))| {
+                let padded = format!("{cell:<w$}");
+                if i == 1 && colour {
+                    let code = match app.ticket.state {
+                        TicketState::Fresh => "32",
+                        TicketState::Stale => "33",
+                        TicketState::Missing => "31",
+                    };
+                    format!("\x1b[{code}m{padded}\x1b[0m")
+                } else {
+                    padded
+                }
+            })
+            .collect();
+        line(cells, &mut out);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+
+    fn record(received_at_ms: u64) -> TicketRecord {
+        TicketRecord {
+            ticket: Secret::new("t"),
+            event_time_us: 0,
+            event_id: String::new(),
+            received_at_ms,
+            source: TicketSource::Push,
+            pushes_seen: 1,
+        }
+    }
+
+    #[test]
+    fn ticket_state_follows_the_clock() {
+        let stale_after = 75 * 60_000;
+        assert_eq!(ticket_state(None, 0, stale_after), TicketState::Missing);
+        let r = record(1_000);
+        assert_eq!(
+            ticket_state(Some(&r), 1_000, stale_after),
+            TicketState::Fresh
+        );
+        assert_eq!(
+            ticket_state(Some(&r), 1_000 + stale_after, stale_after),
+            TicketState::Fresh
+        );
+        assert_eq!(
+            ticket_state(Some(&r), 1_001 + stale_after, stale_after),
+            TicketState::Stale
+        );
+    }
+
+    #[test]
+    fn times_render_for_humans() {
+        assert_eq!(human_duration(7), "7s");
+        assert_eq!(human_duration(245), "4m 05s");
+        assert_eq!(human_duration(3720), "1h 02m");
+        assert_eq!(human_duration(3 * 86_400 + 4 * 3600), "3d 04h");
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(1_795_290_111), "2026-11-21 19:41:51");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00");
+    }
+
+    #[test]
+    fn exit_codes_rank_missing_over_stale() {
+        let app = |state| AppStatus {
+            app_id: "cli_a".into(),
+            ticket: TicketStatus {
+                state,
+                received_at: None,
+                age_seconds: None,
+                arrived_via: None,
+                pushes_seen: 0,
+                fingerprint: None,
+                stale_after_seconds: 4500,
+            },
+            last_resend: None,
+            app_token: TokenStatus {
+                cached: false,
+                expire: None,
+                expires_at: None,
+            },
+            tenants: TenantCounts {
+                total: 0,
+                active: 0,
+                stopped: 0,
+                uninstalled: 0,
+                tokens_cached: 0,
+            },
+        };
+        assert_eq!(exit_code(&[app(TicketState::Fresh)]), 0);
+        assert_eq!(
+            exit_code(&[app(TicketState::Fresh), app(TicketState::Stale)]),
+            1
+        );
+        assert_eq!(
+            exit_code(&[app(TicketState::Stale), app(TicketState::Missing)]),
+            2
+        );
+        let table = render_table(&[app(TicketState::Stale)], false);
+        assert!(table.starts_with("APP"), "{table}");
+        assert!(table.contains("stale"));
+        assert!(render_table(&[app(TicketState::Stale)], true).contains("\x1b[33m"));
+    }
+}
+
+/// What `GET /v1/apps` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppsResponse {
+    pub now: u64,
+    pub apps: Vec<AppStatus>,
+}
+
+/// `lark-ticketd status`: fetch `/v1/apps`, print a table (or the JSON), return the exit code —
+/// 0 every ticket fresh, 1 one stale, 2 one missing or the service unreachable.
+pub async fn run_cli(url: &str, api_key: Option<&str>, as_json: bool) -> u8 {
+    let url = format!("{}/v1/apps", url.trim_end_matches('/'));
+    let fail = |message: String| {
+        if as_json {
+            println!(
+                "{}",
+                serde_json::json!({"reachable": false, "error": message})
+            );
+        } else {
+            eprintln!("lark-ticketd status: {message}");
+        }
+        2
+    };
+    let http = match reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot build an HTTP client: {e}")),
+    };
+    let mut request = http.get(&url);
+    if let Some(key) = api_key {
+        request = request.bearer_auth(key);
+    }
+    let response = match request.send().await {
+        Ok(r) => r,
+        Err(e) => return fail(format!("{url} is unreachable: {}", e.without_url())),
+    };
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    if !status.is_success() {
+        let hint = if status.as_u16() == 401 && api_key.is_none() {
+            " (no API key: set the variable --api-key-env names)"
+        } else {
+            ""
+        };
+        return fail(format!("{url} answered HTTP {status}{hint}: {body}"));
+    }
+    let parsed: AppsResponse = match serde_json::from_str(&body) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("{url} answered something unexpected: {e}")),
+    };
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&parsed).unwrap_or(body));
+    } else {
+        use std::io::IsTerminal;
+        let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        print!("{}", render_table(&parsed.apps, colour));
+    }
+    exit_code(&parsed.apps)
+}

@@ -1,0 +1,411 @@
+//! Operators: ticket states over time, the status API and CLI, metrics, the ops listener.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lark_ticketd::clock::ManualClock;
+use serde_json::Value;
+
+use crate::util::{
+    app_toml, assert_no_secrets, binary, client, Child, Reply, Stack, StackOptions, TempConfig,
+    ADMIN_BEARER, APP_ID, KEY, STATUS_BEARER, TOKEN,
+};
+
+fn manual_clock() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(1_800_000_000_000))
+}
+
+/// A stack whose fake platform does not push on resend, so tickets arrive only when we say.
+async fn quiet_stack(clock: &Arc<ManualClock>) -> Stack {
+    Stack::start(StackOptions {
+        clock: Some(Arc::clone(clock)),
+        no_push_on_resend: true,
+        ..Default::default()
+    })
+    .await
+}
+
+async fn push(stack: &Stack, app_id: &str) {
+    assert_eq!(stack.mock.push_ticket(app_id).await.unwrap(), 200);
+}
+
+async fn app_status(stack: &Stack) -> Value {
+    let r = stack
+        .get_as(&format!("/v1/apps/{APP_ID}"), Some(STATUS_BEARER))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.json
+}
+
+#[tokio::test]
+async fn ticket_state_goes_missing_fresh_stale_fresh() {
+    let clock = manual_clock();
+    let stack = quiet_stack(&clock).await;
+
+    let s = app_status(&stack).await;
+    assert_eq!(s["ticket"]["state"], "missing");
+    assert_eq!(s["ticket"]["received_at"], Value::Null);
+    // Readiness does not depend on the ticket: a new replica must get its first one.
+    assert_eq!(stack.app.get("/readyz").await.status, 200);
+
+    push(&stack, APP_ID).await;
+    let s = app_status(&stack).await;
+    assert_eq!(s["ticket"]["state"], "fresh");
+    assert_eq!(s["ticket"]["age_seconds"], 0);
+    assert_eq!(s["ticket"]["received_at"], 1_800_000_000);
+    assert_eq!(s["ticket"]["pushes_seen"], 1);
+    assert_eq!(s["ticket"]["stale_after_seconds"], 75 * 60);
+    assert_eq!(s["ticket"]["fingerprint"].as_str().unwrap().len(), 8);
+
+    clock.advance(Duration::from_secs(75 * 60 + 1));
+    let s = app_status(&stack).await;
+    assert_eq!(s["ticket"]["state"], "stale");
+    assert_eq!(s["ticket"]["age_seconds"], 75 * 60 + 1);
+    assert_eq!(stack.app.get("/readyz").await.status, 200);
+
+    push(&stack, APP_ID).await;
+    let s = app_status(&stack).await;
+    assert_eq!(s["ticket"]["state"], "fresh");
+    assert_eq!(s["ticket"]["pushes_seen"], 2);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn status_api_reports_resends_tokens_and_tenants_but_never_a_secret() {
+    let clock = manual_clock();
+    let stack = quiet_stack(&clock).await;
+    // The start-up resend was requested (the fake platform accepted it but did not push).
+    let s = app_status(&stack).await;
+    assert_eq!(s["last_resend"]["requested_at"], 1_800_000_000);
+    assert_eq!(s["app_token"]["cached"], false);
+
+    // An admin resend: the platform pushes now; the ticket arrives "via resend".
+    let before = stack
+        .mock
+        .calls(lark_ticketd::mock_feishu::Endpoint::AppTicketResend);
+    clock.advance(Duration::from_secs(61));
+    let r = stack
+        .post_json_as(
+            &format!("/v1/apps/{APP_ID}/ticket/resend"),
+            Value::Null,
+            ADMIN_BEARER,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.json["requested"].as_bool()),
+        (202, Some(true)),
+        "{}",
+        r.text
+    );
+    crate::util::eventually("the resend call", || {
+        stack
+            .mock
+            .calls(lark_ticketd::mock_feishu::Endpoint::AppTicketResend)
+            == before + 1
+    })
+    .await;
+    push(&stack, APP_ID).await;
+    let s = app_status(&stack).await;
+    assert_eq!(s["ticket"]["arrived_via"], "resend");
+    assert_eq!(s["last_resend"]["outcome"]["state"], "accepted");
+    assert_eq!(s["last_resend"]["awaiting_push"], false);
+    // A second request inside the interval is not sent.
+    let r = stack
+        .post_json_as(
+            &format!("/v1/apps/{APP_ID}/ticket/resend"),
+            Value::Null,
+            ADMIN_BEARER,
+        )
+        .await;
+    assert_eq!(r.json["requested"], false);
+    // The status scope may not resend; the tokens scope may not read status.
+    let r = stack
+        .post_json_as(
+            &format!("/v1/apps/{APP_ID}/ticket/resend"),
+            Value::Null,
+            STATUS_BEARER,
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (403, "forbidden"));
+    let r = stack.get(&format!("/v1/apps/{APP_ID}")).await;
+    assert_eq!((r.status, r.code()), (403, "forbidden"));
+
+    // Tokens: cached state and seconds left, never the token.
+    let token = stack
+        .get(&format!(
+            "/v1/apps/{APP_ID}/tenants/tenant-a/tenant_access_token"
+        ))
+        .await;
+    let tenant_token = token.json["tenant_access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let s = app_status(&stack).await;
+    assert_eq!(s["app_token"]["cached"], true);
+    assert_eq!(s["app_token"]["expire"], 7200);
+    assert_eq!(s["tenants"]["tokens_cached"], 1);
+
+    // Tenants from lifecycle events.
+    let event = lark_ticketd::push::seal(
+        &serde_json::json!({"uuid": "u1", "ts": "1800000000.0", "token": TOKEN, "type": "event_callback",
+            "event": {"type": "app_open", "app_id": APP_ID, "tenant_key": "tenant-a"}})
+        .to_string(),
+        lark_ticketd::push::Seal {
+            encrypt_key: Some(&lark_ticketd::secret::Secret::new(KEY)),
+            sign: true,
+        },
+    );
+    let url = stack.app.url(&format!("/events/{APP_ID}"));
+    let (status, _) = lark_ticketd::push::send(&client(), &url, &event)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let r = stack
+        .get_as(&format!("/v1/apps/{APP_ID}/tenants"), Some(STATUS_BEARER))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let tenants = r.json["tenants"].as_array().unwrap();
+    assert_eq!(tenants.len(), 1);
+    assert_eq!(tenants[0]["tenant_key"], "tenant-a");
+    assert_eq!(tenants[0]["state"], "active");
+    assert_eq!(tenants[0]["last_event"], "app_open");
+    assert_eq!(tenants[0]["token"]["cached"], true);
+    let s = app_status(&stack).await;
+    assert_eq!(
+        (
+            s["tenants"]["total"].as_u64(),
+            s["tenants"]["active"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+
+    let all = stack.get_as("/v1/apps", Some(STATUS_BEARER)).await;
+    assert_eq!(all.json["apps"].as_array().unwrap().len(), 2);
+    let ticket = stack
+        .app
+        .state
+        .store()
+        .ticket(APP_ID)
+        .await
+        .unwrap()
+        .unwrap();
+    for text in [&all.text, &r.text] {
+        assert!(!text.contains(ticket.ticket.expose()));
+        assert!(!text.contains(&tenant_token));
+    }
+    stack.stop().await;
+}
+
+/// Run `lark-ticketd status` against `url`; returns (exit code, stdout).
+async fn status_cli(url: String, key: Option<&'static str>, json: bool) -> (i32, String) {
+    tokio::task::spawn_blocking(move || {
+        let mut cmd = Command::new(binary());
+        cmd.args([
+            "status",
+            "--url",
+            &url,
+            "--api-key-env",
+            "LARK_TICKETD_TEST_KEY",
+        ]);
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.env_remove("LARK_TICKETD_TEST_KEY");
+        if let Some(key) = key {
+            cmd.env("LARK_TICKETD_TEST_KEY", key);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn status_cli_exit_codes_and_json() {
+    let clock = manual_clock();
+    let stack = quiet_stack(&clock).await;
+    let url = format!("http://{}", stack.app.addr);
+
+    let (code, out) = status_cli(url.clone(), Some(STATUS_BEARER), false).await;
+    assert_eq!(code, 2, "missing tickets: {out}");
+    assert!(out.contains("missing"), "{out}");
+
+    push(&stack, APP_ID).await;
+    push(&stack, "cli_second").await;
+    let (code, out) = status_cli(url.clone(), Some(STATUS_BEARER), false).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("APP "), "{out}");
+    assert!(
+        out.contains(APP_ID) && out.contains("cli_second") && out.contains("fresh"),
+        "{out}"
+    );
+    assert!(!out.contains('\x1b'), "no colour when not on a terminal");
+
+    clock.advance(Duration::from_secs(80 * 60));
+    let (code, out) = status_cli(url.clone(), Some(STATUS_BEARER), true).await;
+    assert_eq!(code, 1, "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["apps"][0]["ticket"]["state"], "stale");
+    assert_eq!(v["apps"][0]["ticket"]["age_seconds"], 80 * 60);
+
+    let (code, _) = status_cli(url.clone(), None, false).await;
+    assert_eq!(code, 2, "no key: 401");
+    let (code, out) = status_cli("http://127.0.0.1:1".into(), Some(STATUS_BEARER), true).await;
+    assert_eq!(code, 2, "unreachable");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["reachable"],
+        false
+    );
+    stack.stop().await;
+}
+
+fn sample<'a>(
+    scrape: &'a prometheus_parse::Scrape,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<&'a prometheus_parse::Value> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+        .map(|s| &s.value)
+}
+
+fn number(v: Option<&prometheus_parse::Value>) -> f64 {
+    match v {
+        Some(prometheus_parse::Value::Counter(n))
+        | Some(prometheus_parse::Value::Gauge(n))
+        | Some(prometheus_parse::Value::Untyped(n)) => *n,
+        other => panic!("not a number: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn metrics_parse_as_prometheus_text_and_hold_no_secret() {
+    let stack = Stack::start(StackOptions::default()).await;
+    stack.wait_for_ticket(APP_ID).await;
+    stack
+        .get(&format!("/v1/apps/{APP_ID}/tenants/t1/tenant_access_token"))
+        .await;
+    stack
+        .get(&format!("/v1/apps/{APP_ID}/tenants/t1/tenant_access_token"))
+        .await;
+    stack
+        .app
+        .post(&format!("/events/{APP_ID}"), b"{}", &[])
+        .await;
+    let r = stack.app.get("/metrics").await;
+    assert_eq!(r.status, 200);
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    let lines = r.text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
+
+    let accepted = number(sample(
+        &scrape,
+        "lark_ticketd_events_total",
+        &[("event_type", "app_ticket"), ("outcome", "accepted")],
+    ));
+    assert!(accepted >= 1.0);
+    let rejected = number(sample(
+        &scrape,
+        "lark_ticketd_events_total",
+        &[("outcome", "encryption_required")],
+    ));
+    assert_eq!(rejected, 1.0);
+    assert_eq!(
+        number(sample(
+            &scrape,
+            "lark_ticketd_token_requests_total",
+            &[("kind", "tenant"), ("outcome", "hit")]
+        )),
+        1.0
+    );
+    assert_eq!(
+        number(sample(
+            &scrape,
+            "lark_ticketd_token_requests_total",
+            &[("kind", "tenant"), ("outcome", "refreshed")]
+        )),
+        1.0
+    );
+    assert_eq!(
+        number(sample(
+            &scrape,
+            "lark_ticketd_upstream_calls_total",
+            &[("endpoint", "app_access_token"), ("code", "0")]
+        )),
+        1.0
+    );
+    assert_eq!(
+        number(sample(
+            &scrape,
+            "lark_ticketd_ticket_state",
+            &[("app_id", APP_ID), ("state", "fresh")]
+        )),
+        1.0
+    );
+    let age = number(sample(
+        &scrape,
+        "lark_ticketd_ticket_age_seconds",
+        &[("app_id", APP_ID)],
+    ));
+    assert!((0.0..60.0).contains(&age));
+    assert!(
+        number(sample(
+            &scrape,
+            "lark_ticketd_ticket_resends_total",
+            &[("app_id", APP_ID), ("outcome", "accepted")]
+        )) >= 1.0
+    );
+    assert!(number(sample(&scrape, "lark_ticketd_open_connections", &[])) >= 1.0);
+    assert!(r
+        .text
+        .contains("lark_ticketd_intake_duration_seconds_bucket"));
+    assert!(r
+        .text
+        .contains("lark_ticketd_upstream_call_duration_seconds_bucket"));
+    assert_no_secrets(&r.text, "/metrics");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn ops_listener_serves_metrics_and_health_only() {
+    let config = TempConfig::embedded(&format!(
+        "ops_listen = \"127.0.0.1:0\"\n{}",
+        app_toml(APP_ID, Some(KEY), TOKEN)
+    ));
+    // ops_listen is a top-level key: it must come before the tables.
+    let text = std::fs::read_to_string(&config.path).unwrap();
+    let (top, rest): (Vec<&str>, Vec<&str>) = text
+        .lines()
+        .partition(|l| l.starts_with("listen") || l.starts_with("ops_listen"));
+    std::fs::write(
+        &config.path,
+        format!("{}\n{}\n", top.join("\n"), rest.join("\n")),
+    )
+    .unwrap();
+    let server = Child::serve(&config.path);
+    let ops = server
+        .ops_addr()
+        .expect("ops listener address in the start-up log");
+    let http = client();
+    let get = |url: String| {
+        let http = http.clone();
+        async move { Reply::from(http.get(url).send().await.unwrap()).await }
+    };
+    assert_eq!(get(format!("http://{ops}/metrics")).await.status, 200);
+    assert_eq!(get(format!("http://{ops}/healthz")).await.status, 200);
+    assert_eq!(get(format!("http://{ops}/readyz")).await.status, 200);
+    assert_eq!(get(format!("http://{ops}/v1/apps")).await.status, 404);
+    assert_eq!(get(server.url("/metrics")).await.status, 404);
+    assert_eq!(get(server.url("/healthz")).await.status, 200);
+    server.kill();
+}
