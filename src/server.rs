@@ -93,6 +93,8 @@ pub async fn run(
     drop(main);
     drop(ops);
     background.abort();
+    // Wait until the aborted task is gone, with its handles on the store.
+    let _ = background.await;
     tracing::info!(
         grace_ms = limits.shutdown_grace.as_millis() as u64,
         "shutting down: draining in-flight requests"

@@ -171,8 +171,8 @@ pub struct TokenRecord {
     pub fetched_at_ms: u64,
 }
 
-/// A storage failure (the backend's own error, boxed).
-#[derive(Debug)]
+/// A storage failure (the backend's own error, as text).
+#[derive(Debug, Clone)]
 pub struct StoreError(pub String);
 
 impl fmt::Display for StoreError {

@@ -664,16 +664,20 @@ impl Broker {
             );
         }
         tracing::info!(app_id, "asking Feishu to resend the app_ticket");
-        let this = self.clone();
+        // The call may outlive the service (a shutdown mid-request): hold the broker weakly, so
+        // the store is not kept open by it.
+        let broker = Arc::downgrade(&self.0);
+        let upstream = self.0.upstream.clone();
         let app_id = app_id.to_string();
         let base_url = creds.base_url.clone();
         let secret = creds.secret.clone();
         tokio::spawn(async move {
-            let result = this
-                .0
-                .upstream
+            let result = upstream
                 .resend_app_ticket(&base_url, &app_id, &secret)
                 .await;
+            let Some(this) = broker.upgrade().map(Broker) else {
+                return;
+            };
             this.0
                 .metrics
                 .ticket_resend(&app_id, if result.is_ok() { "accepted" } else { "failed" });
@@ -687,7 +691,8 @@ impl Broker {
                     }
                 }
             };
-            if let Some(status) = lock(&this.0.resends).get_mut(&app_id) {
+            let mut resends = lock(&this.0.resends);
+            if let Some(status) = resends.get_mut(&app_id) {
                 // A refused request brings no push: what arrives next is the usual push.
                 if matches!(outcome, ResendOutcome::Failed { .. }) {
                     status.awaiting_push = false;

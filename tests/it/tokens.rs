@@ -96,7 +96,8 @@ async fn token_api_answers_in_feishu_terms() {
         .as_str()
         .unwrap()
         .starts_with("a-"));
-    assert_eq!(r.json["expire"], 7200);
+    // The wall clock moves between Feishu's answer and ours.
+    assert!((7190..=7200).contains(&r.json["expire"].as_u64().unwrap()));
     assert!(r.json["expires_at"].as_u64().unwrap() > 1_700_000_000);
     assert_eq!(r.headers["cache-control"], "no-store");
     let r = stack.get(&tenant_path(TENANT)).await;

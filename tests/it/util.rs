@@ -339,14 +339,17 @@ impl Child {
         let reader = std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                {
+                    let mut logs = sink.lock().unwrap();
+                    logs.push_str(&line);
+                    logs.push('\n');
+                }
+                // Only after the line is in `logs`, so readers of the logs find it.
                 if let Some(addr) = listen_addr(&line) {
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(addr);
                     }
                 }
-                let mut logs = sink.lock().unwrap();
-                logs.push_str(&line);
-                logs.push('\n');
             }
         });
         let addr = rx
