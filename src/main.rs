@@ -182,7 +182,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         match cli.command {
             Command::Serve { config } => serve(config).await,
             Command::CheckConfig { config } => check_config(config),
@@ -205,7 +205,10 @@ fn main() -> ExitCode {
             }
             Command::Decrypt { encrypt_key, blob } => decrypt(&encrypt_key, blob),
         }
-    })
+    });
+    drop(runtime);
+    logging::flush();
+    code
 }
 
 fn config_error(e: &ConfigError) -> ExitCode {

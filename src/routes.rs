@@ -55,7 +55,7 @@ where
 {
     let started = Instant::now();
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    let template = Route::parse(req.uri().path()).template();
     let mut log = RequestLog::default();
     let result = route(state, role, req, &mut log).await;
     let response = match result {
@@ -78,9 +78,8 @@ where
         .get::<ErrorCode>()
         .map(|c| c.0)
         .unwrap_or("");
-    let route = route_name(&path);
     let metrics = state.metrics();
-    if route.starts_with("/events") && method == Method::POST {
+    if template.starts_with("/events") && method == Method::POST {
         let outcome = if error_code.is_empty() {
             "accepted"
         } else {
@@ -94,8 +93,8 @@ where
         metrics.token_request(kind, outcome);
     }
     tracing::info!(
-        method = %method,
-        route = %route,
+        method = method.as_str(),
+        route = template,
         app_id = log.app_id.as_deref().unwrap_or(""),
         event_type = log.event_type.as_deref().unwrap_or(""),
         client = log.client.as_deref().unwrap_or(""),
@@ -112,34 +111,87 @@ where
 #[derive(Clone, Copy)]
 struct ErrorCode(&'static str);
 
-/// A route template for logs and metrics: never the raw path (bounded cardinality).
-fn route_name(path: &str) -> &'static str {
-    match path
-        .trim_end_matches('/')
-        .split('/')
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
-        ["", "events"] => "/events",
-        ["", "events", _] => "/events/{app_id}",
-        ["", "healthz"] => "/healthz",
-        ["", "readyz"] => "/readyz",
-        ["", "metrics"] => "/metrics",
-        ["", "v1", "apps"] => "/v1/apps",
-        ["", "v1", "apps", _] => "/v1/apps/{app_id}",
-        ["", "v1", "apps", _, "tenants"] => "/v1/apps/{app_id}/tenants",
-        ["", "v1", "apps", _, "ticket", "resend"] => "/v1/apps/{app_id}/ticket/resend",
-        ["", "v1", "apps", _, "app_access_token"] => "/v1/apps/{app_id}/app_access_token",
-        ["", "v1", "apps", _, "app_access_token", "invalidate"] => {
-            "/v1/apps/{app_id}/app_access_token/invalidate"
+/// A parsed path. Borrowed segments are app ids and tenant keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route<'p> {
+    Events,
+    EventsFor(&'p str),
+    Healthz,
+    Readyz,
+    Metrics,
+    Apps,
+    App(&'p str),
+    Tenants(&'p str),
+    Resend(&'p str),
+    AppToken(&'p str),
+    AppTokenInvalidate(&'p str),
+    TenantToken(&'p str, &'p str),
+    TenantTokenInvalidate(&'p str, &'p str),
+    Unknown,
+}
+
+impl<'p> Route<'p> {
+    /// The one place paths are matched.
+    fn parse(path: &'p str) -> Route<'p> {
+        let mut parts = [""; 8];
+        let mut n = 0;
+        for segment in path.trim_end_matches('/').split('/').skip(1) {
+            if n == parts.len() {
+                return Route::Unknown;
+            }
+            parts[n] = segment;
+            n += 1;
         }
-        ["", "v1", "apps", _, "tenants", _, "tenant_access_token"] => {
-            "/v1/apps/{app_id}/tenants/{tenant_key}/tenant_access_token"
+        match parts[..n] {
+            ["events"] => Route::Events,
+            ["events", app] => Route::EventsFor(app),
+            ["healthz"] => Route::Healthz,
+            ["readyz"] => Route::Readyz,
+            ["metrics"] => Route::Metrics,
+            ["v1", "apps"] => Route::Apps,
+            ["v1", "apps", app] => Route::App(app),
+            ["v1", "apps", app, "tenants"] => Route::Tenants(app),
+            ["v1", "apps", app, "ticket", "resend"] => Route::Resend(app),
+            ["v1", "apps", app, "app_access_token"] => Route::AppToken(app),
+            ["v1", "apps", app, "app_access_token", "invalidate"] => Route::AppTokenInvalidate(app),
+            ["v1", "apps", app, "tenants", tenant, "tenant_access_token"] => {
+                Route::TenantToken(app, tenant)
+            }
+            ["v1", "apps", app, "tenants", tenant, "tenant_access_token", "invalidate"] => {
+                Route::TenantTokenInvalidate(app, tenant)
+            }
+            _ => Route::Unknown,
         }
-        ["", "v1", "apps", _, "tenants", _, "tenant_access_token", "invalidate"] => {
-            "/v1/apps/{app_id}/tenants/{tenant_key}/tenant_access_token/invalidate"
+    }
+
+    /// The template for logs and metrics: never the raw path (bounded cardinality).
+    fn template(self) -> &'static str {
+        match self {
+            Route::Events => "/events",
+            Route::EventsFor(_) => "/events/{app_id}",
+            Route::Healthz => "/healthz",
+            Route::Readyz => "/readyz",
+            Route::Metrics => "/metrics",
+            Route::Apps => "/v1/apps",
+            Route::App(_) => "/v1/apps/{app_id}",
+            Route::Tenants(_) => "/v1/apps/{app_id}/tenants",
+            Route::Resend(_) => "/v1/apps/{app_id}/ticket/resend",
+            Route::AppToken(_) => "/v1/apps/{app_id}/app_access_token",
+            Route::AppTokenInvalidate(_) => "/v1/apps/{app_id}/app_access_token/invalidate",
+            Route::TenantToken(..) => "/v1/apps/{app_id}/tenants/{tenant_key}/tenant_access_token",
+            Route::TenantTokenInvalidate(..) => {
+                "/v1/apps/{app_id}/tenants/{tenant_key}/tenant_access_token/invalidate"
+            }
+            Route::Unknown => "other",
         }
-        _ => "other",
+    }
+
+    /// Served on the main listener only (Feishu's and the API's routes).
+    fn main_only(self) -> bool {
+        !matches!(
+            self,
+            Route::Healthz | Route::Readyz | Route::Metrics | Route::Unknown
+        )
     }
 }
 
@@ -153,16 +205,37 @@ where
     B: Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    let path = req.uri().path().to_string();
-    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-    // /metrics moves to the ops listener when there is one.
+    // The URI is reference-counted: cloning it lets the route borrow from it while `req` moves on.
+    let uri = req.uri().clone();
+    let route = Route::parse(uri.path());
+    // /metrics moves to the ops listener when there is one; the ops listener serves nothing else.
     let metrics_here = role == Role::Ops || state.config().ops_listen.is_none();
-    match (segments.as_slice(), role) {
-        (["metrics"], _) if metrics_here => {
+    if (role == Role::Ops && route.main_only()) || (route == Route::Metrics && !metrics_here) {
+        return Err(ErrorKind::NotFound.into());
+    }
+    match route {
+        Route::Metrics => {
             only(&req, &[Method::GET])?;
             metrics(state).await
         }
-        (["v1", "apps"], Role::Main) => {
+        Route::Healthz => {
+            only(&req, &[Method::GET, Method::HEAD])?;
+            Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
+        }
+        Route::Readyz => {
+            only(&req, &[Method::GET, Method::HEAD])?;
+            readyz(state).await
+        }
+        Route::Events => {
+            only(&req, &[Method::POST])?;
+            intake(state, Target::AnyApp, req, log).await
+        }
+        Route::EventsFor(app_id) => {
+            only(&req, &[Method::POST])?;
+            log.app_id = Some(app_id.to_string());
+            intake(state, Target::App(app_id), req, log).await
+        }
+        Route::Apps => {
             only(&req, &[Method::GET])?;
             let client = caller(state, &req, Scope::Status, None, log)?;
             let mut apps = Vec::new();
@@ -177,7 +250,7 @@ where
                 &serde_json::json!({"now": now, "apps": apps}),
             ))
         }
-        (["v1", "apps", app_id], Role::Main) => {
+        Route::App(app_id) => {
             only(&req, &[Method::GET])?;
             caller(state, &req, Scope::Status, Some(app_id), log)?;
             Ok(json(
@@ -185,7 +258,7 @@ where
                 &status::app_status(state, app_id).await?,
             ))
         }
-        (["v1", "apps", app_id, "tenants"], Role::Main) => {
+        Route::Tenants(app_id) => {
             only(&req, &[Method::GET])?;
             caller(state, &req, Scope::Status, Some(app_id), log)?;
             let tenants = status::tenants(state, app_id).await?;
@@ -194,7 +267,7 @@ where
                 &serde_json::json!({"app_id": app_id, "tenants": tenants}),
             ))
         }
-        (["v1", "apps", app_id, "ticket", "resend"], Role::Main) => {
+        Route::Resend(app_id) => {
             only(&req, &[Method::POST])?;
             caller(state, &req, Scope::Admin, Some(app_id), log)?;
             let requested = state.broker().request_resend(app_id);
@@ -208,48 +281,33 @@ where
                 }),
             ))
         }
-        (["healthz"], _) => {
-            only(&req, &[Method::GET, Method::HEAD])?;
-            Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
-        }
-        (["readyz"], _) => {
-            only(&req, &[Method::GET, Method::HEAD])?;
-            readyz(state).await
-        }
-        (["events"], Role::Main) => {
-            only(&req, &[Method::POST])?;
-            intake(state, Target::AnyApp, req, log).await
-        }
-        (["events", app_id], Role::Main) => {
-            only(&req, &[Method::POST])?;
-            let app_id = app_id.to_string();
-            log.app_id = Some(app_id.clone());
-            intake(state, Target::App(&app_id), req, log).await
-        }
-        (["v1", "apps", app_id, "app_access_token"], Role::Main) => {
-            only(&req, &[Method::GET])?;
+        Route::AppToken(app_id) | Route::AppTokenInvalidate(app_id) => {
+            let invalidate = matches!(route, Route::AppTokenInvalidate(_));
+            only(
+                &req,
+                &[if invalidate {
+                    Method::POST
+                } else {
+                    Method::GET
+                }],
+            )?;
             let key = TokenKey::App(app_id.to_string());
-            token_request(state, req, key, false, log).await
+            token_request(state, req, key, invalidate, log).await
         }
-        (["v1", "apps", app_id, "app_access_token", "invalidate"], Role::Main) => {
-            only(&req, &[Method::POST])?;
-            let key = TokenKey::App(app_id.to_string());
-            token_request(state, req, key, true, log).await
-        }
-        (["v1", "apps", app_id, "tenants", tenant, "tenant_access_token"], Role::Main) => {
-            only(&req, &[Method::GET])?;
+        Route::TenantToken(app_id, tenant) | Route::TenantTokenInvalidate(app_id, tenant) => {
+            let invalidate = matches!(route, Route::TenantTokenInvalidate(..));
+            only(
+                &req,
+                &[if invalidate {
+                    Method::POST
+                } else {
+                    Method::GET
+                }],
+            )?;
             let key = TokenKey::Tenant(app_id.to_string(), tenant.to_string());
-            token_request(state, req, key, false, log).await
+            token_request(state, req, key, invalidate, log).await
         }
-        (
-            ["v1", "apps", app_id, "tenants", tenant, "tenant_access_token", "invalidate"],
-            Role::Main,
-        ) => {
-            only(&req, &[Method::POST])?;
-            let key = TokenKey::Tenant(app_id.to_string(), tenant.to_string());
-            token_request(state, req, key, true, log).await
-        }
-        _ => Err(ErrorKind::NotFound.into()),
+        Route::Unknown => Err(ErrorKind::NotFound.into()),
     }
 }
 
@@ -297,6 +355,24 @@ struct InvalidateRequest {
     token: String,
 }
 
+/// The token API's answer, in Feishu's field names.
+#[derive(Serialize)]
+struct TokenResponse<'a> {
+    app_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant_key: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    app_access_token: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant_access_token: Option<&'a str>,
+    /// Seconds left.
+    expire: u64,
+    /// Unix seconds.
+    expires_at: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    invalidated: Option<bool>,
+}
+
 /// `GET …/{app,tenant}_access_token` and `POST …/invalidate`.
 async fn token_request<B>(
     state: &AppState,
@@ -339,21 +415,21 @@ where
         (token, None)
     };
     let now = state.clock().now_ms();
-    let mut body = serde_json::Map::new();
-    body.insert("app_id".into(), key.app_id().into());
-    let field = match &key {
-        TokenKey::App(_) => "app_access_token",
+    let (tenant_key, app_token, tenant_token) = match &key {
+        TokenKey::App(_) => (None, Some(token.value.expose()), None),
         TokenKey::Tenant(_, tenant_key) => {
-            body.insert("tenant_key".into(), tenant_key.as_str().into());
-            "tenant_access_token"
+            (Some(tenant_key.as_str()), None, Some(token.value.expose()))
         }
     };
-    body.insert(field.into(), token.value.expose().into());
-    body.insert("expire".into(), token.expire_s(now).into());
-    body.insert("expires_at".into(), (token.expires_at_ms / 1000).into());
-    if let Some(dropped) = invalidated {
-        body.insert("invalidated".into(), dropped.into());
-    }
+    let body = TokenResponse {
+        app_id: key.app_id(),
+        tenant_key,
+        app_access_token: app_token,
+        tenant_access_token: tenant_token,
+        expire: token.expire_s(now),
+        expires_at: token.expires_at_ms / 1000,
+        invalidated,
+    };
     let mut response = json(StatusCode::OK, &body);
     response.headers_mut().insert(
         hyper::header::CACHE_CONTROL,
@@ -430,7 +506,10 @@ where
             StatusCode::OK,
             &serde_json::json!({ "challenge": challenge }),
         )),
-        _ => Ok(json(StatusCode::OK, &serde_json::json!({"msg": "success"}))),
+        _ => Ok(json_bytes(
+            StatusCode::OK,
+            Bytes::from_static(br#"{"msg":"success"}"#),
+        )),
     }
 }
 
@@ -485,7 +564,12 @@ fn payload_too_large(limit: usize) -> Error {
 /// A JSON response.
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
     let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    json_bytes(status, Bytes::from(body))
+}
+
+/// A response with an already serialised JSON body.
+fn json_bytes(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     response.headers_mut().insert(
         CONTENT_TYPE,

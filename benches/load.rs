@@ -1,0 +1,834 @@
+//! Load benchmark: lark-ticketd against a bare hyper server, same client, same run.
+//!
+//! `cargo bench --bench load` (options after `--`: `--seconds N`, `--warmup N`, `--connections N`,
+//! `--rounds N`, `--no-pin`, `--quick`).
+//!
+//! Servers run as child processes: the bare server is this binary in `--role bare` (hyper 1.x,
+//! reads the body, answers 200: the cost of HTTP alone), lark-ticketd is the real release binary.
+//! With two or more cores and `taskset` available, servers are pinned to core 0 and this process
+//! (the load generator, and mock-feishu) to core 1. The client is closed-loop HTTP/1.1 with
+//! keep-alive: N connections, each sending its next request when the previous answer arrived; a
+//! warm-up, then a fixed measuring window; bare and ours alternate for every round, and the
+//! reported figure is the median round.
+//!
+//! Cases: (a) encrypted URL-verification challenge; (b) encrypted, signed ~1 KB schema-2.0 event
+//! (distinct event ids); (c) encrypted, signed app_ticket on the embedded store, every 200 durable;
+//! (d) `GET …/tenant_access_token` cache hit with a bearer key; (e) cold start: 1,000 concurrent
+//! requests for 100 tenants against mock-feishu with 50 ms latency; (f) RSS idle and after caching
+//! 100,000 tenant tokens, and time from process start to the first 2xx.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+use lark_ticketd::push::{self, Seal};
+use lark_ticketd::secret::Secret;
+
+const APP_ID: &str = "cli_a5f0e9d8c7b6a5f4";
+const KEY: &str = "EkEyExampleEncryptKey000000000001";
+const TOKEN: &str = "Vt0kExampleVerificationTok3n0001";
+const SECRET: &str = "load-bench-app-secret";
+const BEARER: &str = "load-bench-bearer-key";
+
+struct Options {
+    seconds: f64,
+    warmup: f64,
+    connections: usize,
+    rounds: usize,
+    pin: bool,
+}
+
+fn options() -> Options {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    let quick = args.iter().any(|a| a == "--quick");
+    Options {
+        seconds: value("--seconds").unwrap_or(if quick { 1.0 } else { 5.0 }),
+        warmup: value("--warmup").unwrap_or(if quick { 0.3 } else { 1.0 }),
+        connections: value("--connections").unwrap_or(64.0) as usize,
+        rounds: value("--rounds").unwrap_or(if quick { 1.0 } else { 3.0 }) as usize,
+        pin: !args.iter().any(|a| a == "--no-pin"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bare server.
+
+fn bare_server(port: u16) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async {
+                        let _ = req.into_body().collect().await;
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from_static(b"{\"msg\":\"success\"}"),
+                        )))
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes.
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process, killed on drop.
+struct Proc {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// (VmRSS, VmHWM) in KiB.
+    fn rss_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+fn command(pin: Option<&str>, program: &Path) -> Command {
+    match pin {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpus]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// Wait until `GET http://addr/path` answers 2xx; returns the time it took from `since`.
+fn wait_ready(addr: SocketAddr, path: &str, since: Instant) -> Duration {
+    use std::io::{Read, Write};
+    let deadline = since + Duration::from_secs(30);
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+            let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+            if s.write_all(req.as_bytes()).is_ok() {
+                let mut buf = [0u8; 16];
+                if s.read(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.1 2") {
+                    return since.elapsed();
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "{addr} did not become ready");
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+fn start_bare(pin: Option<&str>) -> Proc {
+    let port = free_port();
+    let exe = std::env::current_exe().unwrap();
+    let child = command(pin, &exe)
+        .args(["--role", "bare", "--port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    wait_ready(addr, "/", Instant::now());
+    Proc { child, addr }
+}
+
+fn ticketd_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_lark-ticketd"))
+}
+
+fn config_text(port: u16, mock_port: u16, store: &str) -> String {
+    format!(
+        r#"listen = "127.0.0.1:{port}"
+[server]
+max_connections = 4096
+{store}
+[[apps]]
+app_id = "{APP_ID}"
+app_secret = "{SECRET}"
+encrypt_key = "{KEY}"
+verification_token = "{TOKEN}"
+base_url = "http://127.0.0.1:{mock_port}"
+[[clients]]
+name = "load"
+key_sha256 = "{}"
+apps = ["*"]
+scopes = ["tokens", "status"]
+"#,
+        lark_ticketd::auth::key_sha256_hex(BEARER)
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client.
+
+/// One request, ready to send many times.
+#[derive(Clone)]
+struct Prepared {
+    method: Method,
+    path: String,
+    headers: Vec<(&'static str, String)>,
+    body: Bytes,
+}
+
+impl Prepared {
+    fn request(&self) -> Request<Full<Bytes>> {
+        let mut b = Request::builder()
+            .method(self.method.clone())
+            .uri(self.path.as_str())
+            .header("host", "127.0.0.1")
+            .header("content-type", "application/json; charset=utf-8");
+        for (k, v) in &self.headers {
+            b = b.header(*k, v.as_str());
+        }
+        b.body(Full::new(self.body.clone())).unwrap()
+    }
+}
+
+type Source = Arc<dyn Fn(usize) -> Prepared + Send + Sync>;
+
+fn cycle(requests: Vec<Prepared>) -> Source {
+    let requests = Arc::new(requests);
+    Arc::new(move |i| requests[i % requests.len()].clone())
+}
+
+#[derive(Default)]
+struct RunResult {
+    ok: u64,
+    errors: u64,
+    latencies_us: Vec<u32>,
+    seconds: f64,
+}
+
+impl RunResult {
+    fn rate(&self) -> f64 {
+        self.ok as f64 / self.seconds
+    }
+
+    fn percentile_ms(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.latencies_us.len() - 1) as f64 * p).round() as usize;
+        f64::from(self.latencies_us[i]) / 1000.0
+    }
+}
+
+async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// Closed loop: `connections` connections, warm-up, then a `seconds` measuring window.
+async fn run(
+    addr: SocketAddr,
+    source: Source,
+    connections: usize,
+    warmup: f64,
+    seconds: f64,
+) -> RunResult {
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let source = Arc::clone(&source);
+        let measuring = Arc::clone(&measuring);
+        let stop = Arc::clone(&stop);
+        tasks.push(tokio::spawn(async move {
+            let mut sender = connect(addr).await;
+            let mut result = RunResult::default();
+            let mut i = c;
+            while !stop.load(Ordering::Relaxed) {
+                let req = source(i).request();
+                i += connections;
+                let started = Instant::now();
+                let ok = match sender.ready().await {
+                    Ok(()) => match sender.send_request(req).await {
+                        Ok(resp) => {
+                            let success = resp.status().is_success();
+                            let _ = resp.into_body().collect().await;
+                            success
+                        }
+                        Err(_) => false,
+                    },
+                    Err(_) => false,
+                };
+                if !ok && sender.is_closed() {
+                    sender = connect(addr).await;
+                }
+                if measuring.load(Ordering::Relaxed) {
+                    if ok {
+                        result.ok += 1;
+                        result
+                            .latencies_us
+                            .push(started.elapsed().as_micros() as u32);
+                    } else {
+                        result.errors += 1;
+                    }
+                }
+            }
+            result
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut total = RunResult {
+        seconds: elapsed,
+        ..Default::default()
+    };
+    for t in tasks {
+        let r = t.await.unwrap();
+        total.ok += r.ok;
+        total.errors += r.errors;
+        total.latencies_us.extend(r.latencies_us);
+    }
+    total.latencies_us.sort_unstable();
+    total
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests.
+
+fn sealed(json: &str, sign: bool) -> Prepared {
+    let req = push::seal(
+        json,
+        Seal {
+            encrypt_key: Some(&Secret::new(KEY)),
+            sign,
+        },
+    );
+    Prepared {
+        method: Method::POST,
+        path: format!("/events/{APP_ID}"),
+        headers: req.headers,
+        body: Bytes::from(req.body),
+    }
+}
+
+fn challenge() -> Source {
+    cycle(vec![sealed(
+        &push::challenge_json("load-challenge-0001", &Secret::new(TOKEN)),
+        false,
+    )])
+}
+
+/// ~1 KB schema-2.0 events with distinct ids.
+fn v2_events(count: usize) -> Source {
+    let text = "x".repeat(560);
+    cycle(
+        (0..count)
+            .map(|i| {
+                let json = serde_json::json!({
+                    "schema": "2.0",
+                    "header": {"event_id": format!("{:032x}", i), "token": TOKEN,
+                               "create_time": "1700000000000", "event_type": "im.message.receive_v1",
+                               "tenant_key": "2ed263bf32cf1651", "app_id": APP_ID},
+                    "event": {"sender": {"sender_id": {"open_id": "ou_84aad35d084aa403a838cf73ee18467"}},
+                              "message": {"message_id": format!("om_{i:030}"), "chat_type": "p2p",
+                                          "message_type": "text", "content": format!("{{\"text\":\"{text}\"}}")}},
+                })
+                .to_string();
+                sealed(&json, true)
+            })
+            .collect(),
+    )
+}
+
+/// A distinct, newer app_ticket for every request (sealed on the fly: the server's fsync dominates).
+fn tickets() -> Source {
+    let base = 1_800_000_000_000_000i64;
+    Arc::new(move |i| {
+        let json = push::app_ticket_json(
+            APP_ID,
+            &Secret::new(format!("load-ticket-{i}")),
+            &Secret::new(TOKEN),
+            base + i as i64,
+            &format!("{i:032x}"),
+        );
+        sealed(&json, true)
+    })
+}
+
+fn get(path: String) -> Prepared {
+    Prepared {
+        method: Method::GET,
+        path,
+        headers: vec![("authorization", format!("Bearer {BEARER}"))],
+        body: Bytes::new(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers over HTTP.
+
+async fn http_get(addr: SocketAddr, path: &str, bearer: bool) -> (u16, serde_json::Value) {
+    let mut sender = connect(addr).await;
+    let mut req = Request::builder().uri(path).header("host", "127.0.0.1");
+    if bearer {
+        req = req.header("authorization", format!("Bearer {BEARER}"));
+    }
+    let resp = sender
+        .send_request(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&body).unwrap_or_default())
+}
+
+async fn wait_for_ticket(ours: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, s) = http_get(ours, &format!("/v1/apps/{APP_ID}"), true).await;
+        if s["ticket"]["state"] == "fresh" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no ticket arrived: {s}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn mock_calls(mock: SocketAddr) -> (u64, u64) {
+    let (_, c) = http_get(mock, "/mock/calls", false).await;
+    (
+        c["app_access_token"].as_u64().unwrap(),
+        c["tenant_access_token"].as_u64().unwrap(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct Row {
+    case: &'static str,
+    bare: RunResult,
+    ours: RunResult,
+}
+
+fn median_run(mut runs: Vec<RunResult>) -> RunResult {
+    runs.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+    runs.swap_remove(runs.len() / 2)
+}
+
+async fn compare(
+    case: &'static str,
+    bare: SocketAddr,
+    ours: SocketAddr,
+    source: Source,
+    o: &Options,
+) -> Row {
+    let connections = o.connections;
+    let (mut b, mut t) = (Vec::new(), Vec::new());
+    for _ in 0..o.rounds {
+        b.push(run(bare, Arc::clone(&source), connections, o.warmup, o.seconds).await);
+        t.push(run(ours, Arc::clone(&source), connections, o.warmup, o.seconds).await);
+    }
+    let row = Row {
+        case,
+        bare: median_run(b),
+        ours: median_run(t),
+    };
+    eprintln!(
+        "  {case}: bare {:.0}/s, ours {:.0}/s ({} errors)",
+        row.bare.rate(),
+        row.ours.rate(),
+        row.ours.errors
+    );
+    row
+}
+
+fn machine(cores: usize, pinned: bool) -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("unknown CPU")
+        .trim()
+        .to_string();
+    format!(
+        "{cores} cores ({model}); {}",
+        if pinned {
+            "servers pinned to core 0, load generator and mock-feishu to core 1 (taskset)"
+        } else {
+            "not pinned"
+        }
+    )
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--role") {
+        let port = args
+            .iter()
+            .position(|a| a == "--port")
+            .and_then(|p| args.get(p + 1))
+            .and_then(|p| p.parse().ok())
+            .unwrap();
+        if args.get(i + 1).map(String::as_str) == Some("bare") {
+            bare_server(port);
+        }
+        return;
+    }
+    let o = options();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let can_pin = o.pin
+        && cores >= 2
+        && Command::new("taskset")
+            .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    let server_cpu = can_pin.then_some("0");
+    let client_cpu = can_pin.then_some("1");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(bench(o, cores, server_cpu, client_cpu, can_pin));
+}
+
+async fn bench(
+    o: Options,
+    cores: usize,
+    server_cpu: Option<&str>,
+    client_cpu: Option<&str>,
+    pinned: bool,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    eprintln!("lark-ticketd load benchmark: {}", machine(cores, pinned));
+    eprintln!(
+        "{} connections, {}s warm-up + {}s per run, {} interleaved rounds per server, median round reported",
+        o.connections, o.warmup, o.seconds, o.rounds
+    );
+
+    let bare = start_bare(server_cpu);
+    let memory = "[store]\nkind = \"memory\"";
+
+    // (a), (b), (d): lark-ticketd on the memory store, with a fake platform for the tokens.
+    let (mock_port, ours_port) = (free_port(), free_port());
+    let mock = start_mock_on(client_cpu, dir.path(), ours_port, mock_port, "0ms");
+    let (ours, _) = start_ticketd_on(
+        server_cpu,
+        dir.path(),
+        "memory",
+        ours_port,
+        mock_port,
+        memory,
+    );
+    wait_for_ticket(ours.addr).await;
+    let tenant_path = format!("/v1/apps/{APP_ID}/tenants/2ed263bf32cf1651/tenant_access_token");
+    assert_eq!(http_get(ours.addr, &tenant_path, true).await.0, 200);
+    let mut rows = vec![
+        compare(
+            "a. encrypted challenge",
+            bare.addr,
+            ours.addr,
+            challenge(),
+            &o,
+        )
+        .await,
+        compare(
+            "b. signed 1 KB v2 event",
+            bare.addr,
+            ours.addr,
+            v2_events(20_000),
+            &o,
+        )
+        .await,
+        compare(
+            "d. tenant token, cache hit",
+            bare.addr,
+            ours.addr,
+            cycle(vec![get(tenant_path)]),
+            &o,
+        )
+        .await,
+    ];
+    drop(ours);
+    drop(mock);
+
+    // (c): the embedded store, every 200 durable (no platform needed: port 1 is closed).
+    let db = dir.path().join("c.db");
+    let store = format!(
+        "[store]\nkind = \"embedded\"\npath = {:?}",
+        db.display().to_string()
+    );
+    let (ours, _) = start_ticketd_on(server_cpu, dir.path(), "embedded", free_port(), 1, &store);
+    rows.push(
+        compare(
+            "c. app_ticket, durable",
+            bare.addr,
+            ours.addr,
+            tickets(),
+            &o,
+        )
+        .await,
+    );
+    drop(ours);
+    drop(bare);
+
+    // (e): cold start against a 50 ms platform.
+    let mock_port = free_port();
+    let ours_port = free_port();
+    let mock = start_mock_on(client_cpu, dir.path(), ours_port, mock_port, "50ms");
+    let (ours, _) = start_ticketd_on(
+        server_cpu,
+        dir.path(),
+        "cold",
+        ours_port,
+        mock_port,
+        "[store]\nkind = \"memory\"",
+    );
+    wait_for_ticket(ours.addr).await;
+    let before = mock_calls(mock.addr).await;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..1000 {
+        let addr = ours.addr;
+        tasks.push(tokio::spawn(async move {
+            let path = format!(
+                "/v1/apps/{APP_ID}/tenants/tenant-{:03}/tenant_access_token",
+                i % 100
+            );
+            http_get(addr, &path, true).await.0
+        }));
+    }
+    let mut cold_ok = 0;
+    for t in tasks {
+        if t.await.unwrap() == 200 {
+            cold_ok += 1;
+        }
+    }
+    let cold_time = started.elapsed();
+    let after = mock_calls(mock.addr).await;
+    let cold_calls = (after.0 - before.0, after.1 - before.1);
+    drop(ours);
+    drop(mock);
+
+    // (f): memory and start-up, on the default (embedded) store.
+    let mut startups = Vec::new();
+    for i in 0..5 {
+        let db = dir.path().join(format!("start-{i}.db"));
+        let store = format!(
+            "[store]\nkind = \"embedded\"\npath = {:?}",
+            db.display().to_string()
+        );
+        let name = format!("start-{i}");
+        let (p, first) = start_ticketd_on(server_cpu, dir.path(), &name, free_port(), 1, &store);
+        startups.push(first);
+        drop(p);
+    }
+    startups.sort();
+    let mock_port = free_port();
+    let ours_port = free_port();
+    let mock = start_mock_on(client_cpu, dir.path(), ours_port, mock_port, "0ms");
+    let db = dir.path().join("rss.db");
+    let store = format!(
+        "[store]\nkind = \"embedded\"\npath = {:?}",
+        db.display().to_string()
+    );
+    let (ours, _) = start_ticketd_on(server_cpu, dir.path(), "rss", ours_port, mock_port, &store);
+    wait_for_ticket(ours.addr).await;
+    let idle = ours.rss_kib();
+    let fill_started = Instant::now();
+    let tenants: Vec<Prepared> = (0..100_000)
+        .map(|i| {
+            get(format!(
+                "/v1/apps/{APP_ID}/tenants/t{i:06}/tenant_access_token"
+            ))
+        })
+        .collect();
+    fill(ours.addr, tenants, 64).await;
+    let fill_time = fill_started.elapsed();
+    let full = ours.rss_kib();
+    let (_, status) = http_get(ours.addr, &format!("/v1/apps/{APP_ID}"), true).await;
+    let cached = status["tenants"]["tokens_cached"].as_u64().unwrap_or(0);
+    drop(ours);
+    drop(mock);
+
+    // Report.
+    println!();
+    println!("lark-ticketd load benchmark — {}", machine(cores, pinned));
+    println!(
+        "closed loop, HTTP/1.1 keep-alive, {} connections, {}s per run after {}s warm-up, median of {} interleaved rounds",
+        o.connections, o.seconds, o.warmup, o.rounds
+    );
+    println!();
+    println!(
+        "| case | bare hyper req/s | lark-ticketd req/s | ratio | bare p50 / p99 ms | lark-ticketd p50 / p99 ms | errors |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    rows.sort_by_key(|r| r.case);
+    for r in &rows {
+        println!(
+            "| {} | {:.0} | {:.0} | {:.3} | {:.2} / {:.2} | {:.2} / {:.2} | {} |",
+            r.case,
+            r.bare.rate(),
+            r.ours.rate(),
+            r.ours.rate() / r.bare.rate(),
+            r.bare.percentile_ms(0.5),
+            r.bare.percentile_ms(0.99),
+            r.ours.percentile_ms(0.5),
+            r.ours.percentile_ms(0.99),
+            r.ours.errors
+        );
+    }
+    println!();
+    println!(
+        "e. cold start, 1,000 concurrent requests for 100 tenants, platform latency 50 ms: {} ms total, {}/1000 ok, upstream calls: {} app_access_token + {} tenant_access_token",
+        cold_time.as_millis(),
+        cold_ok,
+        cold_calls.0,
+        cold_calls.1
+    );
+    println!(
+        "f. RSS idle {:.1} MiB (peak {:.1}); after caching {} tenant tokens {:.1} MiB (peak {:.1}), filled in {:.1} s; start to first 2xx: median {:.1} ms (min {:.1}, max {:.1}, 5 starts)",
+        idle.0 as f64 / 1024.0,
+        idle.1 as f64 / 1024.0,
+        cached,
+        full.0 as f64 / 1024.0,
+        full.1 as f64 / 1024.0,
+        fill_time.as_secs_f64(),
+        startups[2].as_secs_f64() * 1000.0,
+        startups[0].as_secs_f64() * 1000.0,
+        startups[4].as_secs_f64() * 1000.0,
+    );
+}
+
+/// Send every request once over `connections` connections.
+async fn fill(addr: SocketAddr, requests: Vec<Prepared>, connections: usize) {
+    let requests = Arc::new(requests);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let requests = Arc::clone(&requests);
+        let next = Arc::clone(&next);
+        tasks.push(tokio::spawn(async move {
+            let mut sender = connect(addr).await;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(req) = requests.get(i) else { break };
+                sender.ready().await.unwrap();
+                let resp = sender.send_request(req.request()).await.unwrap();
+                assert!(resp.status().is_success(), "{}", resp.status());
+                let _ = resp.into_body().collect().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+fn start_mock_on(
+    pin: Option<&str>,
+    dir: &Path,
+    events_port: u16,
+    port: u16,
+    latency: &str,
+) -> Proc {
+    let path = dir.join(format!("mock-{port}.toml"));
+    std::fs::write(&path, config_text(events_port, port, "")).unwrap();
+    let child = command(pin, &ticketd_binary())
+        .args(["mock-feishu", "--push-interval", "0s", "--latency", latency])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "--events-url",
+            &format!("http://127.0.0.1:{events_port}/events/{{app_id}}"),
+        ])
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    wait_ready(addr, "/mock/calls", Instant::now());
+    Proc { child, addr }
+}
+
+fn start_ticketd_on(
+    pin: Option<&str>,
+    dir: &Path,
+    name: &str,
+    port: u16,
+    mock_port: u16,
+    store: &str,
+) -> (Proc, Duration) {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config_text(port, mock_port, store)).unwrap();
+    let started = Instant::now();
+    let child = command(pin, &ticketd_binary())
+        .args(["serve", "--log-format", "json", "--config"])
+        .arg(&path)
+        .env_remove("LARK_TICKETD_LOG")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let first_2xx = wait_ready(addr, "/healthz", started);
+    (Proc { child, addr }, first_2xx)
+}
