@@ -221,7 +221,8 @@ async fn serve(path: PathBuf) -> ExitCode {
         Ok(c) => c,
         Err(e) => return config_error(&e),
     };
-    let store = match Store::open(&config.store).await {
+    // On this (the main) thread: see `Store::open_blocking`.
+    let store = match Store::open_blocking(&config.store) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("lark-ticketd: cannot open the store: {e}");

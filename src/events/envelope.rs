@@ -88,6 +88,24 @@ pub enum ShapeError {
     Unrecognised(&'static str),
 }
 
+/// The `encrypt` value of a body in exactly the shape Feishu sends, `{"encrypt":"<base64>"}`,
+/// found without a JSON parser; `None` for any other shape (then the body is parsed in full).
+/// Only printable ASCII without `"` or `\` is accepted inside, so the answer is always what
+/// a full parse would give.
+pub(crate) fn encrypt_only(body: &[u8]) -> Option<&str> {
+    let inner = body
+        .trim_ascii()
+        .strip_prefix(br#"{"encrypt":""#)?
+        .strip_suffix(br#""}"#)?;
+    let plain = inner
+        .iter()
+        .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
+    if !plain {
+        return None;
+    }
+    std::str::from_utf8(inner).ok()
+}
+
 /// Parse a JSON object (and only an object: serde would happily read an array into a struct).
 pub(crate) fn parse_object(bytes: &[u8]) -> Result<Wire<'_>, ShapeError> {
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
@@ -364,6 +382,48 @@ mod tests {
         assert_eq!(e.token.unwrap().expose(), "t2");
         assert_eq!(e.tenant_key.as_deref(), Some("tk"));
         assert_eq!(e.time_us, Some(1_603_977_298_000_000));
+    }
+
+    #[test]
+    fn the_encrypt_fast_path_agrees_with_the_parser() {
+        let cases: &[&[u8]] = &[
+            br#"{"encrypt":"QUJD"}"#,
+            b" {\"encrypt\":\"QUJD+/==\"}\n",
+            br#"{"encrypt":""}"#,
+            br#"{"encrypt":"a\/b"}"#,
+            br#"{"encrypt":"a"b"}"#,
+            br#"{"encrypt":"x","token":"y"}"#,
+            br#"{ "encrypt": "x" }"#,
+            b"{\"encrypt\":\"a\nb\"}",
+            br#"{"encrypt":"x"}}"#,
+        ];
+        for body in cases {
+            let parsed = parse_object(body)
+                .ok()
+                .map(|w| w.encrypt.map(|e| e.into_owned()));
+            if let Some(fast) = encrypt_only(body) {
+                assert_eq!(
+                    parsed,
+                    Some(Some(fast.to_string())),
+                    "{}",
+                    String::from_utf8_lossy(body)
+                );
+            }
+        }
+        assert_eq!(encrypt_only(br#"{"encrypt":"QUJD"}"#), Some("QUJD"));
+        assert_eq!(encrypt_only(br#"{"encrypt":"a\/b"}"#), None);
+        assert_eq!(encrypt_only(br#"{ "encrypt": "x" }"#), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_fast_path_never_disagrees(inner in "[ -~\\n\\\\\"]{0,40}", pad in "[ \\n]{0,2}") {
+            let body = format!("{pad}{{\"encrypt\":\"{inner}\"}}{pad}");
+            if let Some(fast) = encrypt_only(body.as_bytes()) {
+                let parsed = parse_object(body.as_bytes()).ok().and_then(|w| w.encrypt.map(|e| e.into_owned()));
+                proptest::prop_assert_eq!(parsed, Some(fast.to_string()));
+            }
+        }
     }
 
     #[test]

@@ -137,6 +137,10 @@ impl Verifier {
                 std::slice::from_ref(&self.apps[i])
             }
         };
+        // Feishu's exact shape first: no JSON parser needed for the outer object.
+        if let Some(encrypt) = envelope::encrypt_only(body) {
+            return Self::verify_encrypted(candidates, signature, body, encrypt);
+        }
         let wire =
             envelope::parse_object(body).map_err(|_| Error::from(ErrorKind::MalformedBody))?;
         match wire.encrypt.as_deref() {

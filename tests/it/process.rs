@@ -28,7 +28,14 @@ fn push_ticket_cli(url: &str, config: &TempConfig, ticket: &str) -> std::process
 
 #[tokio::test]
 async fn cli_push_ticket_survives_sigkill_and_restart() {
-    let config = TempConfig::embedded(&app_toml(APP_ID, Some(KEY), TOKEN));
+    let status_client = format!(
+        "[[clients]]\nname = \"ops\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"status\"]\n",
+        lark_ticketd::auth::key_sha256_hex(crate::util::STATUS_BEARER)
+    );
+    let config = TempConfig::embedded(&format!(
+        "{}{status_client}",
+        app_toml(APP_ID, Some(KEY), TOKEN)
+    ));
     let server = Child::serve(&config.path);
     let url = server.url(&format!("/events/{APP_ID}"));
     let out = push_ticket_cli(&url, &config, "tkt-secret-cli-1");
@@ -46,10 +53,27 @@ async fn cli_push_ticket_survives_sigkill_and_restart() {
         Some("tkt-secret-cli-1")
     );
 
-    // The service starts again on the same file and is ready.
+    // The service starts again on the same file, is ready, and reports the ticket.
     let server = Child::serve(&config.path);
     let ready = Reply::from(client().get(server.url("/readyz")).send().await.unwrap()).await;
     assert_eq!(ready.status, 200);
+    let status = Reply::from(
+        client()
+            .get(server.url(&format!("/v1/apps/{APP_ID}")))
+            .bearer_auth(crate::util::STATUS_BEARER)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status.json["ticket"]["state"], "fresh", "{}", status.text);
+    let fingerprint = lark_ticketd::secret::Secret::new("tkt-secret-cli-1").fingerprint();
+    assert_eq!(status.json["ticket"]["fingerprint"], fingerprint.as_str());
+    let pushed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        pushed.contains(&format!("ticket fingerprint: {fingerprint}")),
+        "{pushed}"
+    );
     server.kill();
     assert_eq!(
         stored_ticket(&config).await.as_deref(),
