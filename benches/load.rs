@@ -1,7 +1,8 @@
 //! Load benchmark: lark-ticketd against a bare hyper server, same client, same run.
 //!
 //! `cargo bench --bench load` (options after `--`: `--seconds N`, `--warmup N`, `--connections N`,
-//! `--rounds N`, `--no-pin`, `--quick`).
+//! `--rounds N`, `--no-pin`, `--quick`). Under `cargo test` (no `--bench` argument) it only runs a
+//! smoke check: both servers start and answer a short burst of challenges without errors.
 //!
 //! Servers run as child processes: the bare server is this binary in `--role bare` (hyper 1.x,
 //! reads the body, answers 200: the cost of HTTP alone), lark-ticketd is the real release binary.
@@ -532,6 +533,10 @@ fn main() {
     }
     let o = options();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if !args.iter().any(|a| a == "--bench") {
+        smoke();
+        return;
+    }
     let can_pin = o.pin
         && cores >= 2
         && Command::new("taskset")
@@ -754,6 +759,27 @@ async fn bench(
         startups[0].as_secs_f64() * 1000.0,
         startups[4].as_secs_f64() * 1000.0,
     );
+}
+
+/// `cargo test`: the benchmark's machinery works (servers start, the client gets 2xx).
+fn smoke() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let bare = start_bare(None);
+        let memory = "[store]\nkind = \"memory\"";
+        let (ours, _) = start_ticketd_on(None, dir.path(), "smoke", free_port(), 1, memory);
+        for addr in [bare.addr, ours.addr] {
+            let r = run(addr, challenge(), 4, 0.05, 0.2).await;
+            assert!(
+                r.ok > 0 && r.errors == 0,
+                "{addr}: {} ok, {} errors",
+                r.ok,
+                r.errors
+            );
+        }
+        println!("load benchmark smoke check: 1 passed, 0 failed");
+    });
 }
 
 /// Send every request once over `connections` connections.
