@@ -173,16 +173,23 @@ fn wait_ready(addr: SocketAddr, path: &str, since: Instant) -> Duration {
 
 fn start_bare(pin: Option<&str>) -> Proc {
     let port = free_port();
-    let exe = std::env::current_exe().unwrap();
-    let child = command(pin, &exe)
-        .args(["--role", "bare", "--port", &port.to_string()])
+    let mut cmd = command(pin, &std::env::current_exe().unwrap());
+    cmd.args(["--role", "bare", "--port", &port.to_string()]);
+    spawn_ready(cmd, port, "/").0
+}
+
+/// Start `cmd` (its output discarded) and wait until `port` answers `ready_path` with a 2xx;
+/// returns the process and the time from spawn to that first 2xx.
+fn spawn_ready(mut cmd: Command, port: u16, ready_path: &str) -> (Proc, Duration) {
+    let started = Instant::now();
+    let child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    wait_ready(addr, "/", Instant::now());
-    Proc { child, addr }
+    let first_2xx = wait_ready(addr, ready_path, started);
+    (Proc { child, addr }, first_2xx)
 }
 
 fn ticketd_binary() -> PathBuf {
@@ -816,24 +823,19 @@ fn start_mock_on(
 ) -> Proc {
     let path = dir.join(format!("mock-{port}.toml"));
     std::fs::write(&path, config_text(events_port, port, "")).unwrap();
-    let child = command(pin, &ticketd_binary())
-        .args(["mock-feishu", "--push-interval", "0s", "--latency", latency])
+    let mut cmd = command(pin, &ticketd_binary());
+    cmd.args(["mock-feishu", "--push-interval", "0s", "--latency", latency])
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args([
             "--events-url",
             &format!("http://127.0.0.1:{events_port}/events/{{app_id}}"),
         ])
         .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    wait_ready(addr, "/mock/calls", Instant::now());
-    Proc { child, addr }
+        .arg(&path);
+    spawn_ready(cmd, port, "/mock/calls").0
 }
 
+/// lark-ticketd `serve`, logging at the default level (as in production) to /dev/null.
 fn start_ticketd_on(
     pin: Option<&str>,
     dir: &Path,
@@ -844,17 +846,10 @@ fn start_ticketd_on(
 ) -> (Proc, Duration) {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config_text(port, mock_port, store)).unwrap();
-    let started = Instant::now();
-    let child = command(pin, &ticketd_binary())
-        .args(["serve", "--log-format", "json", "--config"])
+    let mut cmd = command(pin, &ticketd_binary());
+    cmd.args(["serve", "--log-format", "json", "--config"])
         .arg(&path)
         .env_remove("LARK_TICKETD_LOG")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let first_2xx = wait_ready(addr, "/healthz", started);
-    (Proc { child, addr }, first_2xx)
+        .env_remove("RUST_LOG");
+    spawn_ready(cmd, port, "/healthz")
 }

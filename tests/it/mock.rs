@@ -203,3 +203,28 @@ async fn injected_errors_and_downtime_look_like_5xx() {
     assert_eq!((status, body["code"].as_i64()), (400, Some(10012)));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn periodic_pushes_arrive_without_being_asked() {
+    let service = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let events_url = format!("http://{}/events/{{app_id}}", service.local_addr().unwrap());
+    let config_text = app_toml(APP_ID, Some(KEY), TOKEN);
+    let config = Config::parse(&config_text, &|_| None).unwrap();
+    let clock = lark_ticketd::clock::system();
+    let mut options = MockOptions::from_config(&config, clock.clone());
+    options.events_url = Some(events_url);
+    options.push_interval = Some(Duration::from_millis(50));
+    let app = TestApp::spawn_on(service, &config_text, clock).await;
+    let mut signal = app.state.broker().ticket_watch(APP_ID).unwrap();
+    let mock = MockFeishu::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), options).unwrap();
+    for _ in 0..2 {
+        tokio::time::timeout(Duration::from_secs(10), signal.changed())
+            .await
+            .expect("a periodic push")
+            .unwrap();
+    }
+    let ticket = app.state.store().ticket(APP_ID).await.unwrap().unwrap();
+    assert!(ticket.pushes_seen >= 2);
+    assert_eq!(mock.calls(Endpoint::AppTicketResend), 0, "nobody asked");
+    app.stop().await;
+}
