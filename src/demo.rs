@@ -10,7 +10,6 @@
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
-use tokio::net::TcpListener;
 
 use crate::auth::key_sha256_hex;
 use crate::clock::{self, Clock};
@@ -42,12 +41,9 @@ async fn run_in(dir: &std::path::Path, once: bool) -> Result<(), String> {
     let app_id = format!("cli_{}", random_hex(8));
     let tenant_key = format!("demo{}", random_hex(6));
     let client_key = format!("demo-key-{}", random_hex(16));
-    let service_listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| format!("cannot listen: {e}"))?;
-    let mock_listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| format!("cannot listen: {e}"))?;
+    let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let service_listener = server::bind(loopback).map_err(|e| format!("cannot listen: {e}"))?;
+    let mock_listener = server::bind(loopback).map_err(|e| format!("cannot listen: {e}"))?;
     let service = service_listener.local_addr().map_err(|e| e.to_string())?;
     let mock_addr = mock_listener.local_addr().map_err(|e| e.to_string())?;
     let db = dir.join("lark-ticketd.db");

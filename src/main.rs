@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use tokio::net::TcpListener;
 
 use lark_ticketd::clock;
 use lark_ticketd::config::{Config, ConfigError};
@@ -229,7 +228,7 @@ async fn serve(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let main = match TcpListener::bind(config.listen).await {
+    let main = match server::bind(config.listen) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("lark-ticketd: cannot listen on {}: {e}", config.listen);
@@ -237,7 +236,7 @@ async fn serve(path: PathBuf) -> ExitCode {
         }
     };
     let ops = match config.ops_listen {
-        Some(addr) => match TcpListener::bind(addr).await {
+        Some(addr) => match server::bind(addr) {
             Ok(l) => Some(l),
             Err(e) => {
                 eprintln!("lark-ticketd: cannot listen on {addr}: {e}");
@@ -284,7 +283,7 @@ async fn mock_feishu(args: MockFeishuArgs) -> ExitCode {
     options.token_ttl = args.token_ttl;
     options.latency = args.latency;
     options.error_rate = args.error_rate;
-    let listener = match TcpListener::bind(args.listen).await {
+    let listener = match server::bind(args.listen) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("lark-ticketd: cannot listen on {}: {e}", args.listen);

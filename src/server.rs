@@ -133,6 +133,23 @@ impl Backoff {
     }
 }
 
+/// Pending connections the kernel may queue for `accept` (capped by `net.core.somaxconn`).
+/// Generous: a burst of clients (1,000 token requests at a cold start) must not overflow it, or
+/// their SYNs are dropped and retried a second later.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Bind a listener with [`LISTEN_BACKLOG`].
+pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
 pub async fn shutdown_signal() {
     let ctrl_c = async {
