@@ -1,6 +1,5 @@
 //! Operators: ticket states over time, the status API and CLI, metrics, the ops listener.
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,8 +7,8 @@ use lark_ticketd::clock::ManualClock;
 use serde_json::Value;
 
 use crate::util::{
-    app_toml, assert_no_secrets, binary, client, Child, Reply, Stack, StackOptions, TempConfig,
-    ADMIN_BEARER, APP_ID, KEY, STATUS_BEARER, TOKEN,
+    app_toml, assert_no_secrets, client, lark_ticketd, Child, Reply, Stack, StackOptions,
+    TempConfig, ADMIN_BEARER, APP_ID, KEY, STATUS_BEARER, TOKEN,
 };
 
 fn manual_clock() -> Arc<ManualClock> {
@@ -200,7 +199,7 @@ async fn status_api_reports_resends_tokens_and_tenants_but_never_a_secret() {
 /// Run `lark-ticketd status` against `url`; returns (exit code, stdout).
 async fn status_cli(url: String, key: Option<&'static str>, json: bool) -> (i32, String) {
     tokio::task::spawn_blocking(move || {
-        let mut cmd = Command::new(binary());
+        let mut cmd = lark_ticketd();
         cmd.args([
             "status",
             "--url",

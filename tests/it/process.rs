@@ -1,10 +1,8 @@
 //! The real binary: crash safety, restarts, signals, and the CLI helpers.
 
-use std::process::Command;
-
 use lark_ticketd::store::embedded::EmbeddedStore;
 
-use crate::util::{app_toml, binary, client, Child, Reply, TempConfig, APP_ID, KEY, TOKEN};
+use crate::util::{app_toml, client, lark_ticketd, Child, Reply, TempConfig, APP_ID, KEY, TOKEN};
 
 /// Read the ticket straight from the store file (the server must not be running).
 async fn stored_ticket(config: &TempConfig) -> Option<String> {
@@ -17,7 +15,7 @@ async fn stored_ticket(config: &TempConfig) -> Option<String> {
 }
 
 fn push_ticket_cli(url: &str, config: &TempConfig, ticket: &str) -> std::process::Output {
-    Command::new(binary())
+    lark_ticketd()
         .args(["push", "ticket", "--url", url, "--config"])
         .arg(&config.path)
         .args(["--ticket", ticket])
@@ -113,7 +111,7 @@ async fn sigterm_drains_and_exits_cleanly() {
 async fn cli_push_challenge_is_echoed() {
     let config = TempConfig::embedded(&app_toml(APP_ID, Some(KEY), TOKEN));
     let server = Child::serve(&config.path);
-    let out = Command::new(binary())
+    let out = lark_ticketd()
         .args([
             "push",
             "challenge",
@@ -144,7 +142,7 @@ fn bad_config_exits_64_naming_the_key() {
     )
     .unwrap();
     for command in ["serve", "check-config"] {
-        let out = Command::new(binary())
+        let out = lark_ticketd()
             .args([command, "--config"])
             .arg(&path)
             .env_remove("LARK_TICKETD_TEST_UNSET_VAR")
@@ -162,7 +160,7 @@ fn check_config_prints_the_resolution_without_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ok.toml");
     std::fs::write(&path, app_toml(APP_ID, Some(KEY), TOKEN)).unwrap();
-    let out = Command::new(binary())
+    let out = lark_ticketd()
         .args(["check-config", "--config"])
         .arg(&path)
         .output()
@@ -178,7 +176,7 @@ fn check_config_prints_the_resolution_without_secrets() {
 
 #[test]
 fn decrypt_cli_decrypts_the_doc_vector() {
-    let out = Command::new(binary())
+    let out = lark_ticketd()
         .args([
             "decrypt",
             "--encrypt-key",
@@ -189,7 +187,7 @@ fn decrypt_cli_decrypts_the_doc_vector() {
         .unwrap();
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello world");
-    let out = Command::new(binary())
+    let out = lark_ticketd()
         .args([
             "decrypt",
             "--encrypt-key",
@@ -203,7 +201,7 @@ fn decrypt_cli_decrypts_the_doc_vector() {
 
 #[test]
 fn demo_once_prints_a_tenant_token_fetched_through_the_api() {
-    let out = Command::new(binary())
+    let out = lark_ticketd()
         .args(["demo", "--once"])
         .env_remove("LARK_TICKETD_LOG")
         .env_remove("RUST_LOG")

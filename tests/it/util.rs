@@ -305,9 +305,21 @@ impl Reply {
     }
 }
 
-/// The release-independent path of the binary under test.
-pub fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_lark-ticketd")
+/// A command running the binary under test, with no proxy from the environment: every request
+/// the tests make goes to 127.0.0.1 directly.
+pub fn lark_ticketd() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lark-ticketd"));
+    for var in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
 }
 
 /// The real binary running `serve`, its stderr collected line by line.
@@ -322,7 +334,7 @@ pub struct Child {
 impl Child {
     /// Start `lark-ticketd serve --config <path>` and wait until it says where it listens.
     pub fn serve(config_path: &Path) -> Child {
-        let mut child = Command::new(binary())
+        let mut child = lark_ticketd()
             .args(["serve", "--config"])
             .arg(config_path)
             .env("LARK_TICKETD_LOG", "trace")
