@@ -144,6 +144,17 @@ impl Error {
         self
     }
 
+    /// The public part of this error (kind, message, Feishu's answer), without the private
+    /// cause: what another caller may be told about the same failure.
+    pub fn public_copy(&self) -> Error {
+        Error {
+            kind: self.kind,
+            message: self.message.clone(),
+            cause: None,
+            upstream: self.upstream.clone(),
+        }
+    }
+
     /// Feishu's `code` and `msg`, when the Open Platform answered with an error.
     pub fn upstream(&self) -> Option<(i64, &str)> {
         self.upstream.as_ref().map(|(c, m)| (*c, m.as_str()))

@@ -22,7 +22,9 @@
 //! signature headers, a body that fails to decrypt and one that decrypts to garbage answer
 //! identically (`bad_payload`); only a ciphertext that decrypts to a JSON object that is not a
 //! challenge answers `bad_signature`, which an attacker cannot produce without the key. So the
-//! unsigned challenge path is not a padding oracle.
+//! unsigned challenge path is not a padding oracle. Only short bodies
+//! ([`MAX_CHALLENGE_ENCRYPT_BYTES`]) are tried as unsigned challenges at all, so an unsigned
+//! request cannot make us decrypt a megabyte with every configured key.
 
 pub mod cipher;
 pub mod envelope;
@@ -41,6 +43,10 @@ use envelope::{EventDetail, Payload, ShapeError};
 use signature::SignatureHeaders;
 
 pub use envelope::{Event, Order, Schema, TenantChange};
+
+/// The longest `encrypt` value tried as an (unsigned) URL-verification challenge. Feishu's
+/// challenge decrypts to about 120 bytes; this leaves room for long tokens and challenges.
+pub const MAX_CHALLENGE_ENCRYPT_BYTES: usize = 4096;
 
 /// The credentials intake checks for one app.
 #[derive(Debug)]
@@ -172,7 +178,12 @@ impl Verifier {
                 return finish(app, payload);
             }
         }
-        // Unsigned (or signed by no app): only a URL-verification challenge may pass.
+        // Unsigned (or signed by no app): only a URL-verification challenge may pass. A challenge
+        // is a few hundred bytes; anything larger is not one, and is not worth decrypting with
+        // every key for a request that proved nothing.
+        if encrypt.len() > MAX_CHALLENGE_ENCRYPT_BYTES {
+            return Err(ErrorKind::BadSignature.into());
+        }
         let decrypted = keyed.find_map(|(app, _, cipher)| {
             decrypt_payload(cipher, encrypt)
                 .ok()
@@ -283,7 +294,7 @@ pub async fn accept(state: &AppState, verified: Verified) -> Result<Outcome, Err
     let time_us = event.time_us.unwrap_or(now_ms as i64 * 1000);
     match event.detail {
         EventDetail::AppTicket { ticket } => {
-            let source = if state.broker().take_resend_pending(&app_id) {
+            let source = if state.broker().resend_pending(&app_id) {
                 TicketSource::Resend
             } else {
                 TicketSource::Push

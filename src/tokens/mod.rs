@@ -6,7 +6,8 @@
 //!   clock, so tests move time by hand.
 //! * **Single-flight per key**: a per-key tokio mutex, re-checked after it is taken, so N callers
 //!   of a cold key cause one upstream call; the others are served what it fetched. Failures are
-//!   not cached.
+//!   not cached, but they are shared: callers that queued behind a fetch that failed get its
+//!   error at once instead of each trying again (one upstream attempt per wave of callers).
 //! * **Background refresh** once fewer than `tokens.refresh_ahead` (30 min) remain — when Feishu
 //!   issues a new token while the old stays valid — triggered by the hit that notices, and by a
 //!   periodic sweep over app tokens and recently used tenant tokens; callers keep getting the
@@ -169,6 +170,16 @@ struct AppCreds {
 struct Cached {
     token: Token,
     last_used_ms: u64,
+    /// When a hit last started a background refresh: one attempt per check interval, not one
+    /// per hit while Feishu is failing.
+    refresh_attempt_ms: u64,
+}
+
+/// What a key's flight lock protects: the last fetch's failure, so callers that queued behind a
+/// failing fetch get its answer instead of each fetching again.
+#[derive(Default)]
+struct Flight {
+    last_failure: Option<(tokio::time::Instant, Error)>,
 }
 
 struct Inner {
@@ -180,7 +191,10 @@ struct Inner {
     upstream: Upstream,
     cache: Mutex<HashMap<TokenKey, Cached>>,
     /// One tokio mutex per key with a fetch in flight or waited for.
-    flights: Mutex<HashMap<TokenKey, Arc<KeyMutex<()>>>>,
+    flights: Mutex<HashMap<TokenKey, Arc<KeyMutex<Flight>>>>,
+    /// Tokens dropped by compare-and-invalidate, until a new one is fetched: never reloaded from
+    /// the store (its delete may have failed).
+    rejected: Mutex<HashMap<TokenKey, Secret>>,
     /// Bumped whenever intake stores a ticket for the app: wakes waiting callers.
     ticket_signals: HashMap<String, watch::Sender<u64>>,
     resends: Mutex<HashMap<String, ResendStatus>>,
@@ -201,8 +215,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct KeyGuard {
     broker: Broker,
     key: TokenKey,
-    mutex: Arc<KeyMutex<()>>,
-    guard: Option<OwnedMutexGuard<()>>,
+    mutex: Arc<KeyMutex<Flight>>,
+    guard: Option<OwnedMutexGuard<Flight>>,
+    /// When this caller started waiting for the lock, if it had to.
+    waited_since: Option<tokio::time::Instant>,
+}
+
+impl KeyGuard {
+    /// The failure of a fetch that ended while this caller waited for it.
+    fn failure_while_waiting(&self) -> Option<Error> {
+        let since = self.waited_since?;
+        let (at, error) = self.guard.as_ref()?.last_failure.as_ref()?;
+        (*at >= since).then(|| error.public_copy())
+    }
+
+    fn record_failure(&mut self, error: &Error) {
+        if let Some(flight) = self.guard.as_mut() {
+            flight.last_failure = Some((tokio::time::Instant::now(), error.public_copy()));
+        }
+    }
 }
 
 impl Drop for KeyGuard {
@@ -250,6 +281,7 @@ impl Broker {
             upstream,
             cache: Mutex::new(HashMap::new()),
             flights: Mutex::new(HashMap::new()),
+            rejected: Mutex::new(HashMap::new()),
             ticket_signals,
             resends: Mutex::new(HashMap::new()),
             events: broadcast::channel(1024).0,
@@ -289,23 +321,33 @@ impl Broker {
         if let Some(token) = self.hit(key) {
             return Ok((token, Served::Hit));
         }
-        let _guard = self.lock_key(key).await;
+        let mut guard = self.lock_key(key).await;
         if let Some(token) = self.hit(key) {
             return Ok((token, Served::Waited));
         }
-        self.load_persisted(key).await;
-        if let Some(token) = self.hit(key) {
-            return Ok((token, Served::Hit));
-        }
-        match self.fetch(key).await {
-            Ok(token) => Ok((token, Served::Refreshed)),
-            Err(e) => match self.still_valid(key) {
-                Some(token) => {
-                    tracing::warn!(key = %key, error = %e, "refresh failed; serving the still-valid token");
-                    Ok((token, Served::Stale))
+        // The fetch this caller queued behind failed: that is the answer, without a second try.
+        let failure = match guard.failure_while_waiting() {
+            Some(e) => Err(e),
+            None => {
+                self.load_persisted(key).await;
+                if let Some(token) = self.hit(key) {
+                    return Ok((token, Served::Hit));
                 }
-                None => Err(e),
-            },
+                match self.fetch(key).await {
+                    Ok(token) => return Ok((token, Served::Refreshed)),
+                    Err(e) => {
+                        guard.record_failure(&e);
+                        Err(e)
+                    }
+                }
+            }
+        };
+        match (failure, self.still_valid(key)) {
+            (Err(e), Some(token)) => {
+                tracing::warn!(key = %key, error = %e, "refresh failed; serving the still-valid token");
+                Ok((token, Served::Stale))
+            }
+            (failure, _) => failure,
         }
     }
 
@@ -323,6 +365,7 @@ impl Broker {
             return Ok((token, false));
         }
         lock(&self.0.cache).remove(key);
+        lock(&self.0.rejected).insert(key.clone(), Secret::new(rejected));
         if let Err(e) = self
             .0
             .store
@@ -350,11 +393,13 @@ impl Broker {
                 return None;
             }
             entry.last_used_ms = now;
-            let due = is_due(
-                entry.token.expires_at_ms,
-                now,
-                self.0.tokens_cfg.refresh_ahead,
-            );
+            let cfg = &self.0.tokens_cfg;
+            let due = is_due(entry.token.expires_at_ms, now, cfg.refresh_ahead)
+                && now.saturating_sub(entry.refresh_attempt_ms)
+                    >= cfg.refresh_check_interval.as_millis() as u64;
+            if due {
+                entry.refresh_attempt_ms = now;
+            }
             (entry.token.clone(), due)
         };
         if due {
@@ -378,7 +423,10 @@ impl Broker {
             return;
         }
         match self.0.store.token(&key.store_key()).await {
-            Ok(Some(record)) if is_valid(record.expires_at_ms, self.now()) => {
+            Ok(Some(record))
+                if is_valid(record.expires_at_ms, self.now())
+                    && lock(&self.0.rejected).get(key) != Some(&record.token) =>
+            {
                 lock(&self.0.cache)
                     .entry(key.clone())
                     .or_insert_with(|| Cached {
@@ -387,6 +435,7 @@ impl Broker {
                             expires_at_ms: record.expires_at_ms,
                         },
                         last_used_ms: self.now(),
+                        refresh_attempt_ms: 0,
                     });
             }
             Ok(_) => {}
@@ -396,12 +445,19 @@ impl Broker {
 
     async fn lock_key(&self, key: &TokenKey) -> KeyGuard {
         let mutex = Arc::clone(lock(&self.0.flights).entry(key.clone()).or_default());
-        let guard = Arc::clone(&mutex).lock_owned().await;
+        let (guard, waited_since) = match Arc::clone(&mutex).try_lock_owned() {
+            Ok(guard) => (guard, None),
+            Err(_) => {
+                let since = tokio::time::Instant::now();
+                (Arc::clone(&mutex).lock_owned().await, Some(since))
+            }
+        };
         KeyGuard {
             broker: self.clone(),
             key: key.clone(),
             mutex,
             guard: Some(guard),
+            waited_since,
         }
     }
 
@@ -413,6 +469,7 @@ impl Broker {
             key: key.clone(),
             mutex,
             guard,
+            waited_since: None,
         };
         key_guard.guard.is_some().then_some(key_guard)
     }
@@ -424,7 +481,7 @@ impl Broker {
         };
         let this = self.clone();
         tokio::spawn(async move {
-            let _guard = guard;
+            let mut guard = guard;
             let now = this.now();
             let still_due = lock(&this.0.cache).get(&key).is_none_or(|c| {
                 is_due(c.token.expires_at_ms, now, this.0.tokens_cfg.refresh_ahead)
@@ -438,6 +495,7 @@ impl Broker {
                     let _ = this.0.events.send(BrokerEvent::Refreshed(key));
                 }
                 Err(e) => {
+                    guard.record_failure(&e);
                     tracing::warn!(key = %key, error = %e, "background refresh failed; keeping the current token");
                     let _ = this.0.events.send(BrokerEvent::RefreshFailed(key));
                 }
@@ -490,8 +548,10 @@ impl Broker {
                 Cached {
                     token: token.clone(),
                     last_used_ms,
+                    refresh_attempt_ms: 0,
                 },
             );
+            lock(&self.0.rejected).remove(key);
         }
         let record = TokenRecord {
             token: token.value.clone(),
@@ -708,16 +768,19 @@ impl Broker {
         lock(&self.0.resends).get(app_id).cloned()
     }
 
-    /// Intake calls this for every authentic app_ticket push before storing it: does it answer
-    /// a resend request of ours?
-    pub fn take_resend_pending(&self, app_id: &str) -> bool {
+    /// Does a push arriving now answer a resend request of ours? (Intake asks before storing.)
+    pub fn resend_pending(&self, app_id: &str) -> bool {
         lock(&self.0.resends)
-            .get_mut(app_id)
-            .is_some_and(|s| std::mem::take(&mut s.awaiting_push))
+            .get(app_id)
+            .is_some_and(|s| s.awaiting_push)
     }
 
-    /// Intake calls this once a ticket is stored: wakes callers waiting for it.
+    /// Intake calls this once a ticket is stored as the newest: the resend (if any) is answered,
+    /// and callers waiting for a ticket wake up.
     pub fn ticket_stored(&self, app_id: &str) {
+        if let Some(status) = lock(&self.0.resends).get_mut(app_id) {
+            status.awaiting_push = false;
+        }
         if let Some(signal) = self.0.ticket_signals.get(app_id) {
             signal.send_modify(|v| *v += 1);
         }

@@ -257,6 +257,10 @@ async fn routing_errors_have_codes() {
     assert_eq!((reply.status, reply.code()), (400, "malformed_body"));
     let reply = app.post("/events", b"[1,2,3]", &[]).await;
     assert_eq!((reply.status, reply.code()), (400, "malformed_body"));
+    // Too long to be a challenge and unsigned: refused without decrypting.
+    let big = format!("{{\"encrypt\":\"{}\"}}", "A".repeat(8192));
+    let reply = app.post("/events", big.as_bytes(), &[]).await;
+    assert_eq!((reply.status, reply.code()), (401, "bad_signature"));
     assert_eq!(app.get("/healthz").await.status, 200);
     let ready = app.get("/readyz").await;
     assert_eq!(

@@ -328,6 +328,71 @@ async fn missing_ticket_one_resend_and_the_push_wakes_waiting_callers() {
 }
 
 #[tokio::test]
+async fn callers_queued_behind_a_failing_fetch_share_its_failure() {
+    let stack = Stack::start(StackOptions {
+        config: "[tokens]\nupstream_retries = 0\nupstream_timeout = \"5s\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    stack.wait_for_ticket(APP_ID).await;
+    // Every auth call now fails after 300 ms: the callers below all arrive while the first fails.
+    stack.mock.set_latency(Duration::from_millis(300));
+    stack.mock.set_error_rate(1.0);
+    let mut callers = Vec::new();
+    for _ in 0..10 {
+        let client = stack.app.client.clone();
+        let url = stack.app.url(&app_path());
+        callers.push(tokio::spawn(async move {
+            client
+                .get(&url)
+                .bearer_auth(BEARER)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    for c in callers {
+        assert_eq!(c.await.unwrap(), 502);
+    }
+    assert_eq!(
+        stack.mock.calls(Endpoint::AppAccessToken),
+        1,
+        "one upstream attempt for the whole wave"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_background_refresh_is_retried_once_per_interval_not_per_hit() {
+    let clock = manual_clock();
+    let stack = Stack::start(StackOptions {
+        clock: Some(Arc::clone(&clock)),
+        config: "[tokens]\nupstream_retries = 0\n".into(),
+        ..Default::default()
+    })
+    .await;
+    stack.wait_for_ticket(APP_ID).await;
+    let t1 = stack.get(&tenant_path(TENANT)).await.json["tenant_access_token"].clone();
+    stack.mock.set_down(true);
+    clock.advance(Duration::from_secs(91 * 60));
+    let before = stack.mock.calls(Endpoint::TenantAccessToken);
+    let mut events = stack.app.state.broker().subscribe();
+    for _ in 0..5 {
+        let r = stack.get(&tenant_path(TENANT)).await;
+        assert_eq!(
+            r.json["tenant_access_token"], t1,
+            "the valid token is still served"
+        );
+    }
+    let key = TokenKey::Tenant(APP_ID.into(), TENANT.into());
+    await_event(&mut events, BrokerEvent::RefreshFailed(key)).await;
+    assert_eq!(stack.mock.calls(Endpoint::TenantAccessToken), before + 1);
+    stack.stop().await;
+}
+
+#[tokio::test]
 async fn no_push_means_503_ticket_missing_with_retry_after() {
     let stack = Stack::start(StackOptions {
         no_push_on_resend: true,
@@ -339,6 +404,32 @@ async fn no_push_means_503_ticket_missing_with_retry_after() {
     assert_eq!((r.status, r.code()), (503, "ticket_missing"), "{}", r.text);
     assert!(r.headers.contains_key("retry-after"));
     assert_eq!(stack.mock.calls(Endpoint::AppAccessToken), 0);
+
+    // Twenty callers at once wait one resend_wait together, not twenty in a row.
+    let started = tokio::time::Instant::now();
+    let mut callers = Vec::new();
+    for _ in 0..20 {
+        let client = stack.app.client.clone();
+        let url = stack.app.url(&tenant_path(TENANT));
+        callers.push(tokio::spawn(async move {
+            client
+                .get(&url)
+                .bearer_auth(BEARER)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    for c in callers {
+        assert_eq!(c.await.unwrap(), 503);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "20 x 200 ms in a row would be 4 s: {:?}",
+        started.elapsed()
+    );
     stack.stop().await;
 }
 
