@@ -27,6 +27,25 @@ fn manual_clock() -> Arc<ManualClock> {
     Arc::new(ManualClock::new(1_800_000_000_000))
 }
 
+/// Start a GET with the orders key for every path at once; each answers (status, JSON body).
+fn spawn_gets(
+    stack: &Stack,
+    paths: Vec<String>,
+) -> Vec<tokio::task::JoinHandle<(u16, serde_json::Value)>> {
+    paths
+        .into_iter()
+        .map(|path| {
+            let client = stack.app.client.clone();
+            let url = stack.app.url(&path);
+            tokio::spawn(async move {
+                let r = client.get(&url).bearer_auth(BEARER).send().await.unwrap();
+                let status = r.status().as_u16();
+                (status, r.json().await.unwrap_or_default())
+            })
+        })
+        .collect()
+}
+
 async fn await_event(
     events: &mut tokio::sync::broadcast::Receiver<BrokerEvent>,
     expected: BrokerEvent,
@@ -60,21 +79,11 @@ async fn five_hundred_cold_requests_make_one_call_per_endpoint() {
         "the start-up resend's push"
     );
 
-    let path = stack.app.url(&tenant_path(TENANT));
-    let mut tasks = Vec::new();
-    for _ in 0..500 {
-        let client = stack.app.client.clone();
-        let path = path.clone();
-        tasks.push(tokio::spawn(async move {
-            let r = client.get(&path).bearer_auth(BEARER).send().await.unwrap();
-            assert_eq!(r.status(), 200);
-            let v: serde_json::Value = r.json().await.unwrap();
-            v["tenant_access_token"].as_str().unwrap().to_string()
-        }));
-    }
     let mut tokens = Vec::new();
-    for t in tasks {
-        tokens.push(t.await.unwrap());
+    for call in spawn_gets(&stack, vec![tenant_path(TENANT); 500]) {
+        let (status, body) = call.await.unwrap();
+        assert_eq!(status, 200);
+        tokens.push(body["tenant_access_token"].as_str().unwrap().to_string());
     }
     assert!(
         tokens.iter().all(|t| *t == tokens[0]),
@@ -289,15 +298,10 @@ async fn missing_ticket_one_resend_and_the_push_wakes_waiting_callers() {
         ..Default::default()
     })
     .await;
-    let mut callers = Vec::new();
-    for i in 0..20 {
-        let client = stack.app.client.clone();
-        let url = stack.app.url(&tenant_path(&format!("tenant-{}", i % 2)));
-        callers.push(tokio::spawn(async move {
-            let r = client.get(&url).bearer_auth(BEARER).send().await.unwrap();
-            (r.status().as_u16(), r.text().await.unwrap())
-        }));
-    }
+    let paths = (0..20)
+        .map(|i| tenant_path(&format!("tenant-{}", i % 2)))
+        .collect();
+    let callers = spawn_gets(&stack, paths);
     let broker = stack.app.state.broker().clone();
     eventually("a caller waiting for the ticket", || {
         broker.ticket_waiters(APP_ID) > 0
@@ -338,23 +342,8 @@ async fn callers_queued_behind_a_failing_fetch_share_its_failure() {
     // Every auth call now fails after 300 ms: the callers below all arrive while the first fails.
     stack.mock.set_latency(Duration::from_millis(300));
     stack.mock.set_error_rate(1.0);
-    let mut callers = Vec::new();
-    for _ in 0..10 {
-        let client = stack.app.client.clone();
-        let url = stack.app.url(&app_path());
-        callers.push(tokio::spawn(async move {
-            client
-                .get(&url)
-                .bearer_auth(BEARER)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }));
-    }
-    for c in callers {
-        assert_eq!(c.await.unwrap(), 502);
+    for call in spawn_gets(&stack, vec![app_path(); 10]) {
+        assert_eq!(call.await.unwrap().0, 502);
     }
     assert_eq!(
         stack.mock.calls(Endpoint::AppAccessToken),
@@ -407,23 +396,8 @@ async fn no_push_means_503_ticket_missing_with_retry_after() {
 
     // Twenty callers at once wait one resend_wait together, not twenty in a row.
     let started = tokio::time::Instant::now();
-    let mut callers = Vec::new();
-    for _ in 0..20 {
-        let client = stack.app.client.clone();
-        let url = stack.app.url(&tenant_path(TENANT));
-        callers.push(tokio::spawn(async move {
-            client
-                .get(&url)
-                .bearer_auth(BEARER)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }));
-    }
-    for c in callers {
-        assert_eq!(c.await.unwrap(), 503);
+    for call in spawn_gets(&stack, vec![tenant_path(TENANT); 20]) {
+        assert_eq!(call.await.unwrap().0, 503);
     }
     assert!(
         started.elapsed() < Duration::from_secs(3),
