@@ -291,13 +291,6 @@ impl Store {
             Store::Embedded(e) => e.ping().await,
         }
     }
-
-    pub fn kind(&self) -> StoreKind {
-        match self {
-            Store::Memory(_) => StoreKind::Memory,
-            Store::Embedded(_) => StoreKind::Embedded,
-        }
-    }
 }
 
 /// The contract every backend passes: run by each backend's tests.

@@ -298,24 +298,6 @@ impl Broker {
         self.0.events.subscribe()
     }
 
-    /// The app's `app_access_token`.
-    pub async fn app_token(&self, app_id: &str) -> Result<(Token, Served), Error> {
-        self.get(&TokenKey::App(app_id.to_string())).await
-    }
-
-    /// A tenant's `tenant_access_token`.
-    pub async fn tenant_token(
-        &self,
-        app_id: &str,
-        tenant_key: &str,
-    ) -> Result<(Token, Served), Error> {
-        self.get(&TokenKey::Tenant(
-            app_id.to_string(),
-            tenant_key.to_string(),
-        ))
-        .await
-    }
-
     /// Serve `key`: from the cache, or after one single-flight fetch.
     pub async fn get(&self, key: &TokenKey) -> Result<(Token, Served), Error> {
         if let Some(token) = self.hit(key) {

@@ -29,6 +29,12 @@ async fn push(stack: &Stack, app_id: &str) {
     assert_eq!(stack.mock.push_ticket(app_id).await.unwrap(), 200);
 }
 
+/// `POST /v1/apps/{APP_ID}/ticket/resend` with `bearer`.
+async fn resend(stack: &Stack, bearer: &str) -> Reply {
+    let path = format!("/v1/apps/{APP_ID}/ticket/resend");
+    stack.post_json_as(&path, Value::Null, bearer).await
+}
+
 async fn app_status(stack: &Stack) -> Value {
     let r = stack
         .get_as(&format!("/v1/apps/{APP_ID}"), Some(STATUS_BEARER))
@@ -84,13 +90,7 @@ async fn status_api_reports_resends_tokens_and_tenants_but_never_a_secret() {
         .mock
         .calls(lark_ticketd::mock_feishu::Endpoint::AppTicketResend);
     clock.advance(Duration::from_secs(61));
-    let r = stack
-        .post_json_as(
-            &format!("/v1/apps/{APP_ID}/ticket/resend"),
-            Value::Null,
-            ADMIN_BEARER,
-        )
-        .await;
+    let r = resend(&stack, ADMIN_BEARER).await;
     assert_eq!(
         (r.status, r.json["requested"].as_bool()),
         (202, Some(true)),
@@ -110,22 +110,10 @@ async fn status_api_reports_resends_tokens_and_tenants_but_never_a_secret() {
     assert_eq!(s["last_resend"]["outcome"]["state"], "accepted");
     assert_eq!(s["last_resend"]["awaiting_push"], false);
     // A second request inside the interval is not sent.
-    let r = stack
-        .post_json_as(
-            &format!("/v1/apps/{APP_ID}/ticket/resend"),
-            Value::Null,
-            ADMIN_BEARER,
-        )
-        .await;
+    let r = resend(&stack, ADMIN_BEARER).await;
     assert_eq!(r.json["requested"], false);
     // The status scope may not resend; the tokens scope may not read status.
-    let r = stack
-        .post_json_as(
-            &format!("/v1/apps/{APP_ID}/ticket/resend"),
-            Value::Null,
-            STATUS_BEARER,
-        )
-        .await;
+    let r = resend(&stack, STATUS_BEARER).await;
     assert_eq!((r.status, r.code()), (403, "forbidden"));
     let r = stack.get(&format!("/v1/apps/{APP_ID}")).await;
     assert_eq!((r.status, r.code()), (403, "forbidden"));
@@ -181,14 +169,7 @@ async fn status_api_reports_resends_tokens_and_tenants_but_never_a_secret() {
 
     let all = stack.get_as("/v1/apps", Some(STATUS_BEARER)).await;
     assert_eq!(all.json["apps"].as_array().unwrap().len(), 2);
-    let ticket = stack
-        .app
-        .state
-        .store()
-        .ticket(APP_ID)
-        .await
-        .unwrap()
-        .unwrap();
+    let ticket = stack.stored_ticket(APP_ID).await;
     for text in [&all.text, &r.text] {
         assert!(!text.contains(ticket.ticket.expose()));
         assert!(!text.contains(&tenant_token));

@@ -65,14 +65,7 @@ async fn await_event(
 async fn five_hundred_cold_requests_make_one_call_per_endpoint() {
     let stack = Stack::start(StackOptions::default()).await;
     stack.wait_for_ticket(APP_ID).await;
-    let ticket = stack
-        .app
-        .state
-        .store()
-        .ticket(APP_ID)
-        .await
-        .unwrap()
-        .unwrap();
+    let ticket = stack.stored_ticket(APP_ID).await;
     assert_eq!(
         ticket.source,
         TicketSource::Resend,
@@ -122,12 +115,7 @@ async fn token_api_answers_in_feishu_terms() {
 #[tokio::test]
 async fn background_refresh_happens_before_expiry_without_making_callers_wait() {
     let clock = manual_clock();
-    let stack = Stack::start(StackOptions {
-        clock: Some(Arc::clone(&clock)),
-        ..Default::default()
-    })
-    .await;
-    stack.wait_for_ticket(APP_ID).await;
+    let stack = Stack::with_clock(&clock, "").await;
     let first = stack.get(&tenant_path(TENANT)).await;
     let t1 = first.json["tenant_access_token"]
         .as_str()
@@ -158,13 +146,7 @@ async fn background_refresh_happens_before_expiry_without_making_callers_wait() 
 #[tokio::test]
 async fn the_sweep_refreshes_app_tokens_nobody_asks_for() {
     let clock = manual_clock();
-    let stack = Stack::start(StackOptions {
-        clock: Some(Arc::clone(&clock)),
-        config: "[tokens]\nrefresh_check_interval = \"20ms\"\n".into(),
-        ..Default::default()
-    })
-    .await;
-    stack.wait_for_ticket(APP_ID).await;
+    let stack = Stack::with_clock(&clock, "[tokens]\nrefresh_check_interval = \"20ms\"\n").await;
     let a1 = stack.get(&app_path()).await.json["app_access_token"].clone();
     let mut events = stack.app.state.broker().subscribe();
     clock.advance(Duration::from_secs(100 * 60));
@@ -239,13 +221,11 @@ async fn compare_and_invalidate_drops_only_the_current_token() {
 #[tokio::test]
 async fn upstream_down_serves_the_still_valid_token_then_reports_the_failure() {
     let clock = manual_clock();
-    let stack = Stack::start(StackOptions {
-        clock: Some(Arc::clone(&clock)),
-        config: "[tokens]\nupstream_retries = 0\nupstream_timeout = \"300ms\"\n".into(),
-        ..Default::default()
-    })
+    let stack = Stack::with_clock(
+        &clock,
+        "[tokens]\nupstream_retries = 0\nupstream_timeout = \"300ms\"\n",
+    )
     .await;
-    stack.wait_for_ticket(APP_ID).await;
     let t1 = stack.get(&tenant_path(TENANT)).await.json["tenant_access_token"].clone();
 
     stack.mock.set_down(true);
@@ -356,13 +336,7 @@ async fn callers_queued_behind_a_failing_fetch_share_its_failure() {
 #[tokio::test]
 async fn a_failing_background_refresh_is_retried_once_per_interval_not_per_hit() {
     let clock = manual_clock();
-    let stack = Stack::start(StackOptions {
-        clock: Some(Arc::clone(&clock)),
-        config: "[tokens]\nupstream_retries = 0\n".into(),
-        ..Default::default()
-    })
-    .await;
-    stack.wait_for_ticket(APP_ID).await;
+    let stack = Stack::with_clock(&clock, "[tokens]\nupstream_retries = 0\n").await;
     let t1 = stack.get(&tenant_path(TENANT)).await.json["tenant_access_token"].clone();
     stack.mock.set_down(true);
     clock.advance(Duration::from_secs(91 * 60));
@@ -410,12 +384,7 @@ async fn no_push_means_503_ticket_missing_with_retry_after() {
 #[tokio::test]
 async fn rejected_ticket_10012_resends_and_retries_once() {
     let clock = manual_clock();
-    let stack = Stack::start(StackOptions {
-        clock: Some(Arc::clone(&clock)),
-        ..Default::default()
-    })
-    .await;
-    stack.wait_for_ticket(APP_ID).await;
+    let stack = Stack::with_clock(&clock, "").await;
     stack.wait_for_ticket("cli_second").await;
     stack.mock.invalidate_tickets(APP_ID);
     clock.advance(Duration::from_secs(61)); // past the resend interval of the start-up resend

@@ -587,6 +587,24 @@ impl Stack {
         Reply::from(req.send().await.expect("request")).await
     }
 
+    /// A stack on a hand-moved clock whose ticket has arrived.
+    pub async fn with_clock(clock: &Arc<lark_ticketd::clock::ManualClock>, config: &str) -> Stack {
+        let stack = Stack::start(StackOptions {
+            clock: Some(Arc::clone(clock)),
+            config: config.to_string(),
+            ..Default::default()
+        })
+        .await;
+        stack.wait_for_ticket(APP_ID).await;
+        stack
+    }
+
+    /// The stored ticket of `app_id` (there must be one).
+    pub async fn stored_ticket(&self, app_id: &str) -> lark_ticketd::store::TicketRecord {
+        let ticket = self.app.state.store().ticket(app_id).await.unwrap();
+        ticket.expect("a stored ticket")
+    }
+
     /// Wait until a ticket for `app_id` is stored (the start-up resend's push).
     pub async fn wait_for_ticket(&self, app_id: &str) {
         let mut signal = self.app.state.broker().ticket_watch(app_id).unwrap();
