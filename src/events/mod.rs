@@ -306,6 +306,7 @@ pub async fn accept(state: &AppState, verified: Verified) -> Result<Outcome, Err
                 received_at_ms: now_ms,
                 source,
                 pushes_seen: 0,
+                rejected: false,
             };
             let fingerprint = record.ticket.fingerprint();
             let via = match source {

@@ -333,6 +333,7 @@ mod tests {
             received_at_ms,
             source: TicketSource::Push,
             pushes_seen: 1,
+            rejected: false,
         }
     }
 

@@ -28,8 +28,8 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    apply_tenant_event, merge_ticket, StoreError, TenantEvent, TenantRecord, TicketRecord,
-    TicketWrite, TokenRecord,
+    apply_tenant_event, demote_ticket, merge_ticket, StoreError, TenantEvent, TenantRecord,
+    TicketRecord, TicketWrite, TokenRecord,
 };
 use crate::secret::Secret;
 
@@ -54,6 +54,11 @@ enum WriteOp {
         record: TicketRecord,
         reply: oneshot::Sender<Result<TicketWrite, StoreError>>,
     },
+    DemoteTicket {
+        app_id: String,
+        ticket: Secret,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
     Tenant {
         app_id: String,
         event: TenantEvent,
@@ -69,12 +74,19 @@ enum WriteOp {
         token: Secret,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    DeleteExpiredTokens {
+        now_ms: u64,
+        reply: oneshot::Sender<Result<usize, StoreError>>,
+    },
 }
 
 impl WriteOp {
     /// Tickets and tenant state must be on disk before the caller hears back.
     fn needs_fsync(&self) -> bool {
-        matches!(self, WriteOp::Ticket { .. } | WriteOp::Tenant { .. })
+        matches!(
+            self,
+            WriteOp::Ticket { .. } | WriteOp::DemoteTicket { .. } | WriteOp::Tenant { .. }
+        )
     }
 }
 
@@ -84,9 +96,18 @@ enum Answer {
         oneshot::Sender<Result<TicketWrite, StoreError>>,
         Result<TicketWrite, StoreError>,
     ),
+    /// Boxed: a tenant record is several times larger than every other answer.
     Tenant(
         oneshot::Sender<Result<TenantRecord, StoreError>>,
-        Result<TenantRecord, StoreError>,
+        Box<Result<TenantRecord, StoreError>>,
+    ),
+    Flag(
+        oneshot::Sender<Result<bool, StoreError>>,
+        Result<bool, StoreError>,
+    ),
+    Count(
+        oneshot::Sender<Result<usize, StoreError>>,
+        Result<usize, StoreError>,
     ),
     Unit(
         oneshot::Sender<Result<(), StoreError>>,
@@ -99,7 +120,9 @@ impl Answer {
         // A caller that went away (its request was cancelled) does not care.
         match self {
             Answer::Ticket(tx, r) => drop(tx.send(r)),
-            Answer::Tenant(tx, r) => drop(tx.send(r)),
+            Answer::Tenant(tx, r) => drop(tx.send(*r)),
+            Answer::Flag(tx, r) => drop(tx.send(r)),
+            Answer::Count(tx, r) => drop(tx.send(r)),
             Answer::Unit(tx, r) => drop(tx.send(r)),
         }
     }
@@ -108,6 +131,8 @@ impl Answer {
         match self {
             Answer::Ticket(tx, _) => drop(tx.send(Err(e.clone()))),
             Answer::Tenant(tx, _) => drop(tx.send(Err(e.clone()))),
+            Answer::Flag(tx, _) => drop(tx.send(Err(e.clone()))),
+            Answer::Count(tx, _) => drop(tx.send(Err(e.clone()))),
             Answer::Unit(tx, _) => drop(tx.send(Err(e.clone()))),
         }
     }
@@ -220,6 +245,29 @@ fn apply(
             })();
             Answer::Ticket(reply, result)
         }
+        WriteOp::DemoteTicket {
+            app_id,
+            ticket,
+            reply,
+        } => {
+            let result = (|| {
+                let stored = match tickets.get(app_id.as_str()).map_err(StoreError::new)? {
+                    Some(v) => Some(decode::<TicketRecord>(v.value())?),
+                    None => None,
+                };
+                let Some(mut stored) = stored else {
+                    return Ok(false);
+                };
+                if !demote_ticket(&mut stored, &ticket) {
+                    return Ok(false);
+                }
+                tickets
+                    .insert(app_id.as_str(), encode(&stored)?.as_slice())
+                    .map_err(StoreError::new)?;
+                Ok(true)
+            })();
+            Answer::Flag(reply, result)
+        }
         WriteOp::Tenant {
             app_id,
             event,
@@ -237,7 +285,7 @@ fn apply(
                     .map_err(StoreError::new)?;
                 Ok(record)
             })();
-            Answer::Tenant(reply, result)
+            Answer::Tenant(reply, Box::new(result))
         }
         WriteOp::PutToken { key, record, reply } => {
             let result = encode(&record).and_then(|bytes| {
@@ -260,6 +308,21 @@ fn apply(
                 Ok(())
             })();
             Answer::Unit(reply, result)
+        }
+        WriteOp::DeleteExpiredTokens { now_ms, reply } => {
+            let result = (|| {
+                let mut expired = 0;
+                tokens
+                    .retain(|_, value| {
+                        let keep =
+                            decode::<TokenRecord>(value).is_ok_and(|r| r.expires_at_ms > now_ms);
+                        expired += usize::from(!keep);
+                        keep
+                    })
+                    .map_err(StoreError::new)?;
+                Ok(expired)
+            })();
+            Answer::Count(reply, result)
         }
     }
 }
@@ -347,6 +410,17 @@ impl EmbeddedStore {
         .await
     }
 
+    pub async fn demote_ticket(&self, app_id: &str, ticket: &Secret) -> Result<bool, StoreError> {
+        let app_id = app_id.to_string();
+        let ticket = ticket.clone();
+        self.write(|reply| WriteOp::DemoteTicket {
+            app_id,
+            ticket,
+            reply,
+        })
+        .await
+    }
+
     pub async fn record_tenant_event(
         &self,
         app_id: &str,
@@ -403,6 +477,11 @@ impl EmbeddedStore {
         self.write(|reply| WriteOp::DeleteToken { key, token, reply })
             .await
     }
+    pub async fn delete_expired_tokens(&self, now_ms: u64) -> Result<usize, StoreError> {
+        self.write(|reply| WriteOp::DeleteExpiredTokens { now_ms, reply })
+            .await
+    }
+
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.blocking(|db| {
             let txn = db.begin_read().map_err(StoreError::new)?;

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{
-    apply_tenant_event, merge_ticket, StoreError, TenantEvent, TenantRecord, TicketRecord,
-    TicketWrite, TokenRecord,
+    apply_tenant_event, demote_ticket, merge_ticket, StoreError, TenantEvent, TenantRecord,
+    TicketRecord, TicketWrite, TokenRecord,
 };
 use crate::secret::Secret;
 
@@ -59,6 +59,13 @@ impl MemoryStore {
         self.lock().tickets.get(app_id).cloned()
     }
 
+    pub fn demote_ticket(&self, app_id: &str, ticket: &Secret) -> bool {
+        self.lock()
+            .tickets
+            .get_mut(app_id)
+            .is_some_and(|stored| demote_ticket(stored, ticket))
+    }
+
     pub fn record_tenant_event(&self, app_id: &str, ev: &TenantEvent) -> TenantRecord {
         let mut t = self.lock();
         let tenants = t.tenants.entry(app_id.to_string()).or_default();
@@ -80,6 +87,13 @@ impl MemoryStore {
         if t.tokens.get(key).is_some_and(|r| r.token == *token) {
             t.tokens.remove(key);
         }
+    }
+
+    pub fn delete_expired_tokens(&self, now_ms: u64) -> usize {
+        let mut t = self.lock();
+        let before = t.tokens.len();
+        t.tokens.retain(|_, r| r.expires_at_ms > now_ms);
+        before - t.tokens.len()
     }
 
     pub fn tenants(&self, app_id: &str) -> Vec<TenantRecord> {

@@ -14,9 +14,14 @@
 //!   functions, so a new backend only has to apply them atomically.
 //!
 //! Merge rules, shared by every backend:
-//! * a ticket replaces the stored one only if its event time is not older ([`merge_ticket`]), so
-//!   a late redelivery never replaces a fresher ticket;
-//! * tenant state follows the newest lifecycle event by event time ([`apply_tenant_event`]).
+//! * a ticket replaces the stored one only if its event time is newer, or equal for a different
+//!   ticket ([`merge_ticket`]), so a late redelivery never replaces a fresher ticket and a
+//!   redelivery of the stored ticket does not reset when and how it arrived;
+//! * a ticket Feishu refused (10012) is *demoted* ([`Store::demote_ticket`]): the next different
+//!   ticket replaces it whatever its event time, so a ticket with a bogus event time cannot lock
+//!   out the real pushes after it;
+//! * every per-tenant field follows the newest event of its kind by event time
+//!   ([`apply_tenant_event`]), so a replayed or late event never rolls a tenant back.
 
 pub mod embedded;
 pub mod memory;
@@ -54,33 +59,59 @@ pub struct TicketRecord {
     /// Authentic app_ticket pushes seen for this app, redeliveries of older tickets included.
     #[serde(default)]
     pub pushes_seen: u64,
+    /// Feishu refused this ticket (10012): any different ticket replaces it.
+    #[serde(default)]
+    pub rejected: bool,
 }
 
 /// Whether a ticket write replaced the stored ticket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TicketWrite {
     Stored,
-    /// The stored ticket is newer; it stays.
+    /// The stored ticket stays: it is newer, or it is the same ticket redelivered.
     KeptNewer,
 }
 
-/// Merge an incoming ticket into the stored one: the newer event time wins; the count of pushes
-/// seen goes up either way.
+/// Merge an incoming ticket into the stored one; the count of pushes seen goes up either way.
+///
+/// The incoming ticket wins when its event time is newer, or equal and the ticket differs (ties
+/// go to the later arrival). A redelivery of the stored ticket with the same or an older event
+/// time changes nothing else: `received_at` and `source` keep saying when and how the ticket
+/// first arrived. A stored ticket Feishu refused gives way to any different ticket, and stays
+/// refused if it is pushed again.
 pub fn merge_ticket(
     stored: Option<TicketRecord>,
     mut incoming: TicketRecord,
 ) -> (TicketRecord, TicketWrite) {
     let seen = stored.as_ref().map_or(0, |s| s.pushes_seen) + 1;
-    match stored {
-        Some(mut kept) if kept.event_time_us > incoming.event_time_us => {
-            kept.pushes_seen = seen;
-            (kept, TicketWrite::KeptNewer)
-        }
-        _ => {
-            incoming.pushes_seen = seen;
-            (incoming, TicketWrite::Stored)
-        }
+    let Some(mut kept) = stored else {
+        incoming.pushes_seen = seen;
+        return (incoming, TicketWrite::Stored);
+    };
+    kept.pushes_seen = seen;
+    let same = kept.ticket == incoming.ticket;
+    let replaces = if kept.rejected {
+        !same
+    } else {
+        incoming.event_time_us > kept.event_time_us
+            || (incoming.event_time_us == kept.event_time_us && !same)
+    };
+    if replaces {
+        incoming.pushes_seen = seen;
+        incoming.rejected = false;
+        (incoming, TicketWrite::Stored)
+    } else {
+        (kept, TicketWrite::KeptNewer)
     }
+}
+
+/// Mark `stored` as refused by Feishu if it still holds `ticket`. Returns whether it changed.
+pub fn demote_ticket(stored: &mut TicketRecord, ticket: &Secret) -> bool {
+    if stored.rejected || stored.ticket != *ticket {
+        return false;
+    }
+    stored.rejected = true;
+    true
 }
 
 /// A tenant's install state as the lifecycle events tell it.
@@ -116,12 +147,25 @@ pub struct TenantRecord {
     pub state_time_us: i64,
     pub first_seen_ms: u64,
     pub last_event_type: String,
+    /// When the newest event (by event time) arrived, unix milliseconds.
     pub last_event_ms: u64,
+    /// Event time of the newest event, microseconds: orders `last_event_type`/`last_event_ms`.
+    #[serde(default = "oldest")]
+    pub last_event_time_us: i64,
     pub last_order: Option<Order>,
+    /// Event time of the `order_paid` that set `last_order`, microseconds.
+    #[serde(default = "oldest")]
+    pub last_order_time_us: i64,
 }
 
-/// Apply a lifecycle event: state follows the newest event by event time; orders and "last seen"
-/// are recorded whatever the order of arrival.
+/// Older than any event: records written before a field existed lose to any new event.
+fn oldest() -> i64 {
+    i64::MIN
+}
+
+/// Apply a lifecycle event. Each field follows the newest event that sets it, by event time, so
+/// the order of arrival (late deliveries, replays) never rolls a tenant back: the state (with
+/// its `status`), the last order, and the last event seen.
 pub fn apply_tenant_event(stored: Option<TenantRecord>, ev: &TenantEvent) -> TenantRecord {
     let mut rec = stored.unwrap_or_else(|| TenantRecord {
         tenant_key: ev.tenant_key.clone(),
@@ -131,10 +175,15 @@ pub fn apply_tenant_event(stored: Option<TenantRecord>, ev: &TenantEvent) -> Ten
         first_seen_ms: ev.received_at_ms,
         last_event_type: String::new(),
         last_event_ms: 0,
+        last_event_time_us: i64::MIN,
         last_order: None,
+        last_order_time_us: i64::MIN,
     });
-    rec.last_event_type = ev.event_type.clone();
-    rec.last_event_ms = ev.received_at_ms;
+    if ev.event_time_us >= rec.last_event_time_us {
+        rec.last_event_type = ev.event_type.clone();
+        rec.last_event_ms = ev.received_at_ms;
+        rec.last_event_time_us = ev.event_time_us;
+    }
     let (state, status) = match &ev.change {
         TenantChange::Opened => (Some(TenantState::Active), None),
         TenantChange::StatusChanged { status } => {
@@ -147,7 +196,10 @@ pub fn apply_tenant_event(stored: Option<TenantRecord>, ev: &TenantEvent) -> Ten
         }
         TenantChange::Uninstalled => (Some(TenantState::Uninstalled), None),
         TenantChange::OrderPaid(order) => {
-            rec.last_order = Some(order.clone());
+            if ev.event_time_us >= rec.last_order_time_us {
+                rec.last_order = Some(order.clone());
+                rec.last_order_time_us = ev.event_time_us;
+            }
             (None, None)
         }
     };
@@ -241,6 +293,16 @@ impl Store {
         }
     }
 
+    /// Mark the stored ticket as refused by Feishu (10012) if it is still `ticket`, so the next
+    /// different ticket replaces it whatever its event time; durable before it returns. Returns
+    /// whether the stored ticket was demoted now.
+    pub async fn demote_ticket(&self, app_id: &str, ticket: &Secret) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(m) => m.check().map(|()| m.demote_ticket(app_id, ticket)),
+            Store::Embedded(e) => e.demote_ticket(app_id, ticket).await,
+        }
+    }
+
     /// Apply a lifecycle event to the tenant's record; durable before it returns.
     pub async fn record_tenant_event(
         &self,
@@ -284,6 +346,15 @@ impl Store {
         }
     }
 
+    /// Delete every token that expired at or before `now_ms` (a bounded store: tenant tokens
+    /// nobody asks for again must not pile up). Returns how many were deleted.
+    pub async fn delete_expired_tokens(&self, now_ms: u64) -> Result<usize, StoreError> {
+        match self {
+            Store::Memory(m) => m.check().map(|()| m.delete_expired_tokens(now_ms)),
+            Store::Embedded(e) => e.delete_expired_tokens(now_ms).await,
+        }
+    }
+
     /// Is the backend usable? (Readiness.)
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {
@@ -306,6 +377,7 @@ pub(crate) mod contract {
             received_at_ms: 1000,
             source: TicketSource::Push,
             pushes_seen: 0,
+            rejected: false,
         }
     }
 
@@ -412,5 +484,127 @@ pub(crate) mod contract {
             store.token("tenant/cli_a/t").await.unwrap(),
             Some(record("t-1"))
         );
+
+        demoted_ticket_gives_way_to_any_different_ticket(store).await;
+        redelivered_ticket_keeps_when_and_how_it_arrived(store).await;
+        replayed_order_paid_does_not_roll_back_last_order(store).await;
+        expired_tokens_are_deleted(store).await;
+    }
+
+    /// Issue 8, defect 5: a ticket with a far-future event time used to lock out every real push
+    /// for good; once Feishu refuses it, the next different ticket must replace it.
+    async fn demoted_ticket_gives_way_to_any_different_ticket(store: &Store) {
+        let app = "cli_demote";
+        let bogus = ticket("bogus", i64::MAX / 2);
+        store.put_ticket(app, bogus.clone()).await.unwrap();
+        assert_eq!(
+            store.put_ticket(app, ticket("real-1", 500)).await.unwrap(),
+            TicketWrite::KeptNewer
+        );
+        // Only the ticket Feishu refused is demoted.
+        assert!(!store
+            .demote_ticket(app, &Secret::new("real-1"))
+            .await
+            .unwrap());
+        assert!(store.demote_ticket(app, &bogus.ticket).await.unwrap());
+        assert!(!store.demote_ticket(app, &bogus.ticket).await.unwrap());
+        assert!(store.ticket(app).await.unwrap().unwrap().rejected);
+        // The refused ticket pushed again stays refused.
+        assert_eq!(
+            store.put_ticket(app, bogus.clone()).await.unwrap(),
+            TicketWrite::KeptNewer
+        );
+        assert!(store.ticket(app).await.unwrap().unwrap().rejected);
+        // Any different ticket replaces it, even with an older event time.
+        assert_eq!(
+            store.put_ticket(app, ticket("real-2", 600)).await.unwrap(),
+            TicketWrite::Stored
+        );
+        let got = store.ticket(app).await.unwrap().unwrap();
+        assert_eq!(got.ticket.expose(), "real-2");
+        assert!(!got.rejected);
+        assert!(!store
+            .demote_ticket("cli_none", &bogus.ticket)
+            .await
+            .unwrap());
+    }
+
+    /// Issue 8, defect 11: a redelivery of the stored ticket with an equal event time reset
+    /// `received_at` and `source`.
+    async fn redelivered_ticket_keeps_when_and_how_it_arrived(store: &Store) {
+        let app = "cli_redeliver";
+        let mut first = ticket("same", 700);
+        first.source = TicketSource::Resend;
+        first.received_at_ms = 1_000;
+        store.put_ticket(app, first).await.unwrap();
+        let mut again = ticket("same", 700);
+        again.received_at_ms = 9_000;
+        assert_eq!(
+            store.put_ticket(app, again).await.unwrap(),
+            TicketWrite::KeptNewer
+        );
+        let got = store.ticket(app).await.unwrap().unwrap();
+        assert_eq!(
+            (got.received_at_ms, got.source, got.pushes_seen),
+            (1_000, TicketSource::Resend, 2)
+        );
+        // A different ticket with the same event time is the later arrival: it wins.
+        assert_eq!(
+            store.put_ticket(app, ticket("other", 700)).await.unwrap(),
+            TicketWrite::Stored
+        );
+    }
+
+    /// Issue 8, defect 6: a replayed old `order_paid` rolled `last_order` back, and any old
+    /// event rewrote the last event seen.
+    async fn replayed_order_paid_does_not_roll_back_last_order(store: &Store) {
+        let app = "cli_orders";
+        let order = |id: &str| Order {
+            order_id: id.into(),
+            price_plan_type: None,
+            buy_type: None,
+            seats: None,
+            pay_time: None,
+        };
+        let mut new = tenant_event("t", TenantChange::OrderPaid(order("new")), 2_000);
+        new.event_type = "order_paid".into();
+        store.record_tenant_event(app, new).await.unwrap();
+        let mut old = tenant_event("t", TenantChange::OrderPaid(order("old")), 1_000);
+        old.event_type = "order_paid_replayed".into();
+        let rec = store.record_tenant_event(app, old).await.unwrap();
+        assert_eq!(rec.last_order.unwrap().order_id, "new");
+        assert_eq!(rec.last_event_type, "order_paid");
+        let mut later = tenant_event("t", TenantChange::OrderPaid(order("later")), 3_000);
+        later.event_type = "order_paid".into();
+        let rec = store.record_tenant_event(app, later).await.unwrap();
+        assert_eq!(rec.last_order.unwrap().order_id, "later");
+    }
+
+    /// Issue 8, defect 9: tokens were never pruned from the store.
+    async fn expired_tokens_are_deleted(store: &Store) {
+        let record = |v: &str, expires_at_ms| TokenRecord {
+            token: Secret::new(v),
+            expires_at_ms,
+            fetched_at_ms: 0,
+        };
+        store
+            .put_token("prune/old", record("o", 100))
+            .await
+            .unwrap();
+        store
+            .put_token("prune/edge", record("e", 200))
+            .await
+            .unwrap();
+        store
+            .put_token("prune/live", record("l", 201))
+            .await
+            .unwrap();
+        let deleted = store.delete_expired_tokens(200).await.unwrap();
+        // Earlier parts of the contract left tokens expiring at 9_000: they stay.
+        assert_eq!(deleted, 2);
+        assert_eq!(store.token("prune/old").await.unwrap(), None);
+        assert_eq!(store.token("prune/edge").await.unwrap(), None);
+        assert!(store.token("prune/live").await.unwrap().is_some());
+        assert_eq!(store.delete_expired_tokens(200).await.unwrap(), 0);
     }
 }
