@@ -17,6 +17,12 @@
 //! (d) `GET …/tenant_access_token` cache hit with a bearer key; (e) cold start: 1,000 concurrent
 //! requests for 100 tenants against mock-feishu with 50 ms latency; (f) RSS idle and after caching
 //! 100,000 tenant tokens, and time from process start to the first 2xx.
+//!
+//! `cargo bench --bench load -- --soak SECONDS [--rate N]` runs the soak instead: the release
+//! binary on the embedded store with mock-feishu, an open-loop fixed rate of N requests per second
+//! (default 200) mixing signed app_ticket pushes, signed v2 events, tenant token fetches over 5,000
+//! tenants and app token fetches, with the server's RSS and open file descriptors sampled every
+//! 10 s. It reports start, end and peak figures and every error; RSS and fds must stay flat.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -50,14 +56,17 @@ struct Options {
     pin: bool,
 }
 
+/// The number after `name` on the command line.
+fn arg_value(args: &[String], name: &str) -> Option<f64> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse::<f64>().ok())
+}
+
 fn options() -> Options {
     let args: Vec<String> = std::env::args().collect();
-    let value = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse::<f64>().ok())
-    };
+    let value = |name: &str| arg_value(&args, name);
     let quick = args.iter().any(|a| a == "--quick");
     Options {
         seconds: value("--seconds").unwrap_or(if quick { 1.0 } else { 5.0 }),
@@ -540,6 +549,15 @@ fn main() {
     }
     let o = options();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if let Some(seconds) = arg_value(&args, "--soak") {
+        let rate = arg_value(&args, "--rate").unwrap_or(200.0);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(soak(seconds, rate));
+        return;
+    }
     if !args.iter().any(|a| a == "--bench") {
         smoke();
         return;
@@ -852,4 +870,201 @@ fn start_ticketd_on(
         .env_remove("LARK_TICKETD_LOG")
         .env_remove("RUST_LOG");
     spawn_ready(cmd, port, "/healthz")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The soak.
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64
+}
+
+/// The soak's request mix for request number `i`, made at send time (current event times).
+fn soak_request(i: u64) -> Prepared {
+    match i % 10 {
+        // 10 %: a new app_ticket, as Feishu pushes it.
+        0 => {
+            let json = push::app_ticket_json(
+                APP_ID,
+                &Secret::new(format!("soak-ticket-{i}")),
+                &Secret::new(TOKEN),
+                now_us(),
+                &push::random_event_id(),
+            );
+            sealed(&json, true)
+        }
+        // 40 %: a signed ~1 KB v2 event with a new id.
+        1..=4 => {
+            let json = serde_json::json!({
+                "schema": "2.0",
+                "header": {"event_id": push::random_event_id(), "token": TOKEN,
+                           "create_time": (now_us() / 1000).to_string(),
+                           "event_type": "im.message.receive_v1",
+                           "tenant_key": "2ed263bf32cf1651", "app_id": APP_ID},
+                "event": {"message": {"message_id": format!("om_{i:030}"), "chat_type": "p2p",
+                                      "message_type": "text",
+                                      "content": format!("{{\"text\":\"{}\"}}", "x".repeat(560))}},
+            })
+            .to_string();
+            sealed(&json, true)
+        }
+        // 10 %: the app token.
+        5 => get(format!("/v1/apps/{APP_ID}/app_access_token")),
+        // 40 %: tenant tokens over 5,000 tenants.
+        _ => get(format!(
+            "/v1/apps/{APP_ID}/tenants/soak-{:04}/tenant_access_token",
+            i % 5000
+        )),
+    }
+}
+
+/// Open files of a process.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+async fn soak(seconds: f64, rate: f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let (mock_port, ours_port) = (free_port(), free_port());
+    let mock = start_mock_on(None, dir.path(), ours_port, mock_port, "0ms");
+    let db = dir.path().join("soak.db");
+    let store = format!(
+        "[store]\nkind = \"embedded\"\npath = {:?}",
+        db.display().to_string()
+    );
+    let (ours, _) = start_ticketd_on(None, dir.path(), "soak", ours_port, mock_port, &store);
+    wait_for_ticket(ours.addr).await;
+    let pid = ours.pid();
+    let start = (ours.rss_kib().0, open_fds(pid));
+    eprintln!(
+        "soak: {seconds:.0} s at {rate:.0} requests/s; start RSS {:.1} MiB, {} fds",
+        start.0 as f64 / 1024.0,
+        start.1
+    );
+
+    let workers = 8usize;
+    let stop = Arc::new(AtomicBool::new(false));
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (stop, next) = (Arc::clone(&stop), Arc::clone(&next));
+        let addr = ours.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(workers as f64 / rate));
+            let mut sender = connect(addr).await;
+            let mut result = RunResult::default();
+            let mut failures: Vec<String> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let req = soak_request(next.fetch_add(1, Ordering::Relaxed)).request();
+                let started = Instant::now();
+                let outcome = match sender.ready().await {
+                    Ok(()) => match sender.send_request(req).await {
+                        Ok(resp) => {
+                            let status = resp.status();
+                            let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+                            if status.is_success() {
+                                Ok(())
+                            } else {
+                                Err(format!("{status} {:?}", body.unwrap_or_default()))
+                            }
+                        }
+                        Err(e) => Err(e.to_string()),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                match outcome {
+                    Ok(()) => {
+                        result.ok += 1;
+                        result
+                            .latencies_us
+                            .push(started.elapsed().as_micros() as u32);
+                    }
+                    Err(e) => {
+                        result.errors += 1;
+                        if failures.len() < 5 {
+                            failures.push(e);
+                        }
+                        if sender.is_closed() {
+                            sender = connect(addr).await;
+                        }
+                    }
+                }
+            }
+            (result, failures)
+        }));
+    }
+
+    let started = Instant::now();
+    let mut peak = start;
+    let mut samples = Vec::new();
+    while started.elapsed().as_secs_f64() < seconds {
+        tokio::time::sleep(Duration::from_secs(10).min(Duration::from_secs_f64(seconds))).await;
+        let sample = (ours.rss_kib().0, open_fds(pid));
+        peak = (peak.0.max(sample.0), peak.1.max(sample.1));
+        eprintln!(
+            "  {:>4.0} s: RSS {:.1} MiB, {} fds, {} requests sent",
+            started.elapsed().as_secs_f64(),
+            sample.0 as f64 / 1024.0,
+            sample.1,
+            next.load(Ordering::Relaxed)
+        );
+        samples.push(sample);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = RunResult {
+        seconds: started.elapsed().as_secs_f64(),
+        ..Default::default()
+    };
+    let mut failures = Vec::new();
+    for t in tasks {
+        let (r, f) = t.await.unwrap();
+        total.ok += r.ok;
+        total.errors += r.errors;
+        total.latencies_us.extend(r.latencies_us);
+        failures.extend(f);
+    }
+    total.latencies_us.sort_unstable();
+    let end = (ours.rss_kib().0, open_fds(pid));
+    let (calls_app, calls_tenant) = mock_calls(mock.addr).await;
+    let db_bytes = std::fs::metadata(&db).map_or(0, |m| m.len());
+    drop(ours);
+    drop(mock);
+
+    // The first sample is taken once the caches have warmed up; flat means end ≈ that.
+    let warm = samples.first().copied().unwrap_or(start);
+    println!();
+    println!(
+        "soak: {:.0} s at {rate:.0} requests/s (10 % app_ticket pushes, 40 % signed v2 events, 10 % app tokens, 40 % tenant tokens over 5,000 tenants), embedded store",
+        total.seconds
+    );
+    println!(
+        "requests: {} ok, {} errors; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        total.ok,
+        total.errors,
+        total.percentile_ms(0.5),
+        total.percentile_ms(0.99),
+        total.percentile_ms(1.0)
+    );
+    println!(
+        "RSS: start {:.1} MiB, after 10 s {:.1} MiB, end {:.1} MiB, peak {:.1} MiB",
+        start.0 as f64 / 1024.0,
+        warm.0 as f64 / 1024.0,
+        end.0 as f64 / 1024.0,
+        peak.0 as f64 / 1024.0
+    );
+    println!(
+        "open fds: start {}, after 10 s {}, end {}, peak {}",
+        start.1, warm.1, end.1, peak.1
+    );
+    println!(
+        "store file {:.1} MiB; upstream calls {calls_app} app_access_token + {calls_tenant} tenant_access_token",
+        db_bytes as f64 / (1024.0 * 1024.0)
+    );
+    for f in failures {
+        println!("error: {f}");
+    }
 }
