@@ -23,6 +23,12 @@ use crate::secret::Secret;
 /// Feishu's default API base URL.
 pub const FEISHU_BASE_URL: &str = "https://open.feishu.cn";
 
+/// Feishu issues a new token only when fewer than 30 minutes remain (protocol.md §6): refreshing
+/// earlier returns the same token, so `tokens.refresh_ahead` may not be longer.
+pub const MAX_REFRESH_AHEAD: Duration = Duration::from_secs(30 * 60);
+/// The longest `tokens.error_backoff`: a remembered failure must stay short.
+pub const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(5 * 60);
+
 /// A configuration problem, naming the key that is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -105,9 +111,22 @@ pub struct TokenConfig {
     #[serde(deserialize_with = "de_duration")]
     pub refresh_margin: Duration,
     /// Refresh in the background once fewer than this remain. Feishu issues a new token only
-    /// when fewer than 30 minutes remain, so this is 30 minutes by default.
+    /// when fewer than 30 minutes remain, so this is 30 minutes by default, and at most that.
     #[serde(deserialize_with = "de_duration")]
     pub refresh_ahead: Duration,
+    /// A random delay of up to this is added to each token's refresh time, so tokens fetched
+    /// together do not fall due together.
+    #[serde(deserialize_with = "de_duration")]
+    pub refresh_jitter: Duration,
+    /// Background refreshes running at once, at most.
+    pub refresh_concurrency: usize,
+    /// Tenant tokens kept in memory, at most; the least recently used beyond it are dropped and
+    /// fetched again on demand.
+    pub max_tenant_tokens: usize,
+    /// After Feishu answers a token request with an error code, the callers of that token get
+    /// the same answer for this long instead of asking again (rate limits, wrong secrets).
+    #[serde(deserialize_with = "de_duration")]
+    pub error_backoff: Duration,
     /// How often the background refresher looks for tokens due.
     #[serde(deserialize_with = "de_duration")]
     pub refresh_check_interval: Duration,
@@ -127,6 +146,10 @@ impl Default for TokenConfig {
         TokenConfig {
             refresh_margin: Duration::from_secs(3 * 60),
             refresh_ahead: Duration::from_secs(30 * 60),
+            refresh_jitter: Duration::from_secs(60),
+            refresh_concurrency: 8,
+            max_tenant_tokens: 100_000,
+            error_backoff: Duration::from_secs(5),
             refresh_check_interval: Duration::from_secs(30),
             recent_use: Duration::from_secs(2 * 3600),
             upstream_timeout: Duration::from_secs(3),
@@ -331,6 +354,36 @@ impl Config {
             return Err(ConfigError::new(
                 "tokens.refresh_ahead",
                 "must be longer than tokens.refresh_margin",
+            ));
+        }
+        if t.refresh_ahead > MAX_REFRESH_AHEAD {
+            return Err(ConfigError::new(
+                "tokens.refresh_ahead",
+                "must be at most 30m: Feishu returns the same token while 30 minutes or more remain",
+            ));
+        }
+        if t.refresh_jitter >= t.refresh_ahead - t.refresh_margin {
+            return Err(ConfigError::new(
+                "tokens.refresh_jitter",
+                "must be shorter than tokens.refresh_ahead minus tokens.refresh_margin",
+            ));
+        }
+        if t.refresh_concurrency == 0 {
+            return Err(ConfigError::new(
+                "tokens.refresh_concurrency",
+                "must be at least 1",
+            ));
+        }
+        if t.max_tenant_tokens == 0 {
+            return Err(ConfigError::new(
+                "tokens.max_tenant_tokens",
+                "must be at least 1",
+            ));
+        }
+        if t.error_backoff > MAX_ERROR_BACKOFF {
+            return Err(ConfigError::new(
+                "tokens.error_backoff",
+                "must be at most 5m",
             ));
         }
         for (key, d) in [
@@ -654,6 +707,25 @@ verification_token = "t"
 "#;
         let c = Config::parse(text, &env_of(&[])).unwrap();
         assert!(c.apps[0].encrypt_key.is_none());
+    }
+
+    #[test]
+    fn token_bounds_are_validated_naming_the_key() {
+        let app = "[[apps]]\napp_id = \"cli_x\"\napp_secret = \"s\"\nverification_token = \"t\"";
+        for (tokens, key) in [
+            ("refresh_ahead = \"31m\"", "tokens.refresh_ahead"),
+            ("refresh_ahead = \"2h\"", "tokens.refresh_ahead"),
+            ("refresh_jitter = \"27m\"", "tokens.refresh_jitter"),
+            ("refresh_concurrency = 0", "tokens.refresh_concurrency"),
+            ("max_tenant_tokens = 0", "tokens.max_tenant_tokens"),
+            ("error_backoff = \"1h\"", "tokens.error_backoff"),
+        ] {
+            let text = format!("[tokens]\n{tokens}\n{app}");
+            let err = Config::parse(&text, &env_of(&[])).unwrap_err();
+            assert_eq!(err.key, key, "{tokens}: {err}");
+        }
+        let text = format!("[tokens]\nrefresh_ahead = \"30m\"\nrefresh_jitter = \"0s\"\n{app}");
+        assert!(Config::parse(&text, &env_of(&[])).is_ok());
     }
 
     #[test]

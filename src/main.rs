@@ -258,7 +258,14 @@ async fn serve(path: PathBuf) -> ExitCode {
         apps = config.apps.len(),
         "lark-ticketd serving"
     );
-    let state = AppState::new(config, store, clock::system());
+    let state = match AppState::try_new(config, store, clock::system()) {
+        Ok(state) => state,
+        Err(e) => {
+            let cause = e.cause().map(|c| format!(": {c}")).unwrap_or_default();
+            eprintln!("lark-ticketd: {}{cause}", e.message());
+            return ExitCode::FAILURE;
+        }
+    };
     match server::run(Listeners { main, ops }, state, server::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

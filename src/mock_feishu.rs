@@ -15,7 +15,8 @@
 //!   tenant_access_token (`99991663` when it is invalid), so a client can prove its token works.
 //!
 //! For tests and chaos: latency and error-rate injection, an "upstream down" switch, token
-//! revocation, ticket invalidation, and per-endpoint call counts (also at `GET /mock/calls`).
+//! revocation, ticket invalidation, per-endpoint call counts (also at `GET /mock/calls`), and the
+//! most auth calls it had in progress at once (to test a client's concurrency bound).
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -167,6 +168,9 @@ struct State {
     error_rate_bits: AtomicU64,
     down: AtomicBool,
     calls: HashMap<Endpoint, AtomicU64>,
+    /// Auth calls being answered now, and the most at once since the last reset.
+    in_flight: AtomicU64,
+    peak_in_flight: AtomicU64,
     pushes_ok: AtomicU64,
     pushes_failed: AtomicU64,
     data: Mutex<Data>,
@@ -216,6 +220,8 @@ impl MockFeishu {
                 .iter()
                 .map(|e| (*e, AtomicU64::new(0)))
                 .collect(),
+            in_flight: AtomicU64::new(0),
+            peak_in_flight: AtomicU64::new(0),
             pushes_ok: AtomicU64::new(0),
             pushes_failed: AtomicU64::new(0),
             data: Mutex::new(Data::default()),
@@ -255,6 +261,19 @@ impl MockFeishu {
     /// Calls received by an endpoint so far.
     pub fn calls(&self, endpoint: Endpoint) -> u64 {
         self.state.calls[&endpoint].load(Ordering::SeqCst)
+    }
+
+    /// The most auth calls in progress at once since the start or [`MockFeishu::reset_peak`].
+    pub fn peak_concurrent_calls(&self) -> u64 {
+        self.state.peak_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Start measuring [`MockFeishu::peak_concurrent_calls`] afresh.
+    pub fn reset_peak(&self) {
+        self.state.peak_in_flight.store(
+            self.state.in_flight.load(Ordering::SeqCst),
+            Ordering::SeqCst,
+        );
     }
 
     /// Ticket pushes that got a 2xx.
@@ -310,6 +329,15 @@ async fn serve(listener: TcpListener, state: Arc<State>) {
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// One auth call in progress.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -377,6 +405,19 @@ impl State {
             return self.handle_admin(method, &path, req).await;
         };
         self.count(endpoint);
+        let now_in_flight = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak_in_flight
+            .fetch_max(now_in_flight, Ordering::SeqCst);
+        // Counted down however the call ends (a client that hangs up drops this future).
+        let _in_flight = InFlight(&self.in_flight);
+        self.answer(endpoint, req).await
+    }
+
+    async fn answer(
+        self: &Arc<Self>,
+        endpoint: Endpoint,
+        req: Request<Incoming>,
+    ) -> Response<Full<Bytes>> {
         if let Some(fault) = self.inject_faults().await {
             return fault;
         }

@@ -92,7 +92,7 @@ pub async fn run(
 
     drop(main);
     drop(ops);
-    background.abort();
+    state.broker().close().await;
     // Wait until the aborted task is gone, with its handles on the store.
     let _ = background.await;
     tracing::info!(

@@ -2,41 +2,72 @@
 //!
 //! What it guarantees (DESIGN.md, "Tokens"):
 //! * **Cache** until `expire` minus `tokens.refresh_margin`; expiry is a pure function of
-//!   `(expires_at, margin, now)` ([`is_usable`], [`is_due`]) and `now` comes from the injected
-//!   clock, so tests move time by hand.
-//! * **Single-flight per key**: a per-key tokio mutex, re-checked after it is taken, so N callers
-//!   of a cold key cause one upstream call; the others are served what it fetched. Failures are
-//!   not cached, but they are shared: callers that queued behind a fetch that failed get its
-//!   error at once instead of each trying again (one upstream attempt per wave of callers).
-//! * **Background refresh** once fewer than `tokens.refresh_ahead` (30 min) remain — when Feishu
-//!   issues a new token while the old stays valid — triggered by the hit that notices, and by a
-//!   periodic sweep over app tokens and recently used tenant tokens; callers keep getting the
-//!   still-valid token meanwhile and never wait on the common path.
-//! * **A failed refresh never throws away a token that is still valid**: if the upstream is down
-//!   or slow, a token inside its margin but not yet expired is still served.
+//!   `(expires_at, margin, now)` ([`is_usable`], [`serve_until_ms`], [`is_due`]) and `now` comes
+//!   from the injected clock, so tests move time by hand. A token Feishu issued already inside
+//!   the margin (a small `expire`) is still served until it expires or for one
+//!   `tokens.refresh_check_interval`, whichever is first: otherwise every caller would fetch it
+//!   again. `expire` is clamped to Feishu's range in [`upstream`].
+//! * **Single-flight per key, detached**: the first caller of a cold key starts a *flight*, a
+//!   spawned task that fetches, caches and publishes its result on a `watch` channel; every
+//!   caller (the first one included) awaits that result. A caller that goes away (its client
+//!   disconnected) abandons only its own wait: the flight completes and caches the token for
+//!   the others. (smithy-rs `expiring_cache.rs` runs the load inside the caller's future; a
+//!   shared token service cannot.) Callers that join a failing flight get its error, once.
+//! * **Answered errors back off**: a Feishu error answer (a `code`, e.g. `99991400` rate limit,
+//!   `10015` wrong secret) is remembered per key for `tokens.error_backoff` and given to the
+//!   callers of that key meanwhile, instead of every new wave of callers asking again. A newly
+//!   stored ticket clears the app's remembered failure.
+//! * **Background refresh** once fewer than `tokens.refresh_ahead` (≤ 30 min: Feishu issues a new
+//!   token only then) remain, plus a random `tokens.refresh_jitter`, so tokens fetched together
+//!   do not fall due together. Refreshes start from the hit that notices and from a periodic
+//!   sweep; at most `tokens.refresh_concurrency` run at once (a semaphore); each key is retried
+//!   at most once per `tokens.refresh_check_interval` — also when Feishu answers with the same
+//!   token (it does while ≥ 30 min remain), which must not reset the throttle.
+//! * **The sweep touches only what is due**: a due-time index (`BTreeSet<(at_ms, key)>`) holds
+//!   exactly one entry per cached token — its refresh time, its retry time, or (for tenant tokens
+//!   nobody used within `tokens.recent_use`) its expiry, when it is evicted.
+//! * **Bounded memory and disk**: expired tokens leave the cache; at most
+//!   `tokens.max_tenant_tokens` tenant tokens stay cached (the least recently used beyond it are
+//!   dropped and fetched again on demand); the sweep deletes expired tokens from the store every
+//!   [`STORE_PRUNE_INTERVAL`].
+//! * **A failed refresh never throws away a token that is still valid**: a token inside its
+//!   margin but not yet expired is still served when the upstream fails.
 //! * **Compare-and-invalidate**: a caller reports the token Feishu rejected; it is dropped only if
-//!   it is still the cached one, then a new one is fetched (once, single-flight).
+//!   it is still the cached one (after any fetch in flight has landed), then a new one is fetched.
 //! * Feishu's verdicts: `99991663` / `99991664` on the tenant call drop exactly that app token
-//!   and fetch once more; `10012` means the ticket is invalid: resend, wait for the push, retry once.
+//!   and fetch once more; `10012` means the ticket is invalid: it is demoted in the store (so the
+//!   next different ticket replaces it whatever its event time), a resend is requested, and the
+//!   fetch retries once with the pushed ticket. A stored ticket marked refused counts as missing.
 //! * **Missing ticket**: at most one resend request per app per `tickets.resend_interval` across all
 //!   callers; callers wait up to `tickets.resend_wait` and are woken the moment intake stores the
-//!   pushed ticket; then `503 ticket_missing`.
-//! * Tokens persist in the store, so a restart serves them without upstream calls.
+//!   pushed ticket — but only when a resend is actually awaiting its push: with none requested
+//!   (inside the interval) and none pending, the answer is `503 ticket_missing` at once.
+//! * Tokens persist in the store, so a restart serves them without upstream calls. The write is
+//!   off the request path: one background writer applies token writes in order; a failure is
+//!   logged, never returned to a caller.
+//! * [`Broker::close`] stops the sweep and every background refresh, waits for the flights that
+//!   callers are waiting on (each is bounded by the upstream timeouts and `tickets.resend_wait`),
+//!   and drains the token writer.
 //!
-//! Locks: the cache, the flight table and the resend table are std mutexes, never held across an
-//! `.await`; the per-key tokio mutex is the one lock held across the upstream call. A tenant
-//! fetch takes its tenant lock, then the app lock (never the other way round).
+//! Locks: the cache and the flight table are `DashMap`s (sharded; a cache hit takes one shard's
+//! read lock and touches two atomics); the due index is a std mutex taken by installs, evictions
+//! and the sweep, never by a hit, and never held across an `.await`; it may take a shard lock
+//! while held (index → shard), never the other way round.
 
 pub mod upstream;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use dashmap::mapref::entry::Entry as MapEntry;
+use dashmap::DashMap;
+use rand::Rng;
 use serde::Serialize;
-use tokio::sync::{broadcast, watch, Mutex as KeyMutex, OwnedMutexGuard};
-use tokio::task::JoinHandle;
+use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::clock::SharedClock;
 use crate::config::{Config, TicketConfig, TokenConfig};
@@ -46,8 +77,16 @@ use crate::secret::Secret;
 use crate::store::{Store, TokenRecord};
 use upstream::{codes, IssuedToken, Upstream};
 
+/// How often the sweep deletes expired tokens from the store (by the injected clock).
+pub const STORE_PRUNE_INTERVAL: Duration = Duration::from_secs(10 * 60);
+/// Token writes waiting for the store; beyond it a write is dropped (logged): the token stays
+/// cached and is fetched again after a restart.
+const PERSIST_QUEUE: usize = 4096;
+/// An entry that is not in the due index (a flight is refreshing it).
+const NOT_INDEXED: u64 = u64::MAX;
+
 /// Which token.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TokenKey {
     App(String),
     Tenant(String, String),
@@ -74,6 +113,10 @@ impl TokenKey {
             TokenKey::App(a) => format!("app/{a}"),
             TokenKey::Tenant(a, t) => format!("tenant/{a}/{t}"),
         }
+    }
+
+    fn is_tenant(&self) -> bool {
+        matches!(self, TokenKey::Tenant(..))
     }
 }
 
@@ -102,6 +145,22 @@ pub fn is_usable(expires_at_ms: u64, now_ms: u64, margin: Duration) -> bool {
     now_ms.saturating_add(margin.as_millis() as u64) < expires_at_ms
 }
 
+/// Until when a token fetched at `fetched_at_ms` is served: `expire` minus the margin, but a
+/// token Feishu issued already inside the margin is served for `min_serve` (or until it
+/// expires, if sooner), so its callers do not each fetch it again.
+pub fn serve_until_ms(
+    expires_at_ms: u64,
+    fetched_at_ms: u64,
+    margin: Duration,
+    min_serve: Duration,
+) -> u64 {
+    let by_margin = expires_at_ms.saturating_sub(margin.as_millis() as u64);
+    let by_min = fetched_at_ms
+        .saturating_add(min_serve.as_millis() as u64)
+        .min(expires_at_ms);
+    by_margin.max(by_min)
+}
+
 /// Is a token expiring at `expires_at_ms` due for refresh at `now_ms`?
 pub fn is_due(expires_at_ms: u64, now_ms: u64, ahead: Duration) -> bool {
     expires_at_ms <= now_ms.saturating_add(ahead.as_millis() as u64)
@@ -118,9 +177,9 @@ pub fn is_valid(expires_at_ms: u64, now_ms: u64) -> bool {
 pub enum Served {
     /// From the cache.
     Hit,
-    /// After waiting for another caller's fetch of the same key.
+    /// After waiting for a fetch another caller (or the background refresh) started.
     Waited,
-    /// This caller fetched it from Feishu.
+    /// This caller started the fetch.
     Refreshed,
     /// Feishu failed; a token inside its margin but still valid was served.
     Stale,
@@ -167,19 +226,62 @@ struct AppCreds {
     base_url: String,
 }
 
-struct Cached {
-    token: Token,
-    last_used_ms: u64,
-    /// When a hit last started a background refresh: one attempt per check interval, not one
-    /// per hit while Feishu is failing.
-    refresh_attempt_ms: u64,
+/// A cached token. Immutable but for the atomics; a refresh installs a new entry.
+struct Entry {
+    token: Arc<Token>,
+    /// Served while `now < serve_until_ms` ([`serve_until_ms`]).
+    serve_until_ms: u64,
+    /// When the background refresh is due (`expire − refresh_ahead + jitter`).
+    due_ms: u64,
+    /// The last hit: for `recent_use` and the LRU bound.
+    last_used_ms: AtomicU64,
+    /// No refresh attempt before this (one per check interval, whatever Feishu answers).
+    next_attempt_ms: AtomicU64,
+    /// Where the due index holds this entry, or [`NOT_INDEXED`]. Changed only under the index
+    /// lock.
+    indexed_at_ms: AtomicU64,
 }
 
-/// What a key's flight lock protects: the last fetch's failure, so callers that queued behind a
-/// failing fetch get its answer instead of each fetching again.
-#[derive(Default)]
-struct Flight {
-    last_failure: Option<(tokio::time::Instant, Error)>,
+impl Entry {
+    /// Take the refresh slot if it is free at `now`.
+    fn claim_attempt(&self, now: u64, interval_ms: u64) -> bool {
+        let next = self.next_attempt_ms.load(Ordering::Relaxed);
+        now >= next
+            && self
+                .next_attempt_ms
+                .compare_exchange(
+                    next,
+                    now.saturating_add(interval_ms),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+}
+
+/// A flight's result: `None` while it runs.
+type Outcome = Option<Result<Arc<Token>, Error>>;
+
+/// A token write for the background writer.
+enum Persist {
+    Put(String, TokenRecord),
+    Delete(String, Secret),
+}
+
+/// Counts running flights; close() waits for zero.
+struct Running(Arc<watch::Sender<usize>>);
+
+impl Running {
+    fn enter(counter: &Arc<watch::Sender<usize>>) -> Running {
+        counter.send_modify(|n| *n += 1);
+        Running(Arc::clone(counter))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 struct Inner {
@@ -189,17 +291,35 @@ struct Inner {
     store: Store,
     clock: SharedClock,
     upstream: Upstream,
-    cache: Mutex<HashMap<TokenKey, Cached>>,
-    /// One tokio mutex per key with a fetch in flight or waited for.
-    flights: Mutex<HashMap<TokenKey, Arc<KeyMutex<Flight>>>>,
+    cache: DashMap<TokenKey, Arc<Entry>>,
+    /// Cached tenant tokens (for the `max_tenant_tokens` bound).
+    tenant_tokens: AtomicUsize,
+    /// Exactly one `(at_ms, key)` per indexed cache entry: when the sweep should look at it.
+    index: Mutex<BTreeSet<(u64, TokenKey)>>,
+    /// Fetches in flight, each a spawned task publishing its result.
+    flights: DashMap<TokenKey, watch::Receiver<Outcome>>,
+    /// The last answered error per key, until it may be asked again.
+    failures: DashMap<TokenKey, (u64, Error)>,
+    /// Bounds background refreshes.
+    refresh_permits: Arc<Semaphore>,
     /// Tokens dropped by compare-and-invalidate, until a new one is fetched: never reloaded from
-    /// the store (its delete may have failed).
+    /// the store (its delete may not have landed).
     rejected: Mutex<HashMap<TokenKey, Secret>>,
     /// Bumped whenever intake stores a ticket for the app: wakes waiting callers.
     ticket_signals: HashMap<String, watch::Sender<u64>>,
     resends: Mutex<HashMap<String, ResendStatus>>,
     events: broadcast::Sender<BrokerEvent>,
     metrics: Metrics,
+    persist_tx: mpsc::Sender<Persist>,
+    persist_rx: Mutex<Option<mpsc::Receiver<Persist>>>,
+    /// Set by close(): no new flights; background flights stop.
+    closing: watch::Sender<bool>,
+    /// Set by close() once no flight runs: the writer drains its queue and stops.
+    writer_stop: watch::Sender<bool>,
+    running: Arc<watch::Sender<usize>>,
+    sweep: Mutex<Option<AbortHandle>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    last_prune_ms: AtomicU64,
 }
 
 /// The broker handle. Cheap to clone.
@@ -211,44 +331,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Holds a key's flight lock; removes the key's mutex from the table when nobody else wants it.
-struct KeyGuard {
-    broker: Broker,
-    key: TokenKey,
-    mutex: Arc<KeyMutex<Flight>>,
-    guard: Option<OwnedMutexGuard<Flight>>,
-    /// When this caller started waiting for the lock, if it had to.
-    waited_since: Option<tokio::time::Instant>,
-}
-
-impl KeyGuard {
-    /// The failure of a fetch that ended while this caller waited for it.
-    fn failure_while_waiting(&self) -> Option<Error> {
-        let since = self.waited_since?;
-        let (at, error) = self.guard.as_ref()?.last_failure.as_ref()?;
-        (*at >= since).then(|| error.public_copy())
-    }
-
-    fn record_failure(&mut self, error: &Error) {
-        if let Some(flight) = self.guard.as_mut() {
-            flight.last_failure = Some((tokio::time::Instant::now(), error.public_copy()));
-        }
-    }
-}
-
-impl Drop for KeyGuard {
-    fn drop(&mut self) {
-        self.guard.take();
-        let mut flights = lock(&self.broker.0.flights);
-        // Ours and the table's: nobody is waiting.
-        if Arc::strong_count(&self.mutex) == 2 {
-            flights.remove(&self.key);
-        }
-    }
+fn shutting_down() -> Error {
+    Error::new(
+        ErrorKind::UpstreamError,
+        "the service is shutting down; retry on another replica or shortly",
+    )
 }
 
 impl Broker {
-    pub fn new(config: &Config, store: Store, clock: SharedClock, metrics: Metrics) -> Broker {
+    /// Build the broker; fails if the HTTP client for the Open Platform cannot be built.
+    pub fn new(
+        config: &Config,
+        store: Store,
+        clock: SharedClock,
+        metrics: Metrics,
+    ) -> Result<Broker, Error> {
         let apps = config
             .apps
             .iter()
@@ -271,26 +368,50 @@ impl Broker {
             config.tokens.upstream_timeout,
             config.tokens.upstream_retries,
             metrics.clone(),
-        );
-        Broker(Arc::new(Inner {
+        )
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Internal,
+                "cannot build the HTTP client for the Open Platform",
+            )
+            .with_cause(e)
+        })?;
+        let (persist_tx, persist_rx) = mpsc::channel(PERSIST_QUEUE);
+        Ok(Broker(Arc::new(Inner {
             apps,
             tokens_cfg: config.tokens.clone(),
             tickets_cfg: config.tickets.clone(),
             store,
             clock,
             upstream,
-            cache: Mutex::new(HashMap::new()),
-            flights: Mutex::new(HashMap::new()),
+            cache: DashMap::new(),
+            tenant_tokens: AtomicUsize::new(0),
+            index: Mutex::new(BTreeSet::new()),
+            flights: DashMap::new(),
+            failures: DashMap::new(),
+            refresh_permits: Arc::new(Semaphore::new(config.tokens.refresh_concurrency)),
             rejected: Mutex::new(HashMap::new()),
             ticket_signals,
             resends: Mutex::new(HashMap::new()),
             events: broadcast::channel(1024).0,
             metrics,
-        }))
+            persist_tx,
+            persist_rx: Mutex::new(Some(persist_rx)),
+            closing: watch::channel(false).0,
+            writer_stop: watch::channel(false).0,
+            running: Arc::new(watch::channel(0).0),
+            sweep: Mutex::new(None),
+            writer: Mutex::new(None),
+            last_prune_ms: AtomicU64::new(0),
+        })))
     }
 
     fn now(&self) -> u64 {
         self.0.clock.now_ms()
+    }
+
+    fn interval_ms(&self) -> u64 {
+        self.0.tokens_cfg.refresh_check_interval.as_millis() as u64
     }
 
     /// Background events (refreshes), for tests and metrics.
@@ -298,214 +419,467 @@ impl Broker {
         self.0.events.subscribe()
     }
 
-    /// Serve `key`: from the cache, or after one single-flight fetch.
-    pub async fn get(&self, key: &TokenKey) -> Result<(Token, Served), Error> {
+    /// Serve `key`: from the cache, or from the single flight that fetches it.
+    pub async fn get(&self, key: &TokenKey) -> Result<(Arc<Token>, Served), Error> {
         if let Some(token) = self.hit(key) {
             return Ok((token, Served::Hit));
         }
-        let mut guard = self.lock_key(key).await;
-        if let Some(token) = self.hit(key) {
-            return Ok((token, Served::Waited));
+        if let Some(e) = self.recent_failure(key) {
+            return self.stale_or(key, e);
         }
-        // The fetch this caller queued behind failed: that is the answer, without a second try.
-        let failure = match guard.failure_while_waiting() {
-            Some(e) => Err(e),
-            None => {
-                self.load_persisted(key).await;
-                if let Some(token) = self.hit(key) {
-                    return Ok((token, Served::Hit));
-                }
-                match self.fetch(key).await {
-                    Ok(token) => return Ok((token, Served::Refreshed)),
-                    Err(e) => {
-                        guard.record_failure(&e);
-                        Err(e)
-                    }
-                }
-            }
-        };
-        match (failure, self.still_valid(key)) {
-            (Err(e), Some(token)) => {
-                tracing::warn!(key = %key, error = %e, "refresh failed; serving the still-valid token");
+        let (flight, started) = self.flight(key, None)?;
+        match await_flight(flight).await {
+            Ok(token) => Ok((
+                token,
+                if started {
+                    Served::Refreshed
+                } else {
+                    Served::Waited
+                },
+            )),
+            Err(e) => self.stale_or(key, e),
+        }
+    }
+
+    /// The still-valid cached token if there is one, else `error`.
+    fn stale_or(&self, key: &TokenKey, error: Error) -> Result<(Arc<Token>, Served), Error> {
+        match self.still_valid(key) {
+            Some(token) => {
+                tracing::warn!(key = %key, error = %error, "refresh failed; serving the still-valid token");
                 Ok((token, Served::Stale))
             }
-            (failure, _) => failure,
+            None => Err(error),
         }
+    }
+
+    /// An answered error for `key` that is still inside its back-off.
+    fn recent_failure(&self, key: &TokenKey) -> Option<Error> {
+        let now = self.now();
+        let failure = self.0.failures.get(key)?;
+        (now < failure.0).then(|| failure.1.public_copy())
     }
 
     /// Drop `rejected` if it is still the cached token for `key`, then fetch a new one. Returns
     /// the current token and whether `rejected` was dropped.
-    pub async fn invalidate(&self, key: &TokenKey, rejected: &str) -> Result<(Token, bool), Error> {
-        let guard = self.lock_key(key).await;
+    pub async fn invalidate(
+        &self,
+        key: &TokenKey,
+        rejected: &str,
+    ) -> Result<(Arc<Token>, bool), Error> {
+        // A fetch in flight may already bring a newer token: compare with what it lands.
+        let in_flight = self.0.flights.get(key).map(|f| f.clone());
+        if let Some(flight) = in_flight {
+            let _ = await_flight(flight).await;
+        }
         self.load_persisted(key).await;
-        let is_current = lock(&self.0.cache)
-            .get(key)
-            .is_some_and(|c| c.token.value.ct_eq(rejected));
-        if !is_current {
-            drop(guard);
+        let dropped = {
+            let mut index = lock(&self.0.index);
+            let current = self
+                .0
+                .cache
+                .get(key)
+                .filter(|e| e.token.value.ct_eq(rejected))
+                .map(|e| Arc::clone(&e));
+            current.is_some_and(|entry| self.remove_entry(&mut index, key, &entry))
+        };
+        if !dropped {
             let (token, _) = self.get(key).await?;
             return Ok((token, false));
         }
-        lock(&self.0.cache).remove(key);
         lock(&self.0.rejected).insert(key.clone(), Secret::new(rejected));
-        if let Err(e) = self
-            .0
-            .store
-            .delete_token(&key.store_key(), &Secret::new(rejected))
-            .await
-        {
-            tracing::warn!(key = %key, error = %e, "cannot delete the rejected token from the store");
-        }
+        self.persist(Persist::Delete(key.store_key(), Secret::new(rejected)));
         tracing::info!(key = %key, token = %crate::secret::fingerprint(rejected.as_bytes()), "token invalidated; fetching a new one");
-        let token = self.fetch(key).await?;
+        let (token, _) = self.get(key).await?;
         Ok((token, true))
     }
 
-    /// A usable cached token; starts a background refresh when it is due.
-    fn hit(&self, key: &TokenKey) -> Option<Token> {
+    /// A servable cached token; starts a background refresh when it is due. The hot path: one
+    /// shard read lock, two atomics, one `Arc` clone.
+    fn hit(&self, key: &TokenKey) -> Option<Arc<Token>> {
         let now = self.now();
-        let (token, due) = {
-            let mut cache = lock(&self.0.cache);
-            let entry = cache.get_mut(key)?;
-            if !is_usable(
-                entry.token.expires_at_ms,
-                now,
-                self.0.tokens_cfg.refresh_margin,
-            ) {
-                return None;
-            }
-            entry.last_used_ms = now;
-            let cfg = &self.0.tokens_cfg;
-            let due = is_due(entry.token.expires_at_ms, now, cfg.refresh_ahead)
-                && now.saturating_sub(entry.refresh_attempt_ms)
-                    >= cfg.refresh_check_interval.as_millis() as u64;
-            if due {
-                entry.refresh_attempt_ms = now;
-            }
-            (entry.token.clone(), due)
-        };
+        let entry = self.0.cache.get(key)?;
+        if now >= entry.serve_until_ms {
+            return None;
+        }
+        entry.last_used_ms.store(now, Ordering::Relaxed);
+        let token = Arc::clone(&entry.token);
+        let due = now >= entry.due_ms && entry.claim_attempt(now, self.interval_ms());
+        drop(entry);
         if due {
-            self.spawn_refresh(key.clone());
+            self.refresh_in_background(key);
         }
         Some(token)
     }
 
     /// A cached token that is past its margin but not yet expired.
-    fn still_valid(&self, key: &TokenKey) -> Option<Token> {
+    fn still_valid(&self, key: &TokenKey) -> Option<Arc<Token>> {
         let now = self.now();
-        lock(&self.0.cache)
+        self.0
+            .cache
             .get(key)
-            .filter(|c| is_valid(c.token.expires_at_ms, now))
-            .map(|c| c.token.clone())
+            .filter(|e| is_valid(e.token.expires_at_ms, now))
+            .map(|e| Arc::clone(&e.token))
     }
 
-    /// Bring a persisted token into the cache (after a restart).
-    async fn load_persisted(&self, key: &TokenKey) {
-        if lock(&self.0.cache).contains_key(key) {
-            return;
+    /// Bring a persisted token into the cache (after a restart) if none is cached.
+    async fn load_persisted(&self, key: &TokenKey) -> Option<Arc<Token>> {
+        if self.0.cache.contains_key(key) {
+            return None;
         }
         match self.0.store.token(&key.store_key()).await {
             Ok(Some(record))
                 if is_valid(record.expires_at_ms, self.now())
                     && lock(&self.0.rejected).get(key) != Some(&record.token) =>
             {
-                lock(&self.0.cache)
-                    .entry(key.clone())
-                    .or_insert_with(|| Cached {
-                        token: Token {
-                            value: record.token,
-                            expires_at_ms: record.expires_at_ms,
-                        },
-                        last_used_ms: self.now(),
-                        refresh_attempt_ms: 0,
-                    });
+                let token = Token {
+                    value: record.token,
+                    expires_at_ms: record.expires_at_ms,
+                };
+                Some(self.install(key, token, false, true))
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(key = %key, error = %e, "cannot read a persisted token"),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "cannot read a persisted token");
+                None
+            }
         }
     }
 
-    async fn lock_key(&self, key: &TokenKey) -> KeyGuard {
-        let mutex = Arc::clone(lock(&self.0.flights).entry(key.clone()).or_default());
-        let (guard, waited_since) = match Arc::clone(&mutex).try_lock_owned() {
-            Ok(guard) => (guard, None),
-            Err(_) => {
-                let since = tokio::time::Instant::now();
-                (Arc::clone(&mutex).lock_owned().await, Some(since))
+    /// Put a token in the cache and the due index. `fresh`: just issued by Feishu (may be
+    /// served inside its margin for a check interval); `only_if_absent`: a persisted token that
+    /// must not replace a cached one.
+    fn install(
+        &self,
+        key: &TokenKey,
+        token: Token,
+        fresh: bool,
+        only_if_absent: bool,
+    ) -> Arc<Token> {
+        let cfg = &self.0.tokens_cfg;
+        let now = self.now();
+        let interval = self.interval_ms();
+        let expires = token.expires_at_ms;
+        let serve_until = if fresh {
+            serve_until_ms(expires, now, cfg.refresh_margin, cfg.refresh_check_interval)
+        } else {
+            serve_until_ms(expires, now, cfg.refresh_margin, Duration::ZERO)
+        };
+        let jitter_ms = cfg.refresh_jitter.as_millis() as u64;
+        let jitter = if jitter_ms == 0 {
+            0
+        } else {
+            rand::thread_rng().gen_range(0..=jitter_ms)
+        };
+        let due = expires
+            .saturating_sub(cfg.refresh_ahead.as_millis() as u64)
+            .saturating_add(jitter);
+        // A token that is due the moment it arrives (Feishu answered with the same token at the
+        // 30-minute boundary, or a short `expire`) waits one interval before the next attempt.
+        let next_attempt = if due <= now {
+            now.saturating_add(interval)
+        } else {
+            0
+        };
+        let token = Arc::new(token);
+        let mut index = lock(&self.0.index);
+        let last_used = match self.0.cache.get(key) {
+            Some(_) if only_if_absent => return token,
+            Some(old) => old.last_used_ms.load(Ordering::Relaxed),
+            None => now,
+        };
+        let at = due.max(next_attempt);
+        let entry = Arc::new(Entry {
+            token: Arc::clone(&token),
+            serve_until_ms: serve_until,
+            due_ms: due,
+            last_used_ms: AtomicU64::new(last_used),
+            next_attempt_ms: AtomicU64::new(next_attempt),
+            indexed_at_ms: AtomicU64::new(at),
+        });
+        let old = self.0.cache.insert(key.clone(), entry);
+        match old {
+            Some(old) => unindex(&mut index, key, &old),
+            None if key.is_tenant() => {
+                let n = self.0.tenant_tokens.fetch_add(1, Ordering::Relaxed) + 1;
+                if n > cfg.max_tenant_tokens {
+                    self.evict_least_recently_used(&mut index, key);
+                }
             }
-        };
-        KeyGuard {
-            broker: self.clone(),
-            key: key.clone(),
-            mutex,
-            guard: Some(guard),
-            waited_since,
+            None => {}
         }
+        index.insert((at, key.clone()));
+        drop(index);
+        lock(&self.0.rejected).remove(key);
+        token
     }
 
-    fn try_lock_key(&self, key: &TokenKey) -> Option<KeyGuard> {
-        let mutex = Arc::clone(lock(&self.0.flights).entry(key.clone()).or_default());
-        let guard = Arc::clone(&mutex).try_lock_owned().ok();
-        let key_guard = KeyGuard {
-            broker: self.clone(),
-            key: key.clone(),
-            mutex,
-            guard,
-            waited_since: None,
-        };
-        key_guard.guard.is_some().then_some(key_guard)
+    /// Remove `entry` from the cache if it is still the one cached for `key`.
+    fn remove_entry(
+        &self,
+        index: &mut BTreeSet<(u64, TokenKey)>,
+        key: &TokenKey,
+        entry: &Arc<Entry>,
+    ) -> bool {
+        let removed = self
+            .0
+            .cache
+            .remove_if(key, |_, cached| Arc::ptr_eq(cached, entry))
+            .is_some();
+        if removed {
+            unindex(index, key, entry);
+            if key.is_tenant() {
+                self.0.tenant_tokens.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        removed
     }
 
-    /// Refresh `key` in the background unless a fetch is already in flight.
-    fn spawn_refresh(&self, key: TokenKey) {
-        let Some(guard) = self.try_lock_key(&key) else {
+    /// Drop the least recently used tenant tokens down to 90 % of `max_tenant_tokens` (so the
+    /// scan runs once per tenth of the bound, not once per insert). `keep` was just installed.
+    fn evict_least_recently_used(&self, index: &mut BTreeSet<(u64, TokenKey)>, keep: &TokenKey) {
+        let max = self.0.tokens_cfg.max_tenant_tokens;
+        let target = max.saturating_sub(max / 10).max(1);
+        let mut tenants: Vec<(u64, TokenKey, Arc<Entry>)> = self
+            .0
+            .cache
+            .iter()
+            .filter(|e| e.key().is_tenant() && e.key() != keep)
+            .map(|e| {
+                (
+                    e.last_used_ms.load(Ordering::Relaxed),
+                    e.key().clone(),
+                    Arc::clone(e.value()),
+                )
+            })
+            .collect();
+        // `keep` counts too.
+        let excess = (tenants.len() + 1).saturating_sub(target);
+        if excess == 0 {
+            return;
+        }
+        let excess = excess.min(tenants.len());
+        if excess < tenants.len() {
+            tenants.select_nth_unstable_by_key(excess - 1, |t| t.0);
+        }
+        let mut evicted = 0;
+        for (_, key, entry) in &tenants[..excess] {
+            if self.remove_entry(index, key, entry) {
+                evicted += 1;
+            }
+        }
+        tracing::info!(
+            evicted,
+            max_tenant_tokens = max,
+            "tenant token cache full; dropped the least recently used"
+        );
+    }
+
+    /// Start a background refresh of `key` if a permit is free and nothing is in flight.
+    fn refresh_in_background(&self, key: &TokenKey) {
+        if self.0.flights.contains_key(key) {
+            return;
+        }
+        let Ok(permit) = Arc::clone(&self.0.refresh_permits).try_acquire_owned() else {
+            // The sweep will come back to it.
             return;
         };
+        let _ = self.flight(key, Some(permit));
+    }
+
+    /// Join the flight for `key`, or start one. `permit`: a background refresh. Returns the
+    /// flight's result channel and whether this call started it.
+    fn flight(
+        &self,
+        key: &TokenKey,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<(watch::Receiver<Outcome>, bool), Error> {
+        let tx = match self.0.flights.entry(key.clone()) {
+            MapEntry::Occupied(flight) => return Ok((flight.get().clone(), false)),
+            MapEntry::Vacant(slot) => {
+                if *self.0.closing.borrow() {
+                    return Err(shutting_down());
+                }
+                let (tx, rx) = watch::channel(None);
+                slot.insert(rx);
+                tx
+            }
+        };
+        let rx = tx.subscribe();
+        self.spawn_flight(key.clone(), tx, permit);
+        Ok((rx, true))
+    }
+
+    fn spawn_flight(
+        &self,
+        key: TokenKey,
+        tx: watch::Sender<Outcome>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
+        let running = Running::enter(&self.0.running);
         let this = self.clone();
+        let mut closing = self.0.closing.subscribe();
         tokio::spawn(async move {
-            let mut guard = guard;
-            let now = this.now();
-            let still_due = lock(&this.0.cache).get(&key).is_none_or(|c| {
-                is_due(c.token.expires_at_ms, now, this.0.tokens_cfg.refresh_ahead)
-            });
-            if !still_due {
-                return;
-            }
-            match this.fetch(&key).await {
-                Ok(_) => {
-                    tracing::debug!(key = %key, "token refreshed in the background");
-                    let _ = this.0.events.send(BrokerEvent::Refreshed(key));
+            let background = permit.is_some();
+            let result = if background {
+                tokio::select! {
+                    r = this.run_flight(&key) => r,
+                    _ = closing.wait_for(|c| *c) => Err(shutting_down()),
                 }
-                Err(e) => {
-                    guard.record_failure(&e);
-                    tracing::warn!(key = %key, error = %e, "background refresh failed; keeping the current token");
-                    let _ = this.0.events.send(BrokerEvent::RefreshFailed(key));
-                }
-            }
+            } else {
+                this.run_flight(&key).await
+            };
+            drop(permit);
+            this.land(&key, &result, background);
+            this.0.flights.remove(&key);
+            let _ = tx.send(Some(result));
+            drop(this);
+            drop(running);
         });
     }
 
-    /// Refresh every app token, and every tenant token used recently, that is due.
-    fn refresh_due(&self) {
+    /// Book-keeping after a flight: failures back off and the entry goes back in the index.
+    fn land(&self, key: &TokenKey, result: &Result<Arc<Token>, Error>, background: bool) {
         let now = self.now();
-        let cfg = &self.0.tokens_cfg;
-        let recent = cfg.recent_use.as_millis() as u64;
-        let due: Vec<TokenKey> = lock(&self.0.cache)
-            .iter()
-            .filter(|(key, c)| {
-                is_due(c.token.expires_at_ms, now, cfg.refresh_ahead)
-                    && (matches!(key, TokenKey::App(_))
-                        || now.saturating_sub(c.last_used_ms) <= recent)
-            })
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in due {
-            self.spawn_refresh(key);
+        match result {
+            Ok(_) => {
+                self.0.failures.remove(key);
+                if background {
+                    tracing::debug!(key = %key, "token refreshed in the background");
+                    let _ = self.0.events.send(BrokerEvent::Refreshed(key.clone()));
+                }
+            }
+            Err(e) => {
+                // The entry (if any) stays cached; the sweep looks at it again after an interval.
+                {
+                    let mut index = lock(&self.0.index);
+                    if let Some(entry) = self.0.cache.get(key) {
+                        if entry.indexed_at_ms.load(Ordering::Relaxed) == NOT_INDEXED {
+                            let at = now.saturating_add(self.interval_ms());
+                            entry.indexed_at_ms.store(at, Ordering::Relaxed);
+                            index.insert((at, key.clone()));
+                        }
+                    }
+                }
+                if background {
+                    tracing::warn!(key = %key, error = %e, "background refresh failed; keeping the current token");
+                    let _ = self.0.events.send(BrokerEvent::RefreshFailed(key.clone()));
+                } else {
+                    tracing::warn!(key = %key, error = %e, cause = ?e.cause().map(|c| c.to_string()), "token fetch failed");
+                }
+            }
         }
     }
 
-    /// Fetch `key` from Feishu (the caller holds the key's lock), cache and persist it.
-    async fn fetch(&self, key: &TokenKey) -> Result<Token, Error> {
+    /// What a flight does: a persisted token (after a restart), else a fetch from Feishu.
+    async fn run_flight(&self, key: &TokenKey) -> Result<Arc<Token>, Error> {
+        if let Some(token) = self.load_persisted(key).await {
+            if is_usable(
+                token.expires_at_ms,
+                self.now(),
+                self.0.tokens_cfg.refresh_margin,
+            ) {
+                return Ok(token);
+            }
+        }
+        self.fetch(key).await
+    }
+
+    /// Look at every index entry that is due: refresh app tokens and recently used tenant
+    /// tokens (at most `refresh_concurrency` at once), evict expired ones, park the rest at
+    /// their expiry. Touches nothing that is not due.
+    async fn sweep(&self) {
+        let now = self.now();
+        let cfg = &self.0.tokens_cfg;
+        let recent = cfg.recent_use.as_millis() as u64;
+        loop {
+            let next = {
+                let mut index = lock(&self.0.index);
+                match index.first() {
+                    Some((at, _)) if *at <= now => {}
+                    _ => break,
+                }
+                let Some((_, key)) = index.pop_first() else {
+                    break;
+                };
+                let entry = self.0.cache.get(&key).map(|e| Arc::clone(&e));
+                match entry {
+                    Some(entry) if !is_valid(entry.token.expires_at_ms, now) => {
+                        entry.indexed_at_ms.store(NOT_INDEXED, Ordering::Relaxed);
+                        self.remove_entry(&mut index, &key, &entry);
+                        None
+                    }
+                    Some(entry) => {
+                        entry.indexed_at_ms.store(NOT_INDEXED, Ordering::Relaxed);
+                        let wanted = !key.is_tenant()
+                            || now.saturating_sub(entry.last_used_ms.load(Ordering::Relaxed))
+                                <= recent;
+                        let next_attempt = entry.next_attempt_ms.load(Ordering::Relaxed);
+                        let park_at = if !wanted {
+                            Some(entry.token.expires_at_ms)
+                        } else if now < next_attempt {
+                            Some(next_attempt)
+                        } else {
+                            None
+                        };
+                        match park_at {
+                            Some(at) => {
+                                entry.indexed_at_ms.store(at, Ordering::Relaxed);
+                                index.insert((at, key));
+                                None
+                            }
+                            None => Some((key, entry)),
+                        }
+                    }
+                    None => None,
+                }
+            };
+            let Some((key, entry)) = next else {
+                continue;
+            };
+            let Ok(permit) = Arc::clone(&self.0.refresh_permits).acquire_owned().await else {
+                return;
+            };
+            if entry.claim_attempt(self.now(), self.interval_ms())
+                && !self.0.flights.contains_key(&key)
+            {
+                let _ = self.flight(&key, Some(permit));
+            } else {
+                // Refreshing already (the hit path): the flight re-indexes it when it lands.
+                self.reindex_if_unindexed(&key, &entry);
+            }
+        }
+        let now = self.now();
+        self.0.failures.retain(|_, (until, _)| *until > now);
+        let last = self.0.last_prune_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= STORE_PRUNE_INTERVAL.as_millis() as u64 {
+            self.0.last_prune_ms.store(now, Ordering::Relaxed);
+            match self.0.store.delete_expired_tokens(now).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(deleted = n, "expired tokens deleted from the store"),
+                Err(e) => tracing::warn!(error = %e, "cannot delete expired tokens from the store"),
+            }
+        }
+    }
+
+    fn reindex_if_unindexed(&self, key: &TokenKey, entry: &Arc<Entry>) {
+        let mut index = lock(&self.0.index);
+        let still_cached = self
+            .0
+            .cache
+            .get(key)
+            .is_some_and(|e| Arc::ptr_eq(&e, entry));
+        if still_cached && entry.indexed_at_ms.load(Ordering::Relaxed) == NOT_INDEXED {
+            let at = entry
+                .next_attempt_ms
+                .load(Ordering::Relaxed)
+                .max(self.now().saturating_add(self.interval_ms()));
+            entry.indexed_at_ms.store(at, Ordering::Relaxed);
+            index.insert((at, key.clone()));
+        }
+    }
+
+    /// Fetch `key` from Feishu (inside its flight), cache it and queue its write.
+    async fn fetch(&self, key: &TokenKey) -> Result<Arc<Token>, Error> {
         let app_id = key.app_id();
         let creds = self.0.apps.get(app_id).ok_or_else(|| {
             Error::new(
@@ -522,27 +896,15 @@ impl Broker {
             value: issued.token,
             expires_at_ms: now.saturating_add(issued.expire_s.saturating_mul(1000)),
         };
-        {
-            let mut cache = lock(&self.0.cache);
-            let last_used_ms = cache.get(key).map_or(now, |c| c.last_used_ms);
-            cache.insert(
-                key.clone(),
-                Cached {
-                    token: token.clone(),
-                    last_used_ms,
-                    refresh_attempt_ms: 0,
-                },
-            );
-            lock(&self.0.rejected).remove(key);
-        }
-        let record = TokenRecord {
-            token: token.value.clone(),
-            expires_at_ms: token.expires_at_ms,
-            fetched_at_ms: now,
-        };
-        if let Err(e) = self.0.store.put_token(&key.store_key(), record).await {
-            tracing::warn!(key = %key, error = %e, "cannot persist a token; it stays cached in memory");
-        }
+        let token = self.install(key, token, true, false);
+        self.persist(Persist::Put(
+            key.store_key(),
+            TokenRecord {
+                token: token.value.clone(),
+                expires_at_ms: token.expires_at_ms,
+                fetched_at_ms: now,
+            },
+        ));
         tracing::info!(
             key = %key,
             token = %token.value.fingerprint(),
@@ -552,10 +914,18 @@ impl Broker {
         Ok(token)
     }
 
+    /// Queue a token write for the background writer; never blocks a caller.
+    fn persist(&self, op: Persist) {
+        if self.0.persist_tx.try_send(op).is_err() {
+            tracing::warn!("the token write queue is full; the token stays cached in memory only");
+        }
+    }
+
     async fn fetch_app(&self, app_id: &str, creds: &AppCreds) -> Result<IssuedToken, Error> {
+        let key = TokenKey::App(app_id.to_string());
         let ticket = self.current_ticket(app_id).await?;
         let up = &self.0.upstream;
-        match up
+        let answer = match up
             .app_access_token(&creds.base_url, app_id, &creds.secret, &ticket)
             .await
         {
@@ -565,12 +935,46 @@ impl Broker {
                     ticket = %ticket.fingerprint(),
                     "Feishu rejected the app_ticket (10012); asking for a resend"
                 );
+                self.demote_ticket(app_id, &ticket).await;
                 let fresh = self.ticket_other_than(app_id, &ticket).await?;
-                Ok(up
+                let answer = up
                     .app_access_token(&creds.base_url, app_id, &creds.secret, &fresh)
-                    .await?)
+                    .await;
+                if matches!(&answer, Err(e) if e.code() == Some(codes::APP_TICKET_INVALID)) {
+                    self.demote_ticket(app_id, &fresh).await;
+                }
+                answer
             }
-            other => Ok(other?),
+            other => other,
+        };
+        answer.map_err(|e| self.upstream_failed(&key, e))
+    }
+
+    /// Convert an upstream failure; Feishu's verdicts (an error answer, or a rate limit however
+    /// it came) are remembered for `tokens.error_backoff`, so the next callers of `key` get the
+    /// same answer without asking again. Outages (timeouts, 5xx) are not: the next caller tries.
+    fn upstream_failed(&self, key: &TokenKey, e: upstream::UpstreamError) -> Error {
+        let verdict = match &e {
+            upstream::UpstreamError::Api { .. } => true,
+            upstream::UpstreamError::Server { code, .. } => *code == codes::RATE_LIMITED,
+            _ => false,
+        };
+        let error = Error::from(e);
+        if verdict {
+            let until = self
+                .now()
+                .saturating_add(self.0.tokens_cfg.error_backoff.as_millis() as u64);
+            self.0
+                .failures
+                .insert(key.clone(), (until, error.public_copy()));
+        }
+        error
+    }
+
+    /// Mark a ticket Feishu refused, so the next different ticket replaces it.
+    async fn demote_ticket(&self, app_id: &str, ticket: &Secret) {
+        if let Err(e) = self.0.store.demote_ticket(app_id, ticket).await {
+            tracing::warn!(app_id, error = %e, "cannot mark the refused app_ticket in the store");
         }
     }
 
@@ -580,10 +984,11 @@ impl Broker {
         tenant_key: &str,
         creds: &AppCreds,
     ) -> Result<IssuedToken, Error> {
+        let key = TokenKey::Tenant(app_id.to_string(), tenant_key.to_string());
         let app_key = TokenKey::App(app_id.to_string());
         let (app_token, _) = Box::pin(self.get(&app_key)).await?;
         let up = &self.0.upstream;
-        match up
+        let answer = match up
             .tenant_access_token(&creds.base_url, &app_token.value, tenant_key)
             .await
         {
@@ -600,12 +1005,12 @@ impl Broker {
                 );
                 let (fresh, _) =
                     Box::pin(self.invalidate(&app_key, app_token.value.expose())).await?;
-                Ok(up
-                    .tenant_access_token(&creds.base_url, &fresh.value, tenant_key)
-                    .await?)
+                up.tenant_access_token(&creds.base_url, &fresh.value, tenant_key)
+                    .await
             }
-            other => Ok(other?),
-        }
+            other => other,
+        };
+        answer.map_err(|e| self.upstream_failed(&key, e))
     }
 
     fn ticket_signal(&self, app_id: &str) -> Result<watch::Receiver<u64>, Error> {
@@ -629,28 +1034,50 @@ impl Broker {
             .map(watch::Sender::subscribe)
     }
 
-    /// The stored ticket, or: request a resend and wait for the push.
+    /// The stored ticket, or: request a resend and wait for the push. A ticket Feishu refused
+    /// counts as missing.
     async fn current_ticket(&self, app_id: &str) -> Result<Secret, Error> {
         // Subscribe before looking, so a push landing in between still wakes us.
         let mut signal = self.ticket_signal(app_id)?;
-        if let Some(t) = self.0.store.ticket(app_id).await? {
-            return Ok(t.ticket);
+        match self.0.store.ticket(app_id).await? {
+            Some(t) if !t.rejected => Ok(t.ticket),
+            Some(t) => {
+                self.await_pushed_ticket(app_id, &mut signal, Some(&t.ticket))
+                    .await
+            }
+            None => self.await_pushed_ticket(app_id, &mut signal, None).await,
         }
-        self.request_resend(app_id);
-        self.wait_for_ticket(app_id, &mut signal, None).await
     }
 
     /// A ticket other than `rejected`: request a resend and wait for the push.
     async fn ticket_other_than(&self, app_id: &str, rejected: &Secret) -> Result<Secret, Error> {
         let mut signal = self.ticket_signal(app_id)?;
         if let Some(t) = self.0.store.ticket(app_id).await? {
-            if t.ticket != *rejected {
+            if t.ticket != *rejected && !t.rejected {
                 return Ok(t.ticket);
             }
         }
-        self.request_resend(app_id);
-        self.wait_for_ticket(app_id, &mut signal, Some(rejected))
+        self.await_pushed_ticket(app_id, &mut signal, Some(rejected))
             .await
+    }
+
+    /// Request a resend and wait for its push — only if a push is actually on its way: with no
+    /// resend requested now (inside the interval) and none awaiting its push, nothing will wake
+    /// us, so the answer is `ticket_missing` at once.
+    async fn await_pushed_ticket(
+        &self,
+        app_id: &str,
+        signal: &mut watch::Receiver<u64>,
+        not: Option<&Secret>,
+    ) -> Result<Secret, Error> {
+        let requested = self.request_resend(app_id);
+        if !requested && !self.resend_pending(app_id) {
+            return Err(Error::new(
+                ErrorKind::TicketMissing,
+                "no usable app_ticket for this app; a resend was requested recently and Feishu has not pushed a new one yet, retry later",
+            ));
+        }
+        self.wait_for_ticket(app_id, signal, not).await
     }
 
     async fn wait_for_ticket(
@@ -665,7 +1092,7 @@ impl Broker {
                     return Ok(None);
                 }
                 if let Some(t) = self.0.store.ticket(app_id).await? {
-                    if not.is_none_or(|old| t.ticket != *old) {
+                    if !t.rejected && not.is_none_or(|old| t.ticket != *old) {
                         return Ok(Some(t.ticket));
                     }
                 }
@@ -758,11 +1185,12 @@ impl Broker {
     }
 
     /// Intake calls this once a ticket is stored as the newest: the resend (if any) is answered,
-    /// and callers waiting for a ticket wake up.
+    /// the app's remembered failure is forgotten, and callers waiting for a ticket wake up.
     pub fn ticket_stored(&self, app_id: &str) {
         if let Some(status) = lock(&self.0.resends).get_mut(app_id) {
             status.awaiting_push = false;
         }
+        self.0.failures.remove(&TokenKey::App(app_id.to_string()));
         if let Some(signal) = self.0.ticket_signals.get(app_id) {
             signal.send_modify(|v| *v += 1);
         }
@@ -770,22 +1198,36 @@ impl Broker {
 
     /// When the cached token for `key` expires, if one is cached (never the token itself).
     pub fn cached_expiry(&self, key: &TokenKey) -> Option<u64> {
-        lock(&self.0.cache).get(key).map(|c| c.token.expires_at_ms)
+        self.0.cache.get(key).map(|e| e.token.expires_at_ms)
     }
 
     /// How many tenant tokens are cached for an app.
     pub fn cached_tenant_tokens(&self, app_id: &str) -> usize {
-        lock(&self.0.cache)
-            .keys()
-            .filter(|k| matches!(k, TokenKey::Tenant(a, _) if a == app_id))
+        self.0
+            .cache
+            .iter()
+            .filter(|e| matches!(e.key(), TokenKey::Tenant(a, _) if a == app_id))
             .count()
     }
 
-    /// Start the background work: a resend for every app without a ticket, then the periodic
-    /// refresh sweep. The server aborts the task on shutdown.
+    /// How many tenant tokens are cached, all apps together.
+    pub fn cached_tenant_tokens_total(&self) -> usize {
+        self.0.tenant_tokens.load(Ordering::Relaxed)
+    }
+
+    /// Start the background work: the token writer, a resend for every app without a ticket,
+    /// then the periodic refresh sweep. Returns the sweep's task; [`Broker::close`] stops it.
     pub fn start(&self) -> JoinHandle<()> {
+        if let Some(rx) = lock(&self.0.persist_rx).take() {
+            let writer = tokio::spawn(write_tokens(
+                self.0.store.clone(),
+                rx,
+                self.0.writer_stop.subscribe(),
+            ));
+            *lock(&self.0.writer) = Some(writer);
+        }
         let this = self.clone();
-        tokio::spawn(async move {
+        let sweep = tokio::spawn(async move {
             let mut apps: Vec<&String> = this.0.apps.keys().collect();
             apps.sort();
             for app_id in apps {
@@ -803,9 +1245,89 @@ impl Broker {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                this.refresh_due();
+                this.sweep().await;
             }
-        })
+        });
+        *lock(&self.0.sweep) = Some(sweep.abort_handle());
+        sweep
+    }
+
+    /// Stop the background work: the sweep and every background refresh stop now; flights that
+    /// callers wait on finish (each is bounded); new flights are refused; queued token writes
+    /// are written. Call once the listeners are closed.
+    pub async fn close(&self) {
+        self.0.closing.send_replace(true);
+        if let Some(sweep) = lock(&self.0.sweep).take() {
+            sweep.abort();
+        }
+        let mut running = self.0.running.subscribe();
+        let _ = running.wait_for(|n| *n == 0).await;
+        self.0.writer_stop.send_replace(true);
+        let writer = lock(&self.0.writer).take();
+        if let Some(writer) = writer {
+            let _ = writer.await;
+        }
+    }
+}
+
+/// Take `entry`'s place in the due index out.
+fn unindex(index: &mut BTreeSet<(u64, TokenKey)>, key: &TokenKey, entry: &Entry) {
+    let at = entry.indexed_at_ms.swap(NOT_INDEXED, Ordering::Relaxed);
+    if at != NOT_INDEXED {
+        index.remove(&(at, key.clone()));
+    }
+}
+
+/// Wait for a flight's result.
+async fn await_flight(mut flight: watch::Receiver<Outcome>) -> Result<Arc<Token>, Error> {
+    let outcome = match flight.wait_for(Option::is_some).await {
+        Ok(outcome) => match &*outcome {
+            Some(Ok(token)) => Ok(Arc::clone(token)),
+            Some(Err(e)) => Err(e.public_copy()),
+            None => Err(shutting_down()),
+        },
+        // The flight's task went away without an answer (the runtime is shutting down).
+        Err(_) => Err(shutting_down()),
+    };
+    outcome
+}
+
+/// The token writer: applies writes in the order they were queued, until told to stop; then
+/// writes what is queued and ends.
+async fn write_tokens(
+    store: Store,
+    mut rx: mpsc::Receiver<Persist>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let op = tokio::select! {
+            biased;
+            op = rx.recv() => op,
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        match op {
+            Some(op) => write_token(&store, op).await,
+            None => break,
+        }
+    }
+    while let Ok(op) = rx.try_recv() {
+        write_token(&store, op).await;
+    }
+}
+
+async fn write_token(store: &Store, op: Persist) {
+    let (key, result) = match op {
+        Persist::Put(key, record) => {
+            let r = store.put_token(&key, record).await;
+            (key, r)
+        }
+        Persist::Delete(key, token) => {
+            let r = store.delete_token(&key, &token).await;
+            (key, r)
+        }
+    };
+    if let Err(e) = result {
+        tracing::warn!(key = %key, error = %e, "cannot write a token to the store; it stays cached in memory");
     }
 }
 
@@ -830,6 +1352,20 @@ mod tests {
     }
 
     #[test]
+    fn a_token_issued_inside_its_margin_is_served_for_a_check_interval() {
+        let margin = Duration::from_secs(180);
+        let interval = Duration::from_secs(30);
+        // The usual case: expire minus the margin.
+        assert_eq!(serve_until_ms(120 * MIN, 0, margin, interval), 117 * MIN);
+        // Issued with 2 minutes left: served 30 s, not 0.
+        assert_eq!(serve_until_ms(2 * MIN, 0, margin, interval), 30_000);
+        // Issued with 10 s left: until it expires.
+        assert_eq!(serve_until_ms(10_000, 0, margin, interval), 10_000);
+        // A persisted token is not "fresh": no minimum.
+        assert_eq!(serve_until_ms(2 * MIN, 0, margin, Duration::ZERO), 0);
+    }
+
+    #[test]
     fn token_keys_name_themselves() {
         let k = TokenKey::Tenant("cli_a".into(), "t1".into());
         assert_eq!(k.store_key(), "tenant/cli_a/t1");
@@ -845,5 +1381,24 @@ mod tests {
         };
         assert_eq!(t.expire_s(500), 10);
         assert_eq!(t.expire_s(20_000), 0);
+    }
+
+    #[test]
+    fn the_refresh_slot_is_taken_once_per_interval() {
+        let entry = Entry {
+            token: Arc::new(Token {
+                value: Secret::new("x"),
+                expires_at_ms: 100 * MIN,
+            }),
+            serve_until_ms: 97 * MIN,
+            due_ms: 70 * MIN,
+            last_used_ms: AtomicU64::new(0),
+            next_attempt_ms: AtomicU64::new(0),
+            indexed_at_ms: AtomicU64::new(NOT_INDEXED),
+        };
+        assert!(entry.claim_attempt(70 * MIN, 30_000));
+        assert!(!entry.claim_attempt(70 * MIN, 30_000));
+        assert!(!entry.claim_attempt(70 * MIN + 29_999, 30_000));
+        assert!(entry.claim_attempt(70 * MIN + 30_000, 30_000));
     }
 }

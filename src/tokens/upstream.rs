@@ -2,10 +2,20 @@
 //! `tenant_access_token`, `app_ticket/resend`, on each app's `base_url`.
 //!
 //! Every call has a timeout. Transport failures (including timeouts) and 5xx answers are retried
-//! with exponential backoff and jitter; an answered error (`code != 0`) is never retried — it is
-//! Feishu's verdict, and the broker decides what it means (10012: resend the ticket; 99991663 /
-//! 99991664: drop that token). Non-200 statuses are still parsed for `code` and `msg`, since Feishu
-//! answers some auth failures with HTTP 400 and a JSON body.
+//! with exponential backoff and jitter; an answered error (`code != 0`, HTTP < 500) is never
+//! retried — it is Feishu's verdict, and the broker decides what it means (10012: resend the
+//! ticket; 99991663 / 99991664: drop that token). Non-200 statuses are still parsed for `code` and
+//! `msg`, since Feishu answers some auth failures with HTTP 400 and a JSON body; a 5xx that
+//! carries a `code` keeps it ([`UpstreamError::Server`]), so the caller's `502 upstream_error`
+//! says what Feishu said.
+//!
+//! `expire` is checked against Feishu's range (protocol.md §6: a token lives at most 2 hours):
+//! 1 to [`MAX_EXPIRE_S`] seconds is taken as given, a larger value is clamped to
+//! [`MAX_EXPIRE_S`] (a token must never be cached for longer than Feishu can have meant), and 0,
+//! a negative, fractional or missing `expire` makes the answer unusable (`upstream_error`).
+//!
+//! Building the HTTP client can fail (TLS set-up); [`Upstream::new`] returns that error so the
+//! service refuses to start instead of running with a default client.
 
 use std::fmt;
 use std::time::Duration;
@@ -21,6 +31,9 @@ pub const APP_ACCESS_TOKEN_PATH: &str = "/open-apis/auth/v3/app_access_token";
 pub const TENANT_ACCESS_TOKEN_PATH: &str = "/open-apis/auth/v3/tenant_access_token";
 pub const APP_TICKET_RESEND_PATH: &str = "/open-apis/auth/v3/app_ticket/resend";
 
+/// The longest token lifetime Feishu issues (2 hours), in seconds: a larger `expire` is clamped.
+pub const MAX_EXPIRE_S: u64 = 2 * 3600;
+
 /// Feishu codes the broker acts on.
 pub mod codes {
     /// "get app access token fail": by SDK convention, the app_ticket is invalid.
@@ -29,6 +42,8 @@ pub mod codes {
     pub const INVALID_ACCESS_TOKEN: i64 = 99991663;
     /// "invalid app token".
     pub const INVALID_APP_TOKEN: i64 = 99991664;
+    /// "request trigger frequency limit": back off.
+    pub const RATE_LIMITED: i64 = 99991400;
 }
 
 /// Why a call failed.
@@ -38,7 +53,9 @@ pub enum UpstreamError {
     Api { code: i64, msg: String, status: u16 },
     /// No answer within the timeout (after retries).
     Timeout,
-    /// Connection failure or an unreadable / 5xx answer (after retries).
+    /// A 5xx answer that carried Feishu's `code` and `msg` (after retries).
+    Server { code: i64, msg: String, status: u16 },
+    /// Connection failure or an unreadable answer (after retries).
     Transport(String),
 }
 
@@ -57,6 +74,9 @@ impl fmt::Display for UpstreamError {
             UpstreamError::Api { code, msg, status } => {
                 write!(f, "Feishu answered code {code} ({msg}), HTTP {status}")
             }
+            UpstreamError::Server { code, msg, status } => {
+                write!(f, "Feishu failed with HTTP {status}, code {code} ({msg})")
+            }
             UpstreamError::Timeout => f.write_str("Feishu did not answer in time"),
             UpstreamError::Transport(e) => write!(f, "cannot reach Feishu: {e}"),
         }
@@ -71,6 +91,11 @@ impl From<UpstreamError> for Error {
             UpstreamError::Api { code, msg, .. } => Error::new(
                 ErrorKind::UpstreamError,
                 format!("the Open Platform answered code {code}: {msg}"),
+            )
+            .with_upstream(*code, msg.clone()),
+            UpstreamError::Server { code, msg, .. } => Error::new(
+                ErrorKind::UpstreamError,
+                format!("the Open Platform failed with code {code}: {msg}"),
             )
             .with_upstream(*code, msg.clone()),
             UpstreamError::Timeout => Error::from(ErrorKind::UpstreamTimeout),
@@ -97,7 +122,8 @@ struct AuthResponse {
     msg: String,
     app_access_token: Option<Secret>,
     tenant_access_token: Option<Secret>,
-    expire: Option<u64>,
+    /// Any JSON number, so an out-of-range value is judged here rather than failing the parse.
+    expire: Option<serde_json::Number>,
 }
 
 /// The auth API client.
@@ -110,18 +136,33 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(timeout: Duration, retries: u32, metrics: Metrics) -> Upstream {
-        let http = reqwest::Client::builder()
+    /// The client; fails if the HTTP client cannot be built.
+    pub fn new(
+        timeout: Duration,
+        retries: u32,
+        metrics: Metrics,
+    ) -> Result<Upstream, UpstreamError> {
+        let builder = reqwest::Client::builder()
             .user_agent(concat!("lark-ticketd/", env!("CARGO_PKG_VERSION")))
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_secs(60));
+        Upstream::with_builder(builder, timeout, retries, metrics)
+    }
+
+    fn with_builder(
+        builder: reqwest::ClientBuilder,
+        timeout: Duration,
+        retries: u32,
+        metrics: Metrics,
+    ) -> Result<Upstream, UpstreamError> {
+        let http = builder
             .build()
-            .unwrap_or_default();
-        Upstream {
+            .map_err(|e| UpstreamError::Transport(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Upstream {
             http,
             timeout,
             retries,
             metrics,
-        }
+        })
     }
 
     /// `app_access_token` for a store app: needs the newest app_ticket.
@@ -138,7 +179,7 @@ impl Upstream {
             "app_ticket": app_ticket.expose(),
         });
         let r = self.call(base_url, APP_ACCESS_TOKEN_PATH, &body).await?;
-        issued(r.app_access_token, r.expire)
+        issued(r.app_access_token, expire_s(r.expire.as_ref()))
     }
 
     /// `tenant_access_token` for one tenant of a store app.
@@ -153,7 +194,7 @@ impl Upstream {
             "tenant_key": tenant_key,
         });
         let r = self.call(base_url, TENANT_ACCESS_TOKEN_PATH, &body).await?;
-        issued(r.tenant_access_token, r.expire)
+        issued(r.tenant_access_token, expire_s(r.expire.as_ref()))
     }
 
     /// Ask Feishu to push the app_ticket again (it arrives at the events URL, not here).
@@ -183,12 +224,15 @@ impl Upstream {
             let outcome = self.call_once(&url, body).await;
             let retryable = matches!(
                 outcome,
-                Err(UpstreamError::Timeout | UpstreamError::Transport(_))
+                Err(UpstreamError::Timeout
+                    | UpstreamError::Transport(_)
+                    | UpstreamError::Server { .. })
             );
             if !retryable || attempt >= self.retries {
                 let code = match &outcome {
                     Ok(_) => "0".to_string(),
                     Err(UpstreamError::Api { code, .. }) => code.to_string(),
+                    Err(UpstreamError::Server { .. }) => "5xx".to_string(),
                     Err(UpstreamError::Timeout) => "timeout".to_string(),
                     Err(UpstreamError::Transport(_)) => "transport".to_string(),
                 };
@@ -225,6 +269,11 @@ impl Upstream {
                 msg: r.msg,
                 status,
             }),
+            Ok(r) if r.code != 0 => Err(UpstreamError::Server {
+                code: r.code,
+                msg: r.msg,
+                status,
+            }),
             _ => Err(UpstreamError::Transport(format!(
                 "HTTP {status} with an unexpected body"
             ))),
@@ -241,13 +290,33 @@ fn transport(e: reqwest::Error) -> UpstreamError {
     }
 }
 
+/// `expire` as whole seconds: a negative or fractional number is 0 (unusable).
+fn expire_s(expire: Option<&serde_json::Number>) -> Option<u64> {
+    expire.map(|n| n.as_u64().unwrap_or(0))
+}
+
+/// A success answer's token, with `expire` checked against Feishu's range (module docs).
 fn issued(token: Option<Secret>, expire: Option<u64>) -> Result<IssuedToken, UpstreamError> {
     match (token, expire) {
         (Some(token), Some(expire_s)) if !token.is_empty() && expire_s > 0 => {
-            Ok(IssuedToken { token, expire_s })
+            if expire_s > MAX_EXPIRE_S {
+                tracing::warn!(
+                    expire_s,
+                    max_s = MAX_EXPIRE_S,
+                    "Feishu answered an expire beyond a token's lifetime; clamped"
+                );
+            }
+            Ok(IssuedToken {
+                token,
+                expire_s: expire_s.min(MAX_EXPIRE_S),
+            })
         }
+        (Some(token), _) if !token.is_empty() => Err(UpstreamError::Transport(
+            "a success answer whose expire is missing or not a positive number of seconds"
+                .to_string(),
+        )),
         _ => Err(UpstreamError::Transport(
-            "a success answer without a token or expire".to_string(),
+            "a success answer without a token".to_string(),
         )),
     }
 }
@@ -270,6 +339,56 @@ mod tests {
             let base = 100u64 << attempt.min(5);
             assert!(d >= base / 2 && d <= base * 3 / 2, "{attempt}: {d}");
         }
+    }
+
+    #[test]
+    fn expire_outside_feishus_range_is_clamped_or_refused() {
+        let token = || Some(Secret::new("t-x"));
+        assert_eq!(issued(token(), Some(7140)).unwrap().expire_s, 7140);
+        assert_eq!(issued(token(), Some(1)).unwrap().expire_s, 1);
+        assert_eq!(
+            issued(token(), Some(u64::MAX)).unwrap().expire_s,
+            MAX_EXPIRE_S
+        );
+        assert_eq!(issued(token(), Some(7201)).unwrap().expire_s, MAX_EXPIRE_S);
+        assert!(issued(token(), Some(0)).is_err());
+        assert!(issued(token(), None).is_err());
+        let parse = |body: &str| {
+            let r: AuthResponse = serde_json::from_str(body).unwrap();
+            issued(r.tenant_access_token, expire_s(r.expire.as_ref()))
+        };
+        assert!(parse(r#"{"code":0,"tenant_access_token":"t-x","expire":-5}"#).is_err());
+        assert!(parse(r#"{"code":0,"tenant_access_token":"t-x","expire":1.5}"#).is_err());
+        assert_eq!(
+            parse(r#"{"code":0,"tenant_access_token":"t-x","expire":18446744073709551615}"#)
+                .unwrap()
+                .expire_s,
+            MAX_EXPIRE_S
+        );
+    }
+
+    #[test]
+    fn upstream_builder_errors_are_surfaced() {
+        // An invalid header value makes reqwest's builder fail at build().
+        let builder = reqwest::Client::builder().user_agent("bad\nagent");
+        let built = Upstream::with_builder(builder, Duration::from_secs(1), 0, Metrics::new());
+        assert!(built.is_err(), "the builder error must reach the caller");
+        assert!(Upstream::new(Duration::from_secs(1), 0, Metrics::new()).is_ok());
+    }
+
+    #[test]
+    fn server_errors_keep_feishus_code() {
+        let e: Error = UpstreamError::Server {
+            code: 99991400,
+            msg: "request trigger frequency limit".into(),
+            status: 500,
+        }
+        .into();
+        assert_eq!(e.kind(), ErrorKind::UpstreamError);
+        assert_eq!(
+            e.upstream(),
+            Some((99991400, "request trigger frequency limit"))
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 mod util;
 
+mod broker;
 mod intake;
 mod leaks;
 mod mock;

@@ -483,6 +483,8 @@ pub struct StackOptions {
     pub no_push_on_resend: bool,
     /// The fake platform knows a different app secret than the service.
     pub wrong_secret: bool,
+    /// Lifetime of the tokens the fake platform issues (default: Feishu's 2 hours).
+    pub token_ttl: Option<Duration>,
 }
 
 /// The service and a fake Open Platform, each on port 0, wired to each other.
@@ -524,6 +526,9 @@ impl Stack {
             service.local_addr().unwrap()
         ));
         mock_options.push_on_resend = !options.no_push_on_resend;
+        if let Some(ttl) = options.token_ttl {
+            mock_options.token_ttl = ttl;
+        }
         if options.wrong_secret {
             for app in &mut mock_options.apps {
                 app.app_secret = lark_ticketd::secret::Secret::new("a-different-secret");
