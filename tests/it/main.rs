@@ -7,6 +7,7 @@
 
 mod util;
 
+mod abuse;
 mod intake;
 mod leaks;
 mod mock;
