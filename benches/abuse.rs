@@ -9,7 +9,8 @@
 //! mock-feishu run as child processes, pinned like `benches/load.rs` (servers on core 0, this
 //! process on core 1, with `taskset`). Everything is on loopback. The legitimate client is
 //! 127.0.0.1; attackers use other loopback addresses (127.0.0.2 and up), so the per-address limit
-//! applies to them and not to the client, as it would on a network.
+//! applies to them and not to the client, as it would on a network; at most 128 per address on
+//! the main listener (below its per-address limit: the pool itself is what is flooded).
 //!
 //! Throughout, the legitimate client pushes signed, encrypted `app_ticket` events (two keep-alive
 //! connections, closed loop), fetches tenant tokens (two more), and probes `/healthz` and
@@ -526,6 +527,9 @@ fn launch(
 
 // ---------------------------------------------------------------------------------------------
 
+/// Where, what, how many, how many per address, first address (127.0.0.x).
+type Plan = (SocketAddr, Attack, usize, usize, u8);
+
 struct PhaseResult {
     name: &'static str,
     tally: Tally,
@@ -582,7 +586,7 @@ async fn bench(
     )));
 
     let s = scale;
-    let phases: [(&'static str, Vec<(SocketAddr, Attack, usize, usize, u8)>); 5] = [
+    let phases: [(&'static str, Vec<Plan>); 5] = [
         ("1. baseline, no attack", vec![]),
         (
             "2. slowloris, main and ops listeners",

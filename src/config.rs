@@ -189,7 +189,7 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             max_connections: 1024,
-            max_connections_per_peer: 128,
+            max_connections_per_peer: 512,
             ops_max_connections: 64,
             ops_max_connections_per_peer: 16,
             max_header_bytes: 16 * 1024,
