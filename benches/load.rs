@@ -210,6 +210,8 @@ fn config_text(port: u16, mock_port: u16, store: &str) -> String {
         r#"listen = "127.0.0.1:{port}"
 [server]
 max_connections = 4096
+# Every client of the benchmark is 127.0.0.1.
+max_connections_per_peer = 4096
 {store}
 [[apps]]
 app_id = "{APP_ID}"

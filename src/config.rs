@@ -159,20 +159,47 @@ impl Default for TokenConfig {
 }
 
 /// Resource bounds of the HTTP server.
+///
+/// Every listener has its own connection pool (`max_connections*` for the main listener,
+/// `ops_max_connections*` for `ops_listen`), so a flood of one never starves the other.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Largest request body accepted; Feishu's events are a few KB.
     #[serde(deserialize_with = "de_bytes")]
     pub max_body_bytes: usize,
-    /// Time a client has to send the request head (slowloris bound).
+    /// Time a client has to send a complete request head, counted from accept and again from the
+    /// end of each response: it is the first-byte, slowloris and keep-alive idle bound at once.
     #[serde(deserialize_with = "de_duration")]
     pub header_read_timeout: Duration,
     /// Time a client has to send the request body.
     #[serde(deserialize_with = "de_duration")]
     pub request_timeout: Duration,
-    /// Open connections at most; further clients wait in the kernel's backlog.
+    /// Open connections on the main listener at most; further clients wait in the kernel's
+    /// backlog.
     pub max_connections: usize,
+    /// Open connections from one client IP address on the main listener at most; more are
+    /// answered `429 too_many_connections` and closed. Behind a proxy every client has the
+    /// proxy's address: raise this to `max_connections` there.
+    pub max_connections_per_peer: usize,
+    /// Open connections on `ops_listen` at most.
+    pub ops_max_connections: usize,
+    /// Open connections from one client IP address on `ops_listen` at most.
+    pub ops_max_connections_per_peer: usize,
+    /// Largest request head (request line and headers); larger gets `431 header_too_large`.
+    /// Also bounds hyper's per-connection read buffer.
+    #[serde(deserialize_with = "de_bytes")]
+    pub max_header_bytes: usize,
+    /// Request-body bytes held at once across all connections, beyond each request's
+    /// `body_allowance_bytes`. A body that does not fit gets `429 server_busy` with
+    /// `Retry-After` at once.
+    #[serde(deserialize_with = "de_bytes")]
+    pub max_body_bytes_in_flight: usize,
+    /// Body bytes every request may hold without drawing on `max_body_bytes_in_flight`: small
+    /// bodies (every Feishu push we know of) are never refused for lack of budget. Bounded in sum by
+    /// the connection limits.
+    #[serde(deserialize_with = "de_bytes")]
+    pub body_allowance_bytes: usize,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     #[serde(deserialize_with = "de_duration")]
     pub shutdown_grace: Duration,
@@ -182,9 +209,15 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_body_bytes: 1024 * 1024,
-            header_read_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             max_connections: 1024,
+            max_connections_per_peer: 512,
+            ops_max_connections: 64,
+            ops_max_connections_per_peer: 16,
+            max_header_bytes: 16 * 1024,
+            max_body_bytes_in_flight: 32 * 1024 * 1024,
+            body_allowance_bytes: 16 * 1024,
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -335,10 +368,39 @@ impl Config {
                 "must be at least 1KiB",
             ));
         }
-        if s.max_connections == 0 {
+        for (key, n) in [
+            ("server.max_connections", s.max_connections),
+            (
+                "server.max_connections_per_peer",
+                s.max_connections_per_peer,
+            ),
+            ("server.ops_max_connections", s.ops_max_connections),
+            (
+                "server.ops_max_connections_per_peer",
+                s.ops_max_connections_per_peer,
+            ),
+        ] {
+            if n == 0 {
+                return Err(ConfigError::new(key, "must be at least 1"));
+            }
+        }
+        if !(1024..=1024 * 1024).contains(&s.max_header_bytes) {
             return Err(ConfigError::new(
-                "server.max_connections",
-                "must be at least 1",
+                "server.max_header_bytes",
+                "must be between 1KiB and 1MiB",
+            ));
+        }
+        if s.max_body_bytes_in_flight < s.max_body_bytes {
+            return Err(ConfigError::new(
+                "server.max_body_bytes_in_flight",
+                "must be at least server.max_body_bytes",
+            ));
+        }
+        // The budget counts bytes in a semaphore whose largest single grant is u32::MAX.
+        if s.max_body_bytes_in_flight > u32::MAX as usize {
+            return Err(ConfigError::new(
+                "server.max_body_bytes_in_flight",
+                "must be less than 4GiB",
             ));
         }
         for (key, d) in [
@@ -759,6 +821,18 @@ verification_token = "t"
             (
                 "[server]\nmax_body_bytes = 10\n[[apps]]\napp_id = \"cli_x\"\napp_secret = \"s\"\nverification_token = \"t\"",
                 "server.max_body_bytes",
+            ),
+            (
+                "[server]\nmax_connections_per_peer = 0\n[[apps]]\napp_id = \"cli_x\"\napp_secret = \"s\"\nverification_token = \"t\"",
+                "server.max_connections_per_peer",
+            ),
+            (
+                "[server]\nmax_header_bytes = 100\n[[apps]]\napp_id = \"cli_x\"\napp_secret = \"s\"\nverification_token = \"t\"",
+                "server.max_header_bytes",
+            ),
+            (
+                "[server]\nmax_body_bytes = \"2MiB\"\nmax_body_bytes_in_flight = \"1MiB\"\n[[apps]]\napp_id = \"cli_x\"\napp_secret = \"s\"\nverification_token = \"t\"",
+                "server.max_body_bytes_in_flight",
             ),
         ];
         for (text, key) in cases {

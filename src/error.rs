@@ -55,6 +55,17 @@ pub enum ErrorKind {
     UpstreamError,
     /// Feishu did not answer in time.
     UpstreamTimeout,
+    /// The server-wide budget for request bodies in flight (`server.max_body_bytes_in_flight`)
+    /// cannot take this body now: retry after `Retry-After` (never a 5xx: nothing of ours failed).
+    Busy,
+    /// This client address already holds `server.max_connections_per_peer` connections.
+    TooManyConnections,
+    /// Hyper refused the request head: larger than `server.max_header_bytes`.
+    HeaderTooLarge,
+    /// Hyper refused the request line: the URI is too long.
+    UriTooLong,
+    /// Hyper refused the request: not parseable HTTP/1 (bad method, header, framing).
+    MalformedRequest,
     /// A bug or an unexpected failure of ours.
     Internal,
 }
@@ -69,13 +80,17 @@ impl ErrorKind {
             | EncryptionRequired
             | EncryptKeyNotConfigured
             | AppMismatch
-            | BadRequest => 400,
+            | BadRequest
+            | MalformedRequest => 400,
             BadSignature | BadToken | Unauthorized => 401,
             Forbidden => 403,
             UnknownApp | NotFound => 404,
             MethodNotAllowed => 405,
             RequestTimeout => 408,
             PayloadTooLarge => 413,
+            UriTooLong => 414,
+            Busy | TooManyConnections => 429,
+            HeaderTooLarge => 431,
             Internal => 500,
             UpstreamError => 502,
             StoreUnavailable | TicketMissing => 503,
@@ -106,6 +121,11 @@ impl ErrorKind {
             TicketMissing => "ticket_missing",
             UpstreamError => "upstream_error",
             UpstreamTimeout => "upstream_timeout",
+            Busy => "server_busy",
+            TooManyConnections => "too_many_connections",
+            HeaderTooLarge => "header_too_large",
+            UriTooLong => "uri_too_long",
+            MalformedRequest => "malformed_request",
             Internal => "internal",
         }
     }
@@ -240,6 +260,11 @@ impl From<ErrorKind> for Error {
             ErrorKind::TicketMissing => "no app_ticket yet; a resend was requested, retry shortly",
             ErrorKind::UpstreamError => "the Open Platform returned an error",
             ErrorKind::UpstreamTimeout => "the Open Platform did not answer in time",
+            ErrorKind::Busy => "the server is busy reading other request bodies; retry shortly",
+            ErrorKind::TooManyConnections => "too many open connections from this address",
+            ErrorKind::HeaderTooLarge => "the request head is larger than the configured limit",
+            ErrorKind::UriTooLong => "the request URI is too long",
+            ErrorKind::MalformedRequest => "the request is not valid HTTP/1.1",
             ErrorKind::Internal => "internal error",
         };
         Error::new(kind, message)
@@ -266,6 +291,11 @@ mod tests {
             (ErrorKind::TicketMissing, 503, "ticket_missing"),
             (ErrorKind::UpstreamError, 502, "upstream_error"),
             (ErrorKind::UpstreamTimeout, 504, "upstream_timeout"),
+            (ErrorKind::Busy, 429, "server_busy"),
+            (ErrorKind::TooManyConnections, 429, "too_many_connections"),
+            (ErrorKind::HeaderTooLarge, 431, "header_too_large"),
+            (ErrorKind::UriTooLong, 414, "uri_too_long"),
+            (ErrorKind::MalformedRequest, 400, "malformed_request"),
         ];
         for (kind, status, code) in table {
             assert_eq!(kind.status(), status, "{kind:?}");

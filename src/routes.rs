@@ -4,15 +4,25 @@
 //! `{"error": {"code", "message"}}` with the kind's status (5xx messages stay generic; the cause
 //! goes to the log, once, from [`handle`]). One log line per request, with the app, route, event
 //! type, status and elapsed time, and never a secret.
+//!
+//! Request bodies are read here, never by hyper on its own: at most `server.max_body_bytes`
+//! within `server.request_timeout`, and charged to the server-wide [`BodyBudget`] that `server`
+//! puts in each request's extensions. A body that does not fit the budget is refused with
+//! `429 server_busy` and `Retry-After` at once rather than waited for: under a flood of slow
+//! bodies budget frees only as they time out, so waiting would mostly turn a quick refusal
+//! (which Feishu retries) into a slow one.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Body;
 use hyper::header::{HeaderMap, HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth;
 use crate::config::Scope;
@@ -399,7 +409,7 @@ where
     let (token, invalidated) = if invalidate {
         let (parts, body) = req.into_parts();
         let timeout = state.config().server.request_timeout;
-        let body = read_body(&parts.headers, body, MAX_API_BODY_BYTES, timeout).await?;
+        let (body, _budget) = read_body(&parts, body, MAX_API_BODY_BYTES, timeout).await?;
         let request: InvalidateRequest = serde_json::from_slice(&body).map_err(|_| {
             Error::new(
                 ErrorKind::BadRequest,
@@ -490,13 +500,10 @@ where
 {
     let limits = &state.config().server;
     let (parts, body) = req.into_parts();
-    let body = read_body(
-        &parts.headers,
-        body,
-        limits.max_body_bytes,
-        limits.request_timeout,
-    )
-    .await?;
+    // `_budget` keeps the body's share of the budget until the event is handled and the body
+    // dropped.
+    let (body, _budget) =
+        read_body(&parts, body, limits.max_body_bytes, limits.request_timeout).await?;
     let signature = signature_headers(&parts.headers);
     let verified = state.verifier().verify(target, signature, &body)?;
     log.app_id = Some(verified.app_id().to_string());
@@ -523,34 +530,120 @@ fn signature_headers(headers: &HeaderMap) -> Option<SignatureHeaders<'_>> {
     })
 }
 
-/// Read a body of at most `limit` bytes within `timeout`.
+/// The server-wide budget for request-body bytes held at once (`server.max_body_bytes_in_flight`),
+/// beyond a per-request allowance (`server.body_allowance_bytes`). Cheap to clone.
+///
+/// `server` inserts one into every request's extensions; a request without one (a handler called
+/// directly, as the property tests do) is bounded by `max_body_bytes` only.
+#[derive(Clone, Debug)]
+pub struct BodyBudget {
+    permits: Arc<Semaphore>,
+    allowance: usize,
+}
+
+impl BodyBudget {
+    /// `total` bytes shared by all requests, `allowance` bytes free to each. `total` must fit in
+    /// a `u32` (config validation ensures it).
+    pub fn new(total: usize, allowance: usize) -> Self {
+        BodyBudget {
+            permits: Arc::new(Semaphore::new(total.min(u32::MAX as usize))),
+            allowance,
+        }
+    }
+
+    /// Bytes of the shared budget not held by any request now.
+    pub fn available(&self) -> usize {
+        self.permits.available_permits()
+    }
+
+    /// Make sure `hold` covers a body of `bytes` bytes; `Busy` if the budget cannot.
+    fn cover(&self, hold: &mut BudgetHold, bytes: usize) -> Result<(), Error> {
+        let need = bytes.saturating_sub(self.allowance);
+        let held = hold.0.as_ref().map_or(0, |p| p.num_permits());
+        if need <= held {
+            return Ok(());
+        }
+        let more = u32::try_from(need - held).map_err(|_| ErrorKind::Busy)?;
+        let permit = Arc::clone(&self.permits)
+            .try_acquire_many_owned(more)
+            .map_err(|_| ErrorKind::Busy)?;
+        match &mut hold.0 {
+            Some(p) => p.merge(permit),
+            None => hold.0 = Some(permit),
+        }
+        Ok(())
+    }
+}
+
+/// A request body's share of the [`BodyBudget`], given back when dropped.
+#[derive(Default)]
+#[must_use = "the budget is given back as soon as the hold is dropped"]
+pub struct BudgetHold(Option<OwnedSemaphorePermit>);
+
+/// Read a body of at most `limit` bytes within `timeout`, charged to the request's
+/// [`BodyBudget`] as it arrives (all of a declared `Content-Length` before the first byte is
+/// read). The returned hold keeps the charge until the caller is done with the body.
 async fn read_body<B>(
-    headers: &HeaderMap,
+    parts: &Parts,
     body: B,
     limit: usize,
     timeout: Duration,
-) -> Result<Bytes, Error>
+) -> Result<(Bytes, BudgetHold), Error>
 where
     B: Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    let declared = headers
+    let declared = parts
+        .headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(payload_too_large(limit));
     }
-    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
-        Err(_) => Err(ErrorKind::RequestTimeout.into()),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(payload_too_large(limit))
+    let budget = parts.extensions.get::<BodyBudget>();
+    let mut hold = BudgetHold::default();
+    if let (Some(budget), Some(n)) = (budget, declared) {
+        // `n <= limit`, a usize.
+        budget.cover(&mut hold, n as usize)?;
+    }
+    let read = async {
+        let mut body = std::pin::pin!(body);
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut total = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                Error::new(ErrorKind::MalformedBody, "the body could not be read")
+                    .with_cause(e.to_string())
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            total += data.len();
+            if total > limit {
+                return Err(payload_too_large(limit));
+            }
+            if let Some(budget) = budget {
+                budget.cover(&mut hold, total)?;
+            }
+            chunks.push(data);
         }
-        Ok(Err(e)) => Err(
-            Error::new(ErrorKind::MalformedBody, "the body could not be read")
-                .with_cause(e.to_string()),
-        ),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(match chunks.len() {
+            0 => Bytes::new(),
+            1 => chunks.pop().unwrap_or_default(),
+            _ => {
+                let mut joined = BytesMut::with_capacity(total);
+                for chunk in chunks {
+                    joined.extend_from_slice(&chunk);
+                }
+                joined.freeze()
+            }
+        })
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Err(_) => Err(ErrorKind::RequestTimeout.into()),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(bytes)) => Ok((bytes, hold)),
     }
 }
 
@@ -596,6 +689,9 @@ pub fn error_response(error: &Error) -> Response<Full<Bytes>> {
     match kind {
         ErrorKind::StoreUnavailable | ErrorKind::TicketMissing => {
             headers.insert(RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        ErrorKind::Busy => {
+            headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }
         ErrorKind::Unauthorized => {
             headers.insert(

@@ -7,6 +7,7 @@
 
 mod util;
 
+mod abuse;
 mod broker;
 mod intake;
 mod leaks;
