@@ -7,6 +7,8 @@
 
 mod util;
 
+mod fuzz_corpus;
+mod fuzz_harness;
 mod intake;
 mod leaks;
 mod mock;
