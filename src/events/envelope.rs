@@ -16,7 +16,7 @@ use crate::secret::Secret;
 /// no Encrypt Key, the envelope itself.
 #[derive(Deserialize, Default)]
 #[serde(default)]
-pub(crate) struct Wire<'a> {
+pub struct Wire<'a> {
     #[serde(borrow)]
     pub encrypt: Option<Cow<'a, str>>,
     #[serde(borrow)]
@@ -40,7 +40,7 @@ pub(crate) struct Wire<'a> {
 /// The schema 2.0 `header`.
 #[derive(Deserialize, Default)]
 #[serde(default)]
-pub(crate) struct Header<'a> {
+pub struct Header<'a> {
     #[serde(borrow)]
     pub event_id: Option<Cow<'a, str>>,
     #[serde(borrow)]
@@ -92,7 +92,7 @@ pub enum ShapeError {
 /// found without a JSON parser; `None` for any other shape (then the body is parsed in full).
 /// Only printable ASCII without `"` or `\` is accepted inside, so the answer is always what
 /// a full parse would give.
-pub(crate) fn encrypt_only(body: &[u8]) -> Option<&str> {
+pub fn encrypt_only(body: &[u8]) -> Option<&str> {
     let inner = body
         .trim_ascii()
         .strip_prefix(br#"{"encrypt":""#)?
@@ -107,7 +107,7 @@ pub(crate) fn encrypt_only(body: &[u8]) -> Option<&str> {
 }
 
 /// Parse a JSON object (and only an object: serde would happily read an array into a struct).
-pub(crate) fn parse_object(bytes: &[u8]) -> Result<Wire<'_>, ShapeError> {
+pub fn parse_object(bytes: &[u8]) -> Result<Wire<'_>, ShapeError> {
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
         return Err(ShapeError::NotAnObject);
@@ -203,7 +203,7 @@ pub struct Order {
 
 /// Classify a parsed object into one of the three shapes (protocol.md §4.1: a challenge has
 /// `type == "url_verification"` and no `schema`).
-pub(crate) fn classify(wire: &Wire<'_>) -> Result<Payload, ShapeError> {
+pub fn classify(wire: &Wire<'_>) -> Result<Payload, ShapeError> {
     // Schema first: a 2.0 envelope is an event whatever else it carries (the Go/Java SDK test
     // event has a stray `"type":"url_verification"` beside its header).
     if wire.schema.is_some() {

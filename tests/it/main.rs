@@ -9,6 +9,8 @@ mod util;
 
 mod abuse;
 mod broker;
+mod fuzz_corpus;
+mod fuzz_harness;
 mod intake;
 mod leaks;
 mod mock;
