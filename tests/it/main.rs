@@ -12,6 +12,7 @@ mod leaks;
 mod mock;
 mod ops;
 mod process;
+mod replay;
 mod robustness;
 mod tokens;
 mod vectors;

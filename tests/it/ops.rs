@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lark_ticketd::clock::ManualClock;
+use lark_ticketd::clock::{Clock, ManualClock};
 use serde_json::Value;
 
 use crate::util::{
@@ -134,7 +134,8 @@ async fn status_api_reports_resends_tokens_and_tenants_but_never_a_secret() {
     assert_eq!(s["tenants"]["tokens_cached"], 1);
 
     // Tenants from lifecycle events.
-    let event = lark_ticketd::push::seal(
+    // Signed at the stack's (hand-moved) clock, as Feishu signs at its own time.
+    let event = lark_ticketd::push::seal_at(
         &serde_json::json!({"uuid": "u1", "ts": "1800000000.0", "token": TOKEN, "type": "event_callback",
             "event": {"type": "app_open", "app_id": APP_ID, "tenant_key": "tenant-a"}})
         .to_string(),
@@ -142,6 +143,7 @@ async fn status_api_reports_resends_tokens_and_tenants_but_never_a_secret() {
             encrypt_key: Some(&lark_ticketd::secret::Secret::new(KEY)),
             sign: true,
         },
+        clock.now_ms(),
     );
     let url = stack.app.url(&format!("/events/{APP_ID}"));
     let (status, _) = lark_ticketd::push::send(&client(), &url, &event)
