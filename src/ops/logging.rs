@@ -157,9 +157,11 @@ impl LogPipe {
                     .0
                     .work
                     .wait_timeout_while(state, FLUSH_INTERVAL, |s| {
-                        s.flushes_done == s.flushes_asked
-                            && s.pending.len() < FLUSH_BYTES
-                            && !(self.0.eager && !s.pending.is_empty())
+                        // Sleep unless a flush is asked for, a batch is full, or (eager) a line waits.
+                        let nothing_asked = s.flushes_done == s.flushes_asked;
+                        let batch_open = s.pending.len() < FLUSH_BYTES;
+                        let may_wait = !self.0.eager || s.pending.is_empty();
+                        nothing_asked && batch_open && may_wait
                     })
                     .unwrap_or_else(|p| p.into_inner());
                 // Swap buffers: the next lines go into last round's (cleared) allocation.
