@@ -369,6 +369,13 @@ async fn run(
 // ---------------------------------------------------------------------------------------------
 // Requests.
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 fn sealed(json: &str, sign: bool) -> Prepared {
     let req = push::seal(
         json,
@@ -395,13 +402,15 @@ fn challenge() -> Source {
 /// ~1 KB schema-2.0 events with distinct ids.
 fn v2_events(count: usize) -> Source {
     let text = "x".repeat(560);
+    // Event times inside the service's replay window (events.max_age).
+    let create_time = now_ms().to_string();
     cycle(
         (0..count)
             .map(|i| {
                 let json = serde_json::json!({
                     "schema": "2.0",
                     "header": {"event_id": format!("{:032x}", i), "token": TOKEN,
-                               "create_time": "1700000000000", "event_type": "im.message.receive_v1",
+                               "create_time": &create_time, "event_type": "im.message.receive_v1",
                                "tenant_key": "2ed263bf32cf1651", "app_id": APP_ID},
                     "event": {"sender": {"sender_id": {"open_id": "ou_84aad35d084aa403a838cf73ee18467"}},
                               "message": {"message_id": format!("om_{i:030}"), "chat_type": "p2p",
@@ -416,7 +425,8 @@ fn v2_events(count: usize) -> Source {
 
 /// A distinct, newer app_ticket for every request (sealed on the fly: the server's fsync dominates).
 fn tickets() -> Source {
-    let base = 1_800_000_000_000_000i64;
+    // Now (inside the replay window), then one microsecond newer per request.
+    let base = now_ms() as i64 * 1000;
     Arc::new(move |i| {
         let json = push::app_ticket_json(
             APP_ID,

@@ -72,6 +72,8 @@ pub struct Config {
     #[serde(default)]
     pub tokens: TokenConfig,
     #[serde(default)]
+    pub events: EventsConfig,
+    #[serde(default)]
     pub apps: Vec<AppConfig>,
     #[serde(default)]
     pub clients: Vec<ClientConfig>,
@@ -99,6 +101,37 @@ impl Default for TicketConfig {
             resend_interval: Duration::from_secs(60),
             resend_wait: Duration::from_secs(5),
             stale_after: Duration::from_secs(75 * 60),
+        }
+    }
+}
+
+/// How fresh an event must be (the replay window; see `events` module docs).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// A signed request whose `X-Lark-Request-Timestamp`, or an event whose own time (1.0 `ts`,
+    /// 2.0 `header.create_time`), is older than this is refused as `stale_request`. Feishu
+    /// retries a failed push after 15 s, 5 min, 1 h and 6 h (≈ 7.1 h), and whether a retry
+    /// carries a fresh timestamp is not documented, so the default leaves room for the whole
+    /// ladder.
+    #[serde(deserialize_with = "de_duration")]
+    pub max_age: Duration,
+    /// How far ahead of our clock a signature timestamp may be (further: `stale_request`), and
+    /// where an event time further ahead is capped for ordering (never refused: a clock that is
+    /// behind must not stop real pushes).
+    #[serde(deserialize_with = "de_duration")]
+    pub max_skew: Duration,
+    /// `false` accepts requests and events of any age: for replaying captured traffic. Event
+    /// times ahead of `max_skew` are capped either way.
+    pub reject_stale: bool,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            max_age: Duration::from_secs(8 * 3600),
+            max_skew: Duration::from_secs(5 * 60),
+            reject_stale: true,
         }
     }
 }
@@ -453,6 +486,8 @@ impl Config {
             ("tokens.upstream_timeout", t.upstream_timeout),
             ("tickets.resend_wait", self.tickets.resend_wait),
             ("tickets.stale_after", self.tickets.stale_after),
+            ("events.max_age", self.events.max_age),
+            ("events.max_skew", self.events.max_skew),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::new(key, "must be longer than 0s"));
@@ -709,6 +744,23 @@ verification_token = "vt-literal"
         assert_eq!(app.encrypt_key.as_ref().unwrap().expose(), "ek-key-suffix");
         assert_eq!(app.verification_token.expose(), "vt-literal");
         assert_eq!(app.base_url, FEISHU_BASE_URL);
+        assert_eq!(c.events.max_age, Duration::from_secs(8 * 3600));
+        assert_eq!(c.events.max_skew, Duration::from_secs(300));
+        assert!(c.events.reject_stale);
+    }
+
+    #[test]
+    fn events_window_is_configurable_and_can_be_turned_off() {
+        let text = format!(
+            "[events]\nmax_age = \"12h\"\nmax_skew = \"1m\"\nreject_stale = false\n{MINIMAL}"
+        );
+        let c = Config::parse(&text, &env_of(&[("SECRET", "s"), ("EK", "k")])).unwrap();
+        assert_eq!(c.events.max_age, Duration::from_secs(12 * 3600));
+        assert_eq!(c.events.max_skew, Duration::from_secs(60));
+        assert!(!c.events.reject_stale);
+        let text = format!("[events]\nmax_age = \"0s\"\n{MINIMAL}");
+        let err = Config::parse(&text, &env_of(&[("SECRET", "s"), ("EK", "k")])).unwrap_err();
+        assert_eq!(err.key, "events.max_age");
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub enum ErrorKind {
     BadSignature,
     /// The Verification Token is missing or wrong.
     BadToken,
+    /// Authentic, but too old (or a signature timestamp too far ahead): outside `events.max_age`
+    /// / `events.max_skew`, or a signature timestamp that is not unix seconds. A replay.
+    StaleRequest,
     /// The routed `app_id` is not configured, or no configured app matches the request.
     UnknownApp,
     /// The event names an app other than the one it was routed to.
@@ -82,7 +85,7 @@ impl ErrorKind {
             | AppMismatch
             | BadRequest
             | MalformedRequest => 400,
-            BadSignature | BadToken | Unauthorized => 401,
+            BadSignature | BadToken | StaleRequest | Unauthorized => 401,
             Forbidden => 403,
             UnknownApp | NotFound => 404,
             MethodNotAllowed => 405,
@@ -108,6 +111,7 @@ impl ErrorKind {
             EncryptKeyNotConfigured => "encrypt_key_not_configured",
             BadSignature => "bad_signature",
             BadToken => "bad_token",
+            StaleRequest => "stale_request",
             UnknownApp => "unknown_app",
             AppMismatch => "app_mismatch",
             PayloadTooLarge => "payload_too_large",
@@ -247,6 +251,7 @@ impl From<ErrorKind> for Error {
                 "X-Lark-Signature is missing or does not match the body and the Encrypt Key"
             }
             ErrorKind::BadToken => "the Verification Token is missing or does not match",
+            ErrorKind::StaleRequest => "the request or event is too old (a replay?)",
             ErrorKind::UnknownApp => "no configured app matches this request",
             ErrorKind::AppMismatch => "the event names a different app than the route",
             ErrorKind::PayloadTooLarge => "the body is larger than the configured limit",
@@ -283,6 +288,7 @@ mod tests {
             (ErrorKind::EncryptionRequired, 400, "encryption_required"),
             (ErrorKind::BadSignature, 401, "bad_signature"),
             (ErrorKind::BadToken, 401, "bad_token"),
+            (ErrorKind::StaleRequest, 401, "stale_request"),
             (ErrorKind::UnknownApp, 404, "unknown_app"),
             (ErrorKind::AppMismatch, 400, "app_mismatch"),
             (ErrorKind::PayloadTooLarge, 413, "payload_too_large"),

@@ -22,7 +22,7 @@
 //! used by `lark-ticketd demo`, the tests, and developers without a Feishu tenant.
 //!
 //! The intake flow: request → limit → verify signature (raw bytes) → decrypt → parse envelope →
-//! check token → challenge | store ticket | record tenant | ack. Intake answers 200 to Feishu only
+//! check token → replay window (`events.max_age`) → challenge | store ticket | record tenant | ack. Intake answers 200 to Feishu only
 //! after the ticket is durable, and wakes token requests waiting for it.
 //!
 //! The token flow: request → bearer auth ([`auth`]) → cache → (single-flight) store ticket →

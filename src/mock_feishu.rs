@@ -623,12 +623,14 @@ impl State {
             now as i64 * 1000,
             &push::random_event_id(),
         );
-        let request = push::seal(
+        // Signed at the platform's own time, as Feishu does (tests move this clock by hand).
+        let request = push::seal_at(
             &json,
             Seal {
                 encrypt_key: app.encrypt_key.as_ref(),
                 sign: true,
             },
+            now,
         );
         match push::send(&self.http, &url, &request).await {
             Ok((status, _)) if (200..300).contains(&status) => {

@@ -28,15 +28,21 @@ pub struct Seal<'a> {
 
 /// Build the request for `plaintext` with a random IV, nonce and the current time.
 pub fn seal(plaintext: &str, how: Seal<'_>) -> PushRequest {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    seal_at(plaintext, how, now_ms)
+}
+
+/// Build the request with a random IV and nonce, signed at `now_ms` (unix milliseconds; the
+/// header carries whole seconds, as Feishu's does): a fake platform on its own clock.
+pub fn seal_at(plaintext: &str, how: Seal<'_>, now_ms: u64) -> PushRequest {
     let mut rng = rand::thread_rng();
     let mut iv = [0u8; 16];
     rng.fill_bytes(&mut iv);
     let nonce = rng.next_u32().to_string();
-    let timestamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-        .to_string();
+    let timestamp = (now_ms / 1000).to_string();
     seal_with(plaintext, how, iv, &timestamp, &nonce)
 }
 

@@ -14,8 +14,15 @@
 //! 5. an event naming another app than the routed one is refused (`app_mismatch`).
 //!
 //! Only [`Verifier::verify`] builds a [`Verified`], so nothing downstream can act on a payload
-//! that skipped a step. [`accept`] then does the one thing each verified payload asks for: echo
-//! the challenge, store the ticket (durably, before the 200), record tenant state, or just ack.
+//! that skipped a step. [`accept`] then checks that an event is fresh ([`freshness`]: the replay
+//! window, `stale_request`; event times ahead of our clock are capped for ordering) and does the
+//! one thing each verified payload asks for: echo the challenge, store the ticket (durably,
+//! before the 200), record tenant state, or just ack.
+//!
+//! Storing a ticket and waking the token requests waiting for it is one step that always
+//! completes: it runs as its own task, so a client that disconnects (hyper then drops the
+//! request's future) cannot leave a committed ticket unannounced and its waiters asleep until
+//! their timeout.
 //!
 //! About oracles: a request that carries signature headers that match no key gets
 //! `bad_signature` whatever its ciphertext holds (unless it is a valid challenge). Without
@@ -28,6 +35,7 @@
 
 pub mod cipher;
 pub mod envelope;
+pub mod freshness;
 pub mod signature;
 
 use std::collections::HashMap;
@@ -40,6 +48,7 @@ use crate::AppState;
 
 use cipher::EventCipher;
 use envelope::{EventDetail, Payload, ShapeError};
+use freshness::SignedAt;
 use signature::SignatureHeaders;
 
 pub use envelope::{Event, Order, Schema, TenantChange};
@@ -70,6 +79,8 @@ pub enum Target<'a> {
 pub struct Verified {
     app_id: String,
     payload: Payload,
+    /// The timestamp the (valid) signature covers, for the replay window.
+    signed_at: SignedAt,
 }
 
 impl Verified {
@@ -79,6 +90,11 @@ impl Verified {
 
     pub fn payload(&self) -> &Payload {
         &self.payload
+    }
+
+    /// The signature timestamp, when a signature was checked.
+    pub fn signed_at(&self) -> SignedAt {
+        self.signed_at
     }
 
     /// The event type for logs and metrics: `url_verification` or the event's type.
@@ -175,7 +191,7 @@ impl Verifier {
                 .find(|(_, key, _)| signature::verify(&headers, key.expose(), body));
             if let Some((app, _, cipher)) = signed_by {
                 let payload = decrypt_payload(cipher, encrypt)?;
-                return finish(app, payload);
+                return finish(app, payload, SignedAt::parse(headers.timestamp));
             }
         }
         // Unsigned (or signed by no app): only a URL-verification challenge may pass. A challenge
@@ -190,7 +206,9 @@ impl Verifier {
                 .map(|payload| (app, payload))
         });
         match decrypted {
-            Some((app, payload @ Payload::Challenge { .. })) => finish(app, payload),
+            Some((app, payload @ Payload::Challenge { .. })) => {
+                finish(app, payload, SignedAt::Unsigned)
+            }
             Some(_) => Err(ErrorKind::BadSignature.into()),
             // A signature was claimed and is wrong: that is the answer, whatever the payload.
             None if signature.is_some() => Err(ErrorKind::BadSignature.into()),
@@ -208,7 +226,7 @@ impl Verifier {
             .ok_or_else(|| Error::new(ErrorKind::BadToken, "the Verification Token is missing"))?;
         let matches = |a: &&AppKeys| a.verification_token.ct_eq(token.expose());
         match candidates.iter().find(matches) {
-            Some(app) if app.encrypt_key.is_none() => finish(app, payload),
+            Some(app) if app.encrypt_key.is_none() => finish(app, payload, SignedAt::Unsigned),
             Some(_) => Err(ErrorKind::EncryptionRequired.into()),
             None => Err(ErrorKind::BadToken.into()),
         }
@@ -233,7 +251,7 @@ fn shape_error(e: ShapeError) -> Error {
 }
 
 /// The token and app checks shared by every path.
-fn finish(app: &AppKeys, payload: Payload) -> Result<Verified, Error> {
+fn finish(app: &AppKeys, payload: Payload, signed_at: SignedAt) -> Result<Verified, Error> {
     let token = payload
         .token()
         .ok_or_else(|| Error::new(ErrorKind::BadToken, "the Verification Token is missing"))?;
@@ -264,6 +282,7 @@ fn finish(app: &AppKeys, payload: Payload) -> Result<Verified, Error> {
     Ok(Verified {
         app_id: app.app_id.clone(),
         payload,
+        signed_at,
     })
 }
 
@@ -284,14 +303,32 @@ pub enum Outcome {
 
 /// Act on a verified payload. Returns only after anything that must be durable is durable.
 pub async fn accept(state: &AppState, verified: Verified) -> Result<Outcome, Error> {
-    let Verified { app_id, payload } = verified;
+    let Verified {
+        app_id,
+        payload,
+        signed_at,
+    } = verified;
     let event = match payload {
         Payload::Challenge { challenge, .. } => return Ok(Outcome::Challenge(challenge)),
         Payload::Event(event) => *event,
     };
     let now_ms = state.clock().now_ms();
+    let fresh = freshness::check(&state.config().events, signed_at, event.time_us, now_ms)
+        .map_err(|stale| {
+            state.metrics().stale_request(&app_id, stale.as_str());
+            Error::new(ErrorKind::StaleRequest, stale.message())
+        })?;
+    if fresh.capped {
+        state.metrics().event_time_capped(&app_id);
+        tracing::warn!(
+            app_id = %app_id,
+            event_time_us = event.time_us.unwrap_or_default(),
+            now_ms,
+            "event time is ahead of our clock by more than events.max_skew; ordering it at the limit"
+        );
+    }
     // Without a usable event time, order by arrival.
-    let time_us = event.time_us.unwrap_or(now_ms as i64 * 1000);
+    let time_us = fresh.order_time_us.unwrap_or(now_ms as i64 * 1000);
     match event.detail {
         EventDetail::AppTicket { ticket } => {
             let source = if state.broker().resend_pending(&app_id) {
@@ -308,24 +345,13 @@ pub async fn accept(state: &AppState, verified: Verified) -> Result<Outcome, Err
                 pushes_seen: 0,
                 rejected: false,
             };
-            let fingerprint = record.ticket.fingerprint();
-            let via = match source {
-                TicketSource::Push => "push",
-                TicketSource::Resend => "resend",
-            };
-            let write = state.store().put_ticket(&app_id, record).await?;
-            state
-                .metrics()
-                .ticket_push(&app_id, via, write == TicketWrite::Stored);
-            if write == TicketWrite::Stored {
-                state.broker().ticket_stored(&app_id);
-            }
-            tracing::info!(
-                app_id = %app_id,
-                ticket = %fingerprint,
-                stored = matches!(write, TicketWrite::Stored),
-                "app_ticket received"
-            );
+            // Its own task: once started it commits *and* wakes the waiters, even if this
+            // request's future is dropped meanwhile (the client went away).
+            let task = tokio::spawn(store_ticket(state.clone(), app_id, record));
+            let write = task.await.map_err(|e| {
+                Error::from(ErrorKind::Internal)
+                    .with_cause(format!("the ticket write task failed: {e}"))
+            })??;
             Ok(match write {
                 TicketWrite::Stored => Outcome::TicketStored,
                 TicketWrite::KeptNewer => Outcome::TicketKeptNewer,
@@ -345,6 +371,32 @@ pub async fn accept(state: &AppState, verified: Verified) -> Result<Outcome, Err
         }
         EventDetail::Other => Ok(Outcome::Acknowledged),
     }
+}
+
+/// Store a ticket, count it, and wake whoever waits for one: the step [`accept`] runs as a task.
+async fn store_ticket(
+    state: AppState,
+    app_id: String,
+    record: TicketRecord,
+) -> Result<TicketWrite, Error> {
+    let fingerprint = record.ticket.fingerprint();
+    let via = match record.source {
+        TicketSource::Push => "push",
+        TicketSource::Resend => "resend",
+    };
+    let write = state.store().put_ticket(&app_id, record).await?;
+    let stored = write == TicketWrite::Stored;
+    state.metrics().ticket_push(&app_id, via, stored);
+    if stored {
+        state.broker().ticket_stored(&app_id);
+    }
+    tracing::info!(
+        app_id = %app_id,
+        ticket = %fingerprint,
+        stored,
+        "app_ticket received"
+    );
+    Ok(write)
 }
 
 #[cfg(test)]

@@ -1,9 +1,18 @@
 //! Prometheus metrics (`GET /metrics`, OpenMetrics text from `prometheus-client`).
 //!
-//! Labels are bounded and never secret: app ids (from the config), event types (only of
-//! authentic events), error codes, token kinds, Feishu endpoints and codes. No ticket, token, key
-//! or tenant_key appears in a label or a value. The ticket gauges are computed from the store at
-//! scrape time, so they are right even on a replica that did not receive the push.
+//! Labels are bounded and never secret. A label value that a request can influence is never
+//! copied into the exposition: it is mapped onto a closed set of `&'static str`s here, so no
+//! input can inject lines (a `"` or a newline in an event type) or grow the number of series:
+//!
+//! * `event_type`: the event types we name ([`KNOWN_EVENT_TYPES`]), else `other` (`unknown`
+//!   before a request was verified);
+//! * `outcome` / error codes, token kinds, `via`, stale reasons: `&'static str` by type;
+//! * Feishu's answer codes ([`KNOWN_UPSTREAM_CODES`]), else `other`;
+//! * app ids come from the config; Feishu endpoint names from our own constants.
+//!
+//! No ticket, token, key or tenant_key appears in a label or a value. The ticket gauges are
+//! computed from the store at scrape time, so they are right even on a replica that did not
+//! receive the push.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -17,10 +26,99 @@ use prometheus_client::registry::Registry;
 
 use crate::ops::status::TicketState;
 
+/// The event types that get their own `event_type` label value: Feishu's store-app events,
+/// the challenge, and the common business events. Every other type is counted as `other`.
+pub const KNOWN_EVENT_TYPES: &[&str] = &[
+    "url_verification",
+    "app_ticket",
+    "app_open",
+    "app_status_change",
+    "app_uninstalled",
+    "order_paid",
+    "message",
+    "add_bot",
+    "remove_bot",
+    "p2p_chat_create",
+    "im.message.receive_v1",
+    "im.message.message_read_v1",
+    "im.message.recalled_v1",
+    "im.message.reaction.created_v1",
+    "im.message.reaction.deleted_v1",
+    "im.chat.updated_v1",
+    "im.chat.disbanded_v1",
+    "im.chat.member.bot.added_v1",
+    "im.chat.member.bot.deleted_v1",
+    "im.chat.member.user.added_v1",
+    "im.chat.member.user.deleted_v1",
+    "contact.user.created_v3",
+    "contact.user.updated_v3",
+    "contact.user.deleted_v3",
+    "contact.department.created_v3",
+    "contact.department.updated_v3",
+    "contact.department.deleted_v3",
+    "contact.scope.updated_v3",
+    "application.application.visibility.added_v6",
+    "application.bot.menu_v6",
+    "card.action.trigger",
+];
+
+/// Feishu answer codes that get their own `code` label value (protocol.md §6's table, plus our
+/// own `timeout` and `transport`); any other code is `other`.
+pub const KNOWN_UPSTREAM_CODES: &[&str] = &[
+    "0",
+    "10003",
+    "10005",
+    "10012",
+    "10013",
+    "10014",
+    "10015",
+    "10016",
+    "11210",
+    "99991400",
+    "99991661",
+    "99991662",
+    "99991663",
+    "99991664",
+    "99991665",
+    "99991671",
+    "99991673",
+    "99992500",
+    "99992501",
+    "timeout",
+    "transport",
+];
+
+/// The label value for an event type: itself if we name it, else `other`.
+pub fn event_type_label(event_type: &str) -> &'static str {
+    if event_type.is_empty() {
+        return "unknown";
+    }
+    KNOWN_EVENT_TYPES
+        .iter()
+        .find(|known| **known == event_type)
+        .copied()
+        .unwrap_or("other")
+}
+
+/// The label value for Feishu's answer code: itself if listed, else `other`.
+pub fn upstream_code_label(code: &str) -> &'static str {
+    KNOWN_UPSTREAM_CODES
+        .iter()
+        .find(|known| **known == code)
+        .copied()
+        .unwrap_or("other")
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabels {
-    event_type: String,
-    outcome: String,
+    event_type: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StaleLabels {
+    app_id: String,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,26 +135,26 @@ struct AppStateLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PushLabels {
     app_id: String,
-    via: String,
-    stored: String,
+    via: &'static str,
+    stored: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResendLabels {
     app_id: String,
-    outcome: String,
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenLabels {
-    kind: String,
-    outcome: String,
+    kind: &'static str,
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabels {
     endpoint: String,
-    code: String,
+    code: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -79,6 +177,9 @@ struct Inner {
     events: Family<EventLabels, Counter>,
     intake_duration: Histogram,
     ticket_pushes: Family<PushLabels, Counter>,
+    stale_requests: Family<StaleLabels, Counter>,
+    event_times_capped: Family<AppLabels, Counter>,
+    log_lines_dropped: Counter,
     ticket_resends: Family<ResendLabels, Counter>,
     ticket_age: Family<AppLabels, Gauge<f64, AtomicU64>>,
     ticket_state: Family<AppStateLabels, Gauge>,
@@ -124,6 +225,24 @@ impl Metrics {
             "ticket_pushes",
             "Authentic app_ticket pushes, by how they arrived and whether they were the newest",
             ticket_pushes.clone(),
+        );
+        let stale_requests = Family::<StaleLabels, Counter>::default();
+        registry.register(
+            "stale_requests",
+            "Authentic requests refused as stale_request (replays, or retries past events.max_age), by reason",
+            stale_requests.clone(),
+        );
+        let event_times_capped = Family::<AppLabels, Counter>::default();
+        registry.register(
+            "event_times_capped",
+            "Events whose time was further ahead of our clock than events.max_skew, ordered at that limit",
+            event_times_capped.clone(),
+        );
+        let log_lines_dropped = Counter::default();
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because the log output could not keep up",
+            log_lines_dropped.clone(),
         );
         let ticket_resends = Family::<ResendLabels, Counter>::default();
         registry.register(
@@ -175,6 +294,9 @@ impl Metrics {
             events,
             intake_duration,
             ticket_pushes,
+            stale_requests,
+            event_times_capped,
+            log_lines_dropped,
             ticket_resends,
             ticket_age,
             ticket_state,
@@ -185,64 +307,80 @@ impl Metrics {
         }))
     }
 
-    /// A request to /events: `outcome` is `accepted` or the error code.
-    pub fn event(&self, event_type: &str, outcome: &str, seconds: f64) {
-        let event_type = if event_type.is_empty() {
-            "unknown"
-        } else {
-            event_type
-        };
+    /// A request to /events: `event_type` as the request named it (mapped onto
+    /// [`KNOWN_EVENT_TYPES`] + `other`), `outcome` `accepted` or the error code.
+    pub fn event(&self, event_type: &str, outcome: &'static str, seconds: f64) {
         self.0
             .events
             .get_or_create(&EventLabels {
-                event_type: event_type.to_string(),
-                outcome: outcome.to_string(),
+                event_type: event_type_label(event_type),
+                outcome,
             })
             .inc();
         self.0.intake_duration.observe(seconds);
     }
 
-    /// An authentic app_ticket push.
-    pub fn ticket_push(&self, app_id: &str, via: &str, stored: bool) {
+    /// An authentic app_ticket push (never a refused one: replays are [`Metrics::stale_request`]).
+    pub fn ticket_push(&self, app_id: &str, via: &'static str, stored: bool) {
         self.0
             .ticket_pushes
             .get_or_create(&PushLabels {
                 app_id: app_id.to_string(),
-                via: via.to_string(),
-                stored: stored.to_string(),
+                via,
+                stored: if stored { "true" } else { "false" },
+            })
+            .inc();
+    }
+
+    /// An authentic request refused as `stale_request`; `reason` names which time was out of the
+    /// window.
+    pub fn stale_request(&self, app_id: &str, reason: &'static str) {
+        self.0
+            .stale_requests
+            .get_or_create(&StaleLabels {
+                app_id: app_id.to_string(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// An event whose time was capped at `now + events.max_skew`.
+    pub fn event_time_capped(&self, app_id: &str) {
+        self.0
+            .event_times_capped
+            .get_or_create(&AppLabels {
+                app_id: app_id.to_string(),
             })
             .inc();
     }
 
     /// A resend request's outcome: `accepted` or `failed`.
-    pub fn ticket_resend(&self, app_id: &str, outcome: &str) {
+    pub fn ticket_resend(&self, app_id: &str, outcome: &'static str) {
         self.0
             .ticket_resends
             .get_or_create(&ResendLabels {
                 app_id: app_id.to_string(),
-                outcome: outcome.to_string(),
+                outcome,
             })
             .inc();
     }
 
     /// A token API request: `kind` app or tenant, `outcome` hit/waited/refreshed/stale or the error code.
-    pub fn token_request(&self, kind: &str, outcome: &str) {
+    pub fn token_request(&self, kind: &'static str, outcome: &'static str) {
         self.0
             .token_requests
-            .get_or_create(&TokenLabels {
-                kind: kind.to_string(),
-                outcome: outcome.to_string(),
-            })
+            .get_or_create(&TokenLabels { kind, outcome })
             .inc();
     }
 
-    /// A call to the auth API: `code` is Feishu's code, or `timeout` / `transport`.
+    /// A call to the auth API: `code` is Feishu's code (mapped onto [`KNOWN_UPSTREAM_CODES`] +
+    /// `other`), or `timeout` / `transport`.
     pub fn upstream_call(&self, endpoint: &str, code: &str, seconds: f64) {
         self.0
             .upstream_calls
             .get_or_create(&UpstreamLabels {
                 endpoint: endpoint.to_string(),
-                code: code.to_string(),
+                code: upstream_code_label(code),
             })
             .inc();
         self.0
@@ -285,6 +423,12 @@ impl Metrics {
 
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
+        // The log writer counts what it drops (it must not call back into metrics); catch up.
+        let dropped = crate::ops::logging::dropped_lines();
+        self.0
+            .log_lines_dropped
+            .inner()
+            .fetch_max(dropped, std::sync::atomic::Ordering::Relaxed);
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.0.registry).is_err() {
             out.clear();
@@ -330,5 +474,70 @@ mod tests {
         }
         m.set_ticket("cli_a", TicketState::Missing, None);
         assert!(!m.encode().contains("ticket_age_seconds{"));
+    }
+
+    /// The exposition parsed line by line: (series name with labels, value) of every sample.
+    fn samples(text: &str) -> Vec<&str> {
+        text.lines().filter(|l| !l.starts_with('#')).collect()
+    }
+
+    #[test]
+    fn metrics_label_injection_from_event_type_is_impossible() {
+        let m = Metrics::new();
+        let hostile = "x\"} 1\n# EOF\nlark_ticketd_forged_total{a=\"b";
+        m.event(hostile, "accepted", 0.001);
+        m.upstream_call("app_access_token", "1\"}\n# EOF", 0.01);
+        let text = m.encode();
+        assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(!text.contains("forged"), "{text}");
+        assert!(
+            text.contains("lark_ticketd_events_total{event_type=\"other\",outcome=\"accepted\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "lark_ticketd_upstream_calls_total{endpoint=\"app_access_token\",code=\"other\"} 1"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn metrics_series_stay_bounded_for_distinct_event_types() {
+        let m = Metrics::new();
+        for i in 0..2000 {
+            m.event(&format!("custom.type_{i}"), "accepted", 0.001);
+            m.upstream_call("tenant_access_token", &format!("{}", 20_000_000 + i), 0.01);
+        }
+        m.event("im.message.receive_v1", "accepted", 0.001);
+        let text = m.encode();
+        let events = samples(&text)
+            .into_iter()
+            .filter(|l| l.starts_with("lark_ticketd_events_total{"))
+            .count();
+        assert_eq!(events, 2, "other + im.message.receive_v1:\n{text}");
+        assert!(text.contains("event_type=\"other\",outcome=\"accepted\"} 2000"));
+        let upstream = samples(&text)
+            .into_iter()
+            .filter(|l| l.starts_with("lark_ticketd_upstream_calls_total{"))
+            .count();
+        assert_eq!(upstream, 1, "{text}");
+    }
+
+    #[test]
+    fn label_sets_are_closed() {
+        assert_eq!(event_type_label("app_ticket"), "app_ticket");
+        assert_eq!(event_type_label(""), "unknown");
+        assert_eq!(event_type_label("APP_TICKET"), "other");
+        assert_eq!(upstream_code_label("10012"), "10012");
+        assert_eq!(upstream_code_label("-1"), "other");
+        for name in KNOWN_EVENT_TYPES.iter().chain(KNOWN_UPSTREAM_CODES) {
+            assert!(
+                name.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.'),
+                "{name}"
+            );
+        }
     }
 }

@@ -147,12 +147,14 @@ async fn push_foreign_ticket(stack: &Stack, ts_us: i64) {
         &push::random_event_id(),
     );
     let key = Secret::new(KEY);
-    let request = push::seal(
+    // Signed at the event's time on the stack's hand-moved clock (the replay window).
+    let request = push::seal_at(
         &json,
         Seal {
             encrypt_key: Some(&key),
             sign: true,
         },
+        (ts_us / 1000) as u64,
     );
     let url = stack.app.url(&format!("/events/{APP_ID}"));
     let (status, body) = push::send(&stack.app.client, &url, &request).await.unwrap();

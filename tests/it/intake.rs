@@ -10,6 +10,17 @@ use tokio::net::TcpStream;
 
 use crate::util::{app_toml, TestApp, APP_ID, KEY, TOKEN};
 
+/// Now, in microseconds: event times must be inside the replay window (events.max_age).
+pub fn now_us() -> i64 {
+    use lark_ticketd::clock::Clock;
+    lark_ticketd::clock::SystemClock.now_ms() as i64 * 1000
+}
+
+/// `now_us()` as Feishu writes a schema 1.0 `ts`: seconds with a fraction.
+fn ts_now(offset_s: i64) -> String {
+    format!("{}.0", now_us() / 1_000_000 + offset_s)
+}
+
 /// A signed, encrypted app_ticket push for `app_id`.
 pub fn ticket_push(
     app_id: &str,
@@ -64,27 +75,16 @@ fn sealed(json: &str) -> push::PushRequest {
 async fn newest_ticket_wins_and_late_redelivery_is_acknowledged_but_ignored() {
     let app = TestApp::spawn(&app_toml(APP_ID, Some(KEY), TOKEN)).await;
     let path = format!("/events/{APP_ID}");
-    let newer = ticket_push(
-        APP_ID,
-        KEY,
-        TOKEN,
-        "tkt-secret-newer",
-        2_000_000_000_000_000,
-    );
-    let older = ticket_push(
-        APP_ID,
-        KEY,
-        TOKEN,
-        "tkt-secret-older",
-        1_999_999_999_000_000,
-    );
+    let now = now_us();
+    let newer = ticket_push(APP_ID, KEY, TOKEN, "tkt-secret-newer", now);
+    let older = ticket_push(APP_ID, KEY, TOKEN, "tkt-secret-older", now - 1_000_000);
     assert_eq!(send(&app, &path, &newer).await.status, 200);
     let reply = send(&app, &path, &older).await;
     assert_eq!(reply.status, 200, "a late redelivery is still acknowledged");
     let stored = app.state.store().ticket(APP_ID).await.unwrap().unwrap();
     assert_eq!(stored.ticket.expose(), "tkt-secret-newer");
     assert_eq!(stored.pushes_seen, 2);
-    assert_eq!(stored.event_time_us, 2_000_000_000_000_000);
+    assert_eq!(stored.event_time_us, now);
     app.stop().await;
 }
 
@@ -107,14 +107,14 @@ async fn bare_events_routes_by_signature_among_several_apps() {
         app_toml("cli_plain", None, "tok-plain"),
     );
     let app = TestApp::spawn(&config).await;
-    let req = ticket_push("cli_two", "key-two", "tok-two", "tkt-secret-two", 5);
+    let req = ticket_push("cli_two", "key-two", "tok-two", "tkt-secret-two", now_us());
     assert_eq!(send(&app, "/events", &req).await.status, 200);
     // A plaintext push finds its app by Verification Token.
     let plain = push::app_ticket_json(
         "cli_plain",
         &Secret::new("tkt-secret-plain"),
         &Secret::new("tok-plain"),
-        6,
+        now_us(),
         "u",
     );
     assert_eq!(app.post("/events", plain.as_bytes(), &[]).await.status, 200);
@@ -174,30 +174,30 @@ async fn lifecycle_events_record_tenant_state() {
         (
             serde_json::json!({"type": "app_open", "app_id": APP_ID, "tenant_key": "tenant-a",
                 "installer": {"open_id": "ou_1"}}),
-            "1700000001.0",
+            ts_now(-4),
         ),
         (
             serde_json::json!({"type": "app_open", "app_id": APP_ID, "tenant_key": "tenant-b"}),
-            "1700000002.0",
+            ts_now(-3),
         ),
         (
             serde_json::json!({"type": "app_status_change", "app_id": APP_ID, "tenant_key": "tenant-b",
                 "status": "stop_by_tenant"}),
-            "1700000003.0",
+            ts_now(-2),
         ),
         (
             serde_json::json!({"type": "app_uninstalled", "app_id": APP_ID, "tenant_key": "tenant-c"}),
-            "1700000004.0",
+            ts_now(-1),
         ),
         (
             serde_json::json!({"type": "order_paid", "app_id": APP_ID, "tenant_key": "tenant-a",
                 "order_id": "order-1", "price_plan_type": "per_seat_per_year", "seats": 20,
                 "buy_type": "buy", "pay_time": "1700000005", "order_pay_price": 10000}),
-            "1700000005.0",
+            ts_now(0),
         ),
     ];
     for (event, ts) in events {
-        let reply = send(&app, &path, &sealed(&event_v1(event, ts))).await;
+        let reply = send(&app, &path, &sealed(&event_v1(event, &ts))).await;
         assert_eq!(reply.status, 200, "{}", reply.text);
     }
     let tenants = app.state.store().tenants(APP_ID).await.unwrap();
@@ -226,7 +226,7 @@ async fn other_authentic_events_are_acknowledged() {
     let v2 = serde_json::json!({
         "schema": "2.0",
         "header": {"event_id": "e1", "event_type": "im.message.receive_v1", "token": TOKEN,
-                   "create_time": "1700000000000", "tenant_key": "t", "app_id": APP_ID},
+                   "create_time": (now_us() / 1000).to_string(), "tenant_key": "t", "app_id": APP_ID},
         "event": {"message": {"content": "{\"text\":\"hi\"}"}},
     })
     .to_string();
@@ -361,11 +361,11 @@ async fn storage_failure_is_a_503_and_loses_nothing_acknowledged() {
         panic!("the test app runs on the memory store")
     };
     let path = format!("/events/{APP_ID}");
-    let first = ticket_push(APP_ID, KEY, TOKEN, "tkt-secret-kept", 1_000_000);
+    let first = ticket_push(APP_ID, KEY, TOKEN, "tkt-secret-kept", now_us() - 1_000_000);
     assert_eq!(send(&app, &path, &first).await.status, 200);
 
     memory.set_unavailable(true);
-    let second = ticket_push(APP_ID, KEY, TOKEN, "tkt-secret-later", 2_000_000);
+    let second = ticket_push(APP_ID, KEY, TOKEN, "tkt-secret-later", now_us());
     let reply = send(&app, &path, &second).await;
     assert_eq!((reply.status, reply.code()), (503, "store_unavailable"));
     assert!(reply.headers.contains_key("retry-after"));

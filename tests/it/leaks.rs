@@ -23,12 +23,14 @@ async fn workload(url: &str) {
             },
         )
     };
-    let ticket = push::app_ticket_json(APP_ID, &Secret::new("tkt-secret-leak"), &token, 1, "u");
+    // Event times inside the replay window, so the ticket is stored and logged.
+    let now = crate::intake::now_us();
+    let ticket = push::app_ticket_json(APP_ID, &Secret::new("tkt-secret-leak"), &token, now, "u");
     let wrong_token = push::app_ticket_json(
         APP_ID,
         &Secret::new("tkt-secret-leak2"),
         &Secret::new("tkt-secret-wrong-token"),
-        2,
+        now,
         "u",
     );
     let requests = [

@@ -16,6 +16,7 @@ mod leaks;
 mod mock;
 mod ops;
 mod process;
+mod replay;
 mod robustness;
 mod tokens;
 mod vectors;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lark_ticketd::clock::ManualClock;
+use lark_ticketd::clock::{Clock, ManualClock};
 use serde_json::Value;
 
 use crate::util::{
@@ -134,7 +134,8 @@ async fn status_api_reports_resends_tokens_and_tenants_but_never_a_secret() {
     assert_eq!(s["tenants"]["tokens_cached"], 1);
 
     // Tenants from lifecycle events.
-    let event = lark_ticketd::push::seal(
+    // Signed at the stack's (hand-moved) clock, as Feishu signs at its own time.
+    let event = lark_ticketd::push::seal_at(
         &serde_json::json!({"uuid": "u1", "ts": "1800000000.0", "token": TOKEN, "type": "event_callback",
             "event": {"type": "app_open", "app_id": APP_ID, "tenant_key": "tenant-a"}})
         .to_string(),
@@ -142,6 +143,7 @@ async fn status_api_reports_resends_tokens_and_tenants_but_never_a_secret() {
             encrypt_key: Some(&lark_ticketd::secret::Secret::new(KEY)),
             sign: true,
         },
+        clock.now_ms(),
     );
     let url = stack.app.url(&format!("/events/{APP_ID}"));
     let (status, _) = lark_ticketd::push::send(&client(), &url, &event)
@@ -388,4 +390,107 @@ async fn ops_listener_serves_metrics_and_health_only() {
     assert_eq!(get(server.url("/metrics")).await.status, 404);
     assert_eq!(get(server.url("/healthz")).await.status, 200);
     server.kill();
+}
+
+#[tokio::test]
+async fn metrics_label_injection_and_series_growth_from_authentic_event_types() {
+    let app = crate::util::TestApp::spawn(&app_toml(APP_ID, Some(KEY), TOKEN)).await;
+    let v2 = |event_type: &str| {
+        let json = serde_json::json!({
+            "schema": "2.0",
+            "header": {"event_id": lark_ticketd::push::random_event_id(), "event_type": event_type,
+                       "token": TOKEN, "create_time": (crate::intake::now_us() / 1000).to_string(),
+                       "app_id": APP_ID},
+            "event": {},
+        })
+        .to_string();
+        lark_ticketd::push::seal(
+            &json,
+            lark_ticketd::push::Seal {
+                encrypt_key: Some(&lark_ticketd::secret::Secret::new(KEY)),
+                sign: true,
+            },
+        )
+    };
+    let path = format!("/events/{APP_ID}");
+    // Authentic (signed with the app's key), with a type built to break the exposition.
+    let hostile = "x\"} 1\n# EOF\nlark_ticketd_forged_total{a=\"b\"} 1\nlark_ticketd_events_total{event_type=\"y";
+    let reply = crate::intake::send(&app, &path, &v2(hostile)).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    // Many distinct types: one series between them.
+    for i in 0..500 {
+        let reply = crate::intake::send(&app, &path, &v2(&format!("custom.type_{i}_v1"))).await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+    }
+    let reply = crate::intake::send(&app, &path, &v2("im.message.receive_v1")).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+
+    let r = app.get("/metrics").await;
+    assert_eq!(r.text.matches("# EOF").count(), 1, "{}", r.text);
+    assert!(r.text.ends_with("# EOF\n"));
+    assert!(!r.text.contains("forged"), "{}", r.text);
+    let lines = r.text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
+    let series: Vec<_> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "lark_ticketd_events_total")
+        .collect();
+    assert_eq!(series.len(), 2, "other + im.message.receive_v1: {series:?}");
+    assert_eq!(
+        number(sample(
+            &scrape,
+            "lark_ticketd_events_total",
+            &[("event_type", "other"), ("outcome", "accepted")]
+        )),
+        501.0
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn log_back_pressure_never_stalls_requests() {
+    use std::io::BufRead;
+    let config = TempConfig::embedded(&app_toml(APP_ID, Some(KEY), TOKEN));
+    // The real binary, its stderr a pipe that nobody reads after start-up: a stalled log
+    // collector. Once the pipe (64 KiB) is full, every write to stderr blocks.
+    let mut child = lark_ticketd()
+        .args(["serve", "--config"])
+        .arg(&config.path)
+        .env("LARK_TICKETD_LOG", "trace")
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    // Blocking reads, before anything else runs on this test's runtime.
+    let addr: std::net::SocketAddr = loop {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "exited early");
+        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        if v["message"] == "lark-ticketd serving" {
+            break v["listen"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    // ~250 bytes of log per request: 3,000 requests are ten times what the pipe holds.
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    for i in 0..3000 {
+        let r = http.get(format!("http://{addr}/healthz")).send().await;
+        let status = r.map(|r| r.status().as_u16());
+        assert!(
+            matches!(status, Ok(200)),
+            "request {i} was not answered while the log output was stalled: {status:?}"
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(stderr);
 }

@@ -88,7 +88,8 @@ async fn every_acknowledged_ticket_is_on_disk_when_killed() {
     let mut last = String::new();
     for i in 0..20i64 {
         last = format!("tkt-secret-burst-{i}");
-        let req = crate::intake::ticket_push(APP_ID, KEY, TOKEN, &last, 1_700_000_000_000_000 + i);
+        let req =
+            crate::intake::ticket_push(APP_ID, KEY, TOKEN, &last, crate::intake::now_us() + i);
         let (status, body) = lark_ticketd::push::send(&http, &url, &req).await.unwrap();
         assert_eq!(status, 200, "{body}");
     }
