@@ -638,7 +638,7 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_default();
-    format!("redb panicked: {}", text.lines().next().unwrap_or(""))
+    format!("redb failed a check: {}", text.lines().next().unwrap_or(""))
 }
 
 /// Open the database with `open`, and its tables. Never panics: a panic inside redb (some
@@ -651,35 +651,34 @@ fn open_database(name: &str, open: &Opener) -> Result<Database, StoreError> {
              (the tickets are pushed again after a resend and the tokens are fetched again)"
         ))
     };
-    let opened = catch_quietly(|| {
-        let db = open(Builder::new().set_cache_size(CACHE_BYTES))?;
-        let txn = db.begin_write()?;
-        txn.open_table(TICKETS)?;
-        txn.open_table(TENANTS)?;
-        txn.open_table(TOKENS)?;
-        txn.open_table(META)?;
-        txn.commit()?;
-        Ok::<_, redb::Error>(db)
-    });
-    match opened {
-        Ok(Ok(db)) => Ok(db),
-        Ok(Err(redb::Error::DatabaseAlreadyOpen)) => Err(StoreError::new(format!(
+    let classify = |e: redb::Error| match e {
+        redb::Error::DatabaseAlreadyOpen => StoreError::new(format!(
             "{name} is in use by another process (one lark-ticketd per store file)"
-        ))),
-        Ok(Err(e @ (redb::Error::Corrupted(_) | redb::Error::UpgradeRequired(_)))) => {
-            Err(damaged(&e))
-        }
-        Ok(Err(redb::Error::Io(e)))
+        )),
+        redb::Error::Corrupted(_) | redb::Error::UpgradeRequired(_) => damaged(&e),
+        redb::Error::Io(e)
             if matches!(
                 e.kind(),
                 io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidData
             ) =>
         {
-            Err(damaged(&e))
+            damaged(&e)
         }
-        Ok(Err(e)) => Err(StoreError::new(format!("cannot open {name}: {e}"))),
-        Err(payload) => Err(damaged(&panic_message(payload.as_ref()))),
-    }
+        e => StoreError::new(format!("cannot open {name}: {e}")),
+    };
+    let opened = catch_quietly(|| {
+        let db =
+            open(Builder::new().set_cache_size(CACHE_BYTES)).map_err(|e| classify(e.into()))?;
+        let txn = db.begin_write().map_err(|e| classify(e.into()))?;
+        for table in [TICKETS, TOKENS] {
+            txn.open_table(table).map_err(|e| classify(e.into()))?;
+        }
+        txn.open_table(TENANTS).map_err(|e| classify(e.into()))?;
+        txn.open_table(META).map_err(|e| classify(e.into()))?;
+        txn.commit().map_err(|e| classify(e.into()))?;
+        Ok(db)
+    });
+    opened.unwrap_or_else(|payload| Err(damaged(&panic_message(payload.as_ref()))))
 }
 
 /// Open the file at `path`, creating it (and its directory) if it does not exist.
@@ -1069,7 +1068,11 @@ pub mod testing {
 
         fn sync_data(&self, eventual: bool) -> io::Result<()> {
             {
-                let hung = self.faults.hung.lock().unwrap_or_else(PoisonError::into_inner);
+                let hung = self
+                    .faults
+                    .hung
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
                 let _released = self
                     .faults
                     .unhung
@@ -1098,10 +1101,9 @@ mod tests {
         let faults = Arc::new(Faults::default());
         let path = path.to_path_buf();
         let shared = Arc::clone(&faults);
-        let store = EmbeddedStore::open_with_backend("faulty.db", move || {
-            FaultyFile::open(&path, &shared)
-        })
-        .unwrap();
+        let store =
+            EmbeddedStore::open_with_backend("faulty.db", move || FaultyFile::open(&path, &shared))
+                .unwrap();
         (store, faults)
     }
 
@@ -1188,7 +1190,10 @@ mod tests {
     async fn until_ready(store: &EmbeddedStore) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while let Err(e) = store.ping().await {
-            assert!(tokio::time::Instant::now() < deadline, "never recovered: {e}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never recovered: {e}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -1222,7 +1227,13 @@ mod tests {
         );
         store.put_token("app/cli_a", token("y")).await.unwrap();
         assert_eq!(
-            store.ticket("cli_a").await.unwrap().unwrap().ticket.expose(),
+            store
+                .ticket("cli_a")
+                .await
+                .unwrap()
+                .unwrap()
+                .ticket
+                .expose(),
             "after"
         );
         store.close().await;

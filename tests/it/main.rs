@@ -13,5 +13,6 @@ mod mock;
 mod ops;
 mod process;
 mod robustness;
+mod storage;
 mod tokens;
 mod vectors;
