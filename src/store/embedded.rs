@@ -266,7 +266,7 @@ impl Drop for Shared {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         let Some(handle) = handle else { return };
-        Releases::started();
+        Releases::started(&self.slot.name);
         self.queue
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner)
@@ -277,29 +277,32 @@ impl Drop for Shared {
     }
 }
 
-/// Writers of dropped stores that are still closing their file, so that `open` in the same
-/// process can wait for the file to be released instead of failing with "already open".
+/// The files of dropped stores whose writers are still closing them, so that `open` in the
+/// same process can wait for the file to be released instead of failing with "in use".
 struct Releases;
 
-static RELEASES: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
+static RELEASES: (Mutex<Vec<String>>, Condvar) = (Mutex::new(Vec::new()), Condvar::new());
 
 impl Releases {
-    fn started() {
-        *RELEASES.0.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+    fn started(name: &str) {
+        let mut closing = RELEASES.0.lock().unwrap_or_else(PoisonError::into_inner);
+        closing.push(name.to_string());
     }
 
-    fn finished() {
-        let mut pending = RELEASES.0.lock().unwrap_or_else(PoisonError::into_inner);
-        *pending = pending.saturating_sub(1);
+    fn finished(name: &str) {
+        let mut closing = RELEASES.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(at) = closing.iter().position(|n| n == name) {
+            closing.swap_remove(at);
+        }
         RELEASES.1.notify_all();
     }
 
-    /// Wait (at most `limit`) until every dropped store has closed its file. Blocking.
-    fn wait(limit: Duration) {
-        let pending = RELEASES.0.lock().unwrap_or_else(PoisonError::into_inner);
+    /// Wait (at most `limit`) until no dropped store is closing `name`. Blocking.
+    fn wait(name: &str, limit: Duration) {
+        let closing = RELEASES.0.lock().unwrap_or_else(PoisonError::into_inner);
         let _ = RELEASES
             .1
-            .wait_timeout_while(pending, limit, |n| *n > 0)
+            .wait_timeout_while(closing, limit, |c| c.iter().any(|n| n == name))
             .unwrap_or_else(PoisonError::into_inner);
     }
 }
@@ -371,7 +374,7 @@ impl Writer {
         }
         // Every handle was dropped without `close`.
         drop(self.slot.replace(None));
-        Releases::finished();
+        Releases::finished(&self.slot.name);
     }
 
     fn commit(&mut self, batch: Vec<WriteOp>) {
@@ -701,7 +704,7 @@ fn open_file(path: &Path) -> Result<Database, StoreError> {
     match open_database(&name, &opener) {
         // A store this process dropped a moment ago may still be closing the file.
         Err(e) if e.0.contains("in use by another process") => {
-            Releases::wait(RELEASE_WAIT);
+            Releases::wait(&name, RELEASE_WAIT);
             open_database(&name, &opener)
         }
         other => other,
@@ -755,6 +758,7 @@ impl EmbeddedStore {
 
     /// Open a store on a storage backend the caller provides; `make` is called again each time
     /// the writer reopens the database after an I/O error. For tests that make the disk fail.
+    /// `name` names it in messages (use the file's path when the backend is a file).
     #[doc(hidden)]
     pub fn open_with_backend<B: StorageBackend>(
         name: &str,
@@ -1001,8 +1005,9 @@ pub mod testing {
     #[derive(Debug, Default)]
     pub struct Faults {
         full: AtomicBool,
-        hung: Mutex<bool>,
-        unhung: Condvar,
+        /// Syncs hang while set; counts the syncs hanging now.
+        hung: Mutex<(bool, usize)>,
+        changed: Condvar,
         syncs: AtomicUsize,
     }
 
@@ -1014,8 +1019,17 @@ pub mod testing {
 
         /// Make syncs block until released (or release them).
         pub fn set_hung(&self, hung: bool) {
-            *self.hung.lock().unwrap_or_else(PoisonError::into_inner) = hung;
-            self.unhung.notify_all();
+            self.hung.lock().unwrap_or_else(PoisonError::into_inner).0 = hung;
+            self.changed.notify_all();
+        }
+
+        /// Block until a sync is hanging (the writer is stuck). Blocking.
+        pub fn wait_until_stuck(&self) {
+            let hung = self.hung.lock().unwrap_or_else(PoisonError::into_inner);
+            let _stuck = self
+                .changed
+                .wait_while(hung, |(_, hanging)| *hanging == 0)
+                .unwrap_or_else(PoisonError::into_inner);
         }
 
         /// Syncs (fsync / fdatasync) that reached the file.
@@ -1068,16 +1082,17 @@ pub mod testing {
 
         fn sync_data(&self, eventual: bool) -> io::Result<()> {
             {
-                let hung = self
-                    .faults
-                    .hung
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                let _released = self
-                    .faults
-                    .unhung
-                    .wait_while(hung, |hung| *hung)
-                    .unwrap_or_else(PoisonError::into_inner);
+                let faults = &self.faults;
+                let mut hung = faults.hung.lock().unwrap_or_else(PoisonError::into_inner);
+                if hung.0 {
+                    hung.1 += 1;
+                    faults.changed.notify_all();
+                    hung = faults
+                        .changed
+                        .wait_while(hung, |(hung, _)| *hung)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    hung.1 -= 1;
+                }
             }
             self.faults.check()?;
             self.faults.syncs.fetch_add(1, Ordering::SeqCst);
@@ -1099,10 +1114,11 @@ mod tests {
 
     fn faulty(path: &Path) -> (EmbeddedStore, Arc<Faults>) {
         let faults = Arc::new(Faults::default());
+        let name = path.display().to_string();
         let path = path.to_path_buf();
         let shared = Arc::clone(&faults);
         let store =
-            EmbeddedStore::open_with_backend("faulty.db", move || FaultyFile::open(&path, &shared))
+            EmbeddedStore::open_with_backend(&name, move || FaultyFile::open(&path, &shared))
                 .unwrap();
         (store, faults)
     }
@@ -1256,6 +1272,10 @@ mod tests {
             let store = store.clone();
             async move { store.put_ticket("cli_a", contract::ticket("t", 1)).await }
         });
+        let waiting = Arc::clone(&faults);
+        tokio::task::spawn_blocking(move || waiting.wait_until_stuck())
+            .await
+            .unwrap();
         // Answers after PING_TIMEOUT, not when the disk comes back.
         let err = store.ping().await.unwrap_err();
         assert!(err.0.contains("did not commit a ping"), "{err}");
@@ -1321,6 +1341,7 @@ mod tests {
             let store = store.clone();
             async move { store.put_ticket("cli_a", contract::ticket("t", 1)).await }
         });
+        faults.wait_until_stuck();
         stuck.abort();
         let (done, dropped) = std::sync::mpsc::channel();
         runtime.spawn(async move {

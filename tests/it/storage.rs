@@ -32,9 +32,9 @@ async fn store_recovers_from_a_full_disk_without_a_restart() {
     let path = dir.path().join("store.db");
     let faults = Arc::new(Faults::default());
     let store = {
+        let name = path.display().to_string();
         let (path, faults) = (path.clone(), Arc::clone(&faults));
-        EmbeddedStore::open_with_backend("store.db", move || FaultyFile::open(&path, &faults))
-            .unwrap()
+        EmbeddedStore::open_with_backend(&name, move || FaultyFile::open(&path, &faults)).unwrap()
     };
     let config = Config::parse(
         &format!(
