@@ -84,7 +84,8 @@ scopes = ["tokens", "status", "admin"]
     let store = Store::open(&config.store)
         .await
         .map_err(|e| format!("cannot open the store: {e}"))?;
-    let state = AppState::new(config, store, clock::system());
+    let state = AppState::new(config, store, clock::system())
+        .map_err(|e| format!("cannot start the service: {}", e.message()))?;
     let mut ticket_signal = state
         .broker()
         .ticket_watch(&app_id)

@@ -70,16 +70,8 @@ struct Inner {
 }
 
 impl AppState {
-    /// The state; panics if the broker cannot be built (see [`AppState::try_new`]).
-    pub fn new(config: Config, store: Store, clock: SharedClock) -> Self {
-        match Self::try_new(config, store, clock) {
-            Ok(state) => state,
-            Err(e) => panic!("cannot build the service state: {e:?}"),
-        }
-    }
-
     /// The state, or why it cannot be built (the HTTP client for the Open Platform).
-    pub fn try_new(config: Config, store: Store, clock: SharedClock) -> Result<Self, error::Error> {
+    pub fn new(config: Config, store: Store, clock: SharedClock) -> Result<Self, error::Error> {
         let verifier = Verifier::new(&config.apps);
         let clients = auth::Clients::new(&config.clients);
         let metrics = ops::metrics::Metrics::new();

@@ -28,6 +28,9 @@ use lark_ticketd::AppState;
 
 /// Exit code for bad configuration (sysexits EX_USAGE / EX_CONFIG family; 64 as in DESIGN.md).
 const EXIT_CONFIG: u8 = 64;
+/// Exit code when the store cannot be opened: a damaged or empty file, a file in use by another
+/// process, no permission (sysexits EX_IOERR).
+const EXIT_STORE: u8 = 74;
 
 #[derive(Parser)]
 #[command(
@@ -233,8 +236,8 @@ async fn serve(path: PathBuf) -> ExitCode {
     let store = match Store::open_blocking(&config.store) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("lark-ticketd: cannot open the store: {e}");
-            return ExitCode::FAILURE;
+            eprintln!("lark-ticketd: cannot open the store: {}", e.0);
+            return ExitCode::from(EXIT_STORE);
         }
     };
     let main = match server::bind(config.listen) {
@@ -267,7 +270,7 @@ async fn serve(path: PathBuf) -> ExitCode {
         apps = config.apps.len(),
         "lark-ticketd serving"
     );
-    let state = match AppState::try_new(config, store, clock::system()) {
+    let state = match AppState::new(config, store.clone(), clock::system()) {
         Ok(state) => state,
         Err(e) => {
             let cause = e.cause().map(|c| format!(": {c}")).unwrap_or_default();
@@ -275,7 +278,10 @@ async fn serve(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match server::run(Listeners { main, ops }, state, server::shutdown_signal()).await {
+    let served = server::run(Listeners { main, ops }, state, server::shutdown_signal()).await;
+    // Commit what is queued and close the file off the async workers.
+    store.close().await;
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lark-ticketd: server error: {e}");

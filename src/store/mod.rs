@@ -355,11 +355,22 @@ impl Store {
         }
     }
 
-    /// Is the backend usable? (Readiness.)
+    /// Is the backend usable for writes? (Readiness.) The embedded backend commits a small
+    /// write through its writer, so a broken file, a full disk or a stuck writer all fail it.
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {
             Store::Memory(m) => m.check(),
             Store::Embedded(e) => e.ping().await,
+        }
+    }
+
+    /// Close the backend at shutdown, after the server has stopped: the writes queued so far
+    /// are committed, the file is closed, and no async worker is blocked meanwhile. Later
+    /// operations on any clone of this handle fail.
+    pub async fn close(&self) {
+        match self {
+            Store::Memory(_) => {}
+            Store::Embedded(e) => e.close().await,
         }
     }
 }

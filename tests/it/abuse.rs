@@ -36,7 +36,7 @@ impl Served {
         );
         let config = Config::parse(&text, &|_| None).expect("test config");
         let store = Store::open(&config.store).await.unwrap();
-        let state = AppState::new(config, store, clock::system());
+        let state = AppState::new(config, store, clock::system()).unwrap();
         let main = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (main_addr, ops_addr) = (main.local_addr().unwrap(), ops.local_addr().unwrap());

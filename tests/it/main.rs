@@ -18,5 +18,6 @@ mod ops;
 mod process;
 mod replay;
 mod robustness;
+mod storage;
 mod tokens;
 mod vectors;

@@ -7,11 +7,14 @@ use crate::util::{app_toml, client, lark_ticketd, Child, Reply, TempConfig, APP_
 /// Read the ticket straight from the store file (the server must not be running).
 async fn stored_ticket(config: &TempConfig) -> Option<String> {
     let store = EmbeddedStore::open(&config.db_path()).expect("open store file");
-    store
+    let ticket = store
         .ticket(APP_ID)
         .await
         .unwrap()
-        .map(|t| t.ticket.expose().to_string())
+        .map(|t| t.ticket.expose().to_string());
+    // Release the file before the next server process opens it.
+    store.close().await;
+    ticket
 }
 
 fn push_ticket_cli(url: &str, config: &TempConfig, ticket: &str) -> std::process::Output {

@@ -37,7 +37,7 @@ fn state() -> &'static AppState {
         );
         let config = Config::parse(&text, &|_| None).unwrap();
         let store = runtime().block_on(Store::open(&config.store)).unwrap();
-        AppState::new(config, store, clock::system())
+        AppState::new(config, store, clock::system()).unwrap()
     })
 }
 
@@ -416,7 +416,7 @@ fn authentic_state(clock: Arc<ManualClock>) -> AppState {
     );
     let config = Config::parse(&text, &|_| None).unwrap();
     let store = runtime().block_on(Store::open(&config.store)).unwrap();
-    AppState::new(config, store, clock)
+    AppState::new(config, store, clock).unwrap()
 }
 
 fn send(state: &AppState, b: &Built) -> (u16, Vec<u8>) {

@@ -197,8 +197,19 @@ impl TestApp {
         };
         let config = Config::parse(&config, &|_| None).expect("test config");
         let store = Store::open(&config.store).await.expect("store");
+        Self::spawn_with_store(listener, config, store, clock).await
+    }
+
+    /// Spawn on a store the test opened (e.g. on a storage backend it can break).
+    pub async fn spawn_with_store(
+        listener: TcpListener,
+        config: Config,
+        store: Store,
+        clock: SharedClock,
+    ) -> TestApp {
+        install_log_capture();
         let addr = listener.local_addr().unwrap();
-        let state = AppState::new(config, store, clock);
+        let state = AppState::new(config, store, clock).unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(
             Listeners {
@@ -255,6 +266,8 @@ impl TestApp {
         if let Some(task) = self.task.take() {
             task.await.unwrap().unwrap();
         }
+        // As `serve` does: the file is closed before the next server opens it.
+        self.state.store().close().await;
         // Every test that stops a server also checks everything logged so far.
         assert_no_secrets(&captured_logs(), "the in-process servers");
     }
