@@ -31,11 +31,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -47,12 +47,18 @@ use tokio::net::{TcpSocket, TcpStream};
 use lark_ticketd::push::{self, Seal};
 use lark_ticketd::secret::Secret;
 
-const APP_ID: &str = "cli_a5f0e9d8c7b6a5f4";
+mod common;
+
+use common::{
+    command, free_port, machine, now_us, rss_kib, spawn_ready, ticketd_binary, Proc, APP_ID, KEY,
+    TOKEN,
+};
+
 /// The app the legitimate client pushes tickets to (tokens come from the other one's ticket).
 const PUSH_APP: &str = "cli_abusepushapp0001";
-const KEY: &str = "EkEyExampleEncryptKey000000000001";
-const TOKEN: &str = "Vt0kExampleVerificationTok3n0001";
 const SECRET: &str = "abuse-bench-app-secret";
+const PINNING: &str =
+    "lark-ticketd pinned to core 0, attackers, client and mock-feishu to core 1 (taskset)";
 const BEARER: &str = "abuse-bench-bearer-key";
 
 /// The sizes of one run.
@@ -100,87 +106,6 @@ impl Scale {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Processes (as in benches/load.rs).
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process, killed on drop.
-struct Proc {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// (VmRSS, VmHWM) of a process in KiB.
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-fn command(pin: Option<&str>, program: &Path) -> Command {
-    match pin {
-        Some(cpus) => {
-            let mut c = Command::new("taskset");
-            c.args(["-c", cpus]).arg(program);
-            c
-        }
-        None => Command::new(program),
-    }
-}
-
-fn wait_ready(addr: SocketAddr, path: &str) {
-    use std::io::{Read, Write};
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
-            let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
-            if s.write_all(req.as_bytes()).is_ok() {
-                let mut buf = [0u8; 16];
-                if s.read(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.1 2") {
-                    return;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "{addr} did not become ready");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn spawn_ready(mut cmd: Command, port: u16, ready_path: &str) -> Proc {
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    wait_ready(addr, ready_path);
-    Proc { child, addr }
-}
-
-fn ticketd_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_lark-ticketd"))
-}
-
 /// The service's config: default `[server]` limits, an ops listener, the embedded store.
 fn config_text(port: u16, ops_port: u16, mock_port: u16, db: &Path) -> String {
     let app = |app_id: &str| {
@@ -223,13 +148,13 @@ fn start(pin_server: Option<&str>, pin_client: Option<&str>, dir: &Path) -> Serv
         ])
         .arg("--config")
         .arg(&path);
-    let mock = spawn_ready(mock, mock_port, "/mock/calls");
+    let mock = spawn_ready(mock, mock_port, "/mock/calls").0;
     let mut cmd = command(pin_server, &ticketd_binary());
     cmd.args(["serve", "--log-format", "json", "--config"])
         .arg(&path)
         .env_remove("LARK_TICKETD_LOG")
         .env_remove("RUST_LOG");
-    let ticketd = spawn_ready(cmd, port, "/healthz");
+    let ticketd = spawn_ready(cmd, port, "/healthz").0;
     Servers {
         ticketd,
         ops: ([127, 0, 0, 1], ops_port).into(),
@@ -248,13 +173,6 @@ async fn connect(addr: SocketAddr) -> Option<hyper::client::conn::http1::SendReq
         .ok()?;
     tokio::spawn(conn);
     Some(sender)
-}
-
-fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as i64
 }
 
 /// A signed, encrypted app_ticket push for `PUSH_APP`, newer than every earlier one.
@@ -677,25 +595,6 @@ async fn bench(
     (results, after, hwm, settle.as_secs())
 }
 
-fn machine(cores: usize, pinned: bool) -> String {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .unwrap_or("unknown CPU")
-        .trim()
-        .to_string();
-    format!(
-        "{cores} cores ({model}); {}",
-        if pinned {
-            "lark-ticketd pinned to core 0, attackers, client and mock-feishu to core 1 (taskset)"
-        } else {
-            "not pinned"
-        }
-    )
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -735,11 +634,17 @@ fn main() {
     } else {
         (None, None)
     };
-    eprintln!("lark-ticketd abuse benchmark: {}", machine(cores, pin));
+    eprintln!(
+        "lark-ticketd abuse benchmark: {}",
+        machine(cores, pin.then_some(PINNING))
+    );
     let (results, after, hwm, settle) = rt.block_on(bench(Scale::full(seconds), pins));
 
     println!();
-    println!("lark-ticketd abuse benchmark — {}", machine(cores, pin));
+    println!(
+        "lark-ticketd abuse benchmark — {}",
+        machine(cores, pin.then_some(PINNING))
+    );
     println!(
         "{seconds}s per phase; legitimate client: 2 connections pushing signed app_ticket events + 2 fetching tenant tokens (closed loop), /healthz + /readyz probes on ops_listen every 100 ms on new connections"
     );

@@ -27,8 +27,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,10 +42,16 @@ use tokio::net::{TcpListener, TcpStream};
 use lark_ticketd::push::{self, Seal};
 use lark_ticketd::secret::Secret;
 
-const APP_ID: &str = "cli_a5f0e9d8c7b6a5f4";
-const KEY: &str = "EkEyExampleEncryptKey000000000001";
-const TOKEN: &str = "Vt0kExampleVerificationTok3n0001";
+mod common;
+
+use common::{
+    command, free_port, machine, now_ms, now_us, spawn_ready, ticketd_binary, Proc, APP_ID, KEY,
+    TOKEN,
+};
+
 const SECRET: &str = "load-bench-app-secret";
+const PINNING: &str =
+    "servers pinned to core 0, load generator and mock-feishu to core 1 (taskset)";
 const BEARER: &str = "load-bench-bearer-key";
 
 struct Options {
@@ -109,100 +115,11 @@ fn bare_server(port: u16) {
 // ---------------------------------------------------------------------------------------------
 // Processes.
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process, killed on drop.
-struct Proc {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// (VmRSS, VmHWM) in KiB.
-    fn rss_kib(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
-        (field("VmRSS:"), field("VmHWM:"))
-    }
-}
-
-fn command(pin: Option<&str>, program: &Path) -> Command {
-    match pin {
-        Some(cpus) => {
-            let mut c = Command::new("taskset");
-            c.args(["-c", cpus]).arg(program);
-            c
-        }
-        None => Command::new(program),
-    }
-}
-
-/// Wait until `GET http://addr/path` answers 2xx; returns the time it took from `since`.
-fn wait_ready(addr: SocketAddr, path: &str, since: Instant) -> Duration {
-    use std::io::{Read, Write};
-    let deadline = since + Duration::from_secs(30);
-    loop {
-        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
-            let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
-            if s.write_all(req.as_bytes()).is_ok() {
-                let mut buf = [0u8; 16];
-                if s.read(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.1 2") {
-                    return since.elapsed();
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "{addr} did not become ready");
-        std::thread::sleep(Duration::from_micros(500));
-    }
-}
-
 fn start_bare(pin: Option<&str>) -> Proc {
     let port = free_port();
     let mut cmd = command(pin, &std::env::current_exe().unwrap());
     cmd.args(["--role", "bare", "--port", &port.to_string()]);
     spawn_ready(cmd, port, "/").0
-}
-
-/// Start `cmd` (its output discarded) and wait until `port` answers `ready_path` with a 2xx;
-/// returns the process and the time from spawn to that first 2xx.
-fn spawn_ready(mut cmd: Command, port: u16, ready_path: &str) -> (Proc, Duration) {
-    let started = Instant::now();
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let first_2xx = wait_ready(addr, ready_path, started);
-    (Proc { child, addr }, first_2xx)
-}
-
-fn ticketd_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_lark-ticketd"))
 }
 
 fn config_text(port: u16, mock_port: u16, store: &str) -> String {
@@ -369,13 +286,6 @@ async fn run(
 // ---------------------------------------------------------------------------------------------
 // Requests.
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn sealed(json: &str, sign: bool) -> Prepared {
     let req = push::seal(
         json,
@@ -526,25 +436,6 @@ async fn compare(
     row
 }
 
-fn machine(cores: usize, pinned: bool) -> String {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .unwrap_or("unknown CPU")
-        .trim()
-        .to_string();
-    format!(
-        "{cores} cores ({model}); {}",
-        if pinned {
-            "servers pinned to core 0, load generator and mock-feishu to core 1 (taskset)"
-        } else {
-            "not pinned"
-        }
-    )
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--role") {
@@ -598,7 +489,10 @@ async fn bench(
     pinned: bool,
 ) {
     let dir = tempfile::tempdir().unwrap();
-    eprintln!("lark-ticketd load benchmark: {}", machine(cores, pinned));
+    eprintln!(
+        "lark-ticketd load benchmark: {}",
+        machine(cores, pinned.then_some(PINNING))
+    );
     eprintln!(
         "{} connections, {}s warm-up + {}s per run, {} interleaved rounds per server, median round reported",
         o.connections, o.warmup, o.seconds, o.rounds
@@ -751,7 +645,10 @@ async fn bench(
 
     // Report.
     println!();
-    println!("lark-ticketd load benchmark — {}", machine(cores, pinned));
+    println!(
+        "lark-ticketd load benchmark — {}",
+        machine(cores, pinned.then_some(PINNING))
+    );
     println!(
         "closed loop, HTTP/1.1 keep-alive, {} connections, {}s per run after {}s warm-up, median of {} interleaved rounds",
         o.connections, o.seconds, o.warmup, o.rounds
@@ -886,13 +783,6 @@ fn start_ticketd_on(
 
 // ---------------------------------------------------------------------------------------------
 // The soak.
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as i64
-}
 
 /// The soak's request mix for request number `i`, made at send time (current event times).
 fn soak_request(i: u64) -> Prepared {
