@@ -20,7 +20,7 @@
 //!
 //! `cargo bench --bench load -- --soak SECONDS [--rate N]` runs the soak instead: the release
 //! binary on the embedded store with mock-feishu, an open-loop fixed rate of N requests per second
-//! (default 200) mixing signed app_ticket pushes, signed v2 events, tenant token fetches over 5,000
+//! (default 200) mixing signed app_ticket pushes, signed v2 events, tenant token fetches over 2,000
 //! tenants and app token fetches, with the server's RSS and open file descriptors sampled every
 //! 10 s. It reports start, end and peak figures and every error; RSS and fds must stay flat.
 
@@ -815,7 +815,7 @@ fn soak_request(i: u64) -> Prepared {
         }
         // 10 %: the app token.
         5 => get(format!("/v1/apps/{APP_ID}/app_access_token")),
-        // 40 %: tenant tokens over 5,000 tenants.
+        // 40 %: tenant tokens over 2,000 tenants (i % 5000 for i ending in 6..9).
         _ => get(format!(
             "/v1/apps/{APP_ID}/tenants/soak-{:04}/tenant_access_token",
             i % 5000
@@ -940,7 +940,7 @@ async fn soak(seconds: f64, rate: f64) {
     let warm = samples.first().copied().unwrap_or(start);
     println!();
     println!(
-        "soak: {:.0} s at {rate:.0} requests/s (10 % app_ticket pushes, 40 % signed v2 events, 10 % app tokens, 40 % tenant tokens over 5,000 tenants), embedded store",
+        "soak: {:.0} s at {rate:.0} requests/s (10 % app_ticket pushes, 40 % signed v2 events, 10 % app tokens, 40 % tenant tokens over 2,000 tenants), embedded store",
         total.seconds
     );
     println!(
