@@ -9,6 +9,11 @@
 //! Every error is a [`ConfigError`] that names the key; `main` prints it on one line and exits 64.
 //! The environment is passed in as a function, so tests never touch the process environment.
 //! Every secret is a [`Secret`], so `Debug` (and so `check-config`) prints `[redacted]`.
+//!
+//! `[forwarding]` and `[[consumers]]` configure the event hand-off (DESIGN.md → *Event hand-off*).
+//! A consumer's secret and event patterns are checked by the same code that later signs and
+//! filters with them ([`crate::forward::signature`], [`crate::forward::filter`]), so what
+//! validates here is exactly what the deliverer accepts.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -18,6 +23,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::forward::filter::{ConsumerFilter, EventPattern, PatternError};
+use crate::forward::signature::{SecretError, WebhookSecret};
 use crate::secret::Secret;
 
 /// Feishu's default API base URL.
@@ -77,6 +84,91 @@ pub struct Config {
     pub apps: Vec<AppConfig>,
     #[serde(default)]
     pub clients: Vec<ClientConfig>,
+    /// The hand-off's timing: dedupe, retries, retention.
+    #[serde(default)]
+    pub forwarding: ForwardingConfig,
+    /// The services events are handed on to; none means nothing is stored or delivered.
+    #[serde(default)]
+    pub consumers: Vec<ConsumerConfig>,
+}
+
+/// How events are handed on to consumers: dedupe, retries, retention.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForwardingConfig {
+    /// A redelivery of an event id seen within this window is acknowledged, not handed on again.
+    /// Feishu retries a failed push after 15 s, 5 min, 1 h and 6 h (≈ 7.1 h) with the same
+    /// event id, so anything from 8 h up recognises every retry; shorter is allowed but lets a
+    /// late retry through as a second delivery.
+    #[serde(deserialize_with = "de_duration")]
+    pub dedupe_window: Duration,
+    /// Waits before each retry of a failed delivery, in order (never shorter than the step
+    /// before); after the last one the event is a dead letter for that consumer. A consumer's
+    /// `Retry-After` may lengthen a wait.
+    #[serde(deserialize_with = "de_durations")]
+    pub retry_schedule: Vec<Duration>,
+    /// Time one delivery attempt may take, to the consumer's answer.
+    #[serde(deserialize_with = "de_duration")]
+    pub delivery_timeout: Duration,
+    /// Delivered and dead events are kept this long, for redelivery; then purged.
+    #[serde(deserialize_with = "de_duration")]
+    pub retention: Duration,
+}
+
+impl Default for ForwardingConfig {
+    fn default() -> Self {
+        let s = Duration::from_secs;
+        ForwardingConfig {
+            dedupe_window: s(24 * 3600),
+            retry_schedule: vec![
+                s(5),
+                s(30),
+                s(2 * 60),
+                s(10 * 60),
+                s(30 * 60),
+                s(3600),
+                s(3 * 3600),
+                s(6 * 3600),
+                s(12 * 3600),
+            ],
+            delivery_timeout: s(10),
+            retention: s(7 * 86_400),
+        }
+    }
+}
+
+/// One service events are handed on to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// `[a-z0-9-]{1,64}`, unique: in the API's paths, metrics and logs.
+    pub name: String,
+    /// Where deliveries are POSTed: http or https, with a host, without user info.
+    pub url: String,
+    /// The Standard Webhooks secret, `whsec_` + base64 of 24..64 random bytes.
+    pub secret: Secret,
+    /// Event type patterns: exact, a prefix ending in `.*`, or `*`.
+    #[serde(default = "default_everything")]
+    pub events: Vec<String>,
+    /// App ids, or `*`.
+    #[serde(default = "default_everything")]
+    pub apps: Vec<String>,
+}
+
+impl ConsumerConfig {
+    /// The signing key. Cannot fail on a validated config.
+    pub fn webhook_secret(&self) -> Result<WebhookSecret, SecretError> {
+        WebhookSecret::parse(self.secret.expose())
+    }
+
+    /// The compiled `events` and `apps`. Cannot fail on a validated config.
+    pub fn filter(&self) -> Result<ConsumerFilter, PatternError> {
+        ConsumerFilter::new(&self.events, &self.apps)
+    }
+}
+
+fn default_everything() -> Vec<String> {
+    vec!["*".to_string()]
 }
 
 /// How tickets are chased when missing and judged when old.
@@ -390,6 +482,11 @@ impl Config {
         if let Some(url) = &self.store.url {
             self.store.url = Some(expand_secret(url, "store.url", env)?);
         }
+        for (i, consumer) in self.consumers.iter_mut().enumerate() {
+            let key = |field: &str| format!("consumers[{i}].{field}");
+            consumer.secret = expand_secret(&consumer.secret, &key("secret"), env)?;
+            consumer.url = expand(&consumer.url, &key("url"), env)?;
+        }
         Ok(())
     }
 
@@ -570,6 +667,89 @@ impl Config {
                 ));
             }
         }
+        self.validate_forwarding(&seen)
+    }
+
+    /// `[forwarding]` and `[[consumers]]`; `app_ids` are the configured apps.
+    fn validate_forwarding(&self, app_ids: &HashSet<&str>) -> Result<(), ConfigError> {
+        let f = &self.forwarding;
+        for (key, d) in [
+            ("forwarding.dedupe_window", f.dedupe_window),
+            ("forwarding.delivery_timeout", f.delivery_timeout),
+            ("forwarding.retention", f.retention),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::new(key, "must be longer than 0s"));
+            }
+        }
+        if f.retry_schedule.is_empty() {
+            return Err(ConfigError::new(
+                "forwarding.retry_schedule",
+                "must list at least one wait, e.g. [\"5s\", \"30s\", \"2m\"]",
+            ));
+        }
+        for (i, step) in f.retry_schedule.iter().enumerate() {
+            let key = format!("forwarding.retry_schedule[{i}]");
+            if step.is_zero() {
+                return Err(ConfigError::new(key, "must be longer than 0s"));
+            }
+            if i > 0 && *step < f.retry_schedule[i - 1] {
+                return Err(ConfigError::new(
+                    key,
+                    "is shorter than the step before it: the schedule must be sorted",
+                ));
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, consumer) in self.consumers.iter().enumerate() {
+            let key = |field: &str| format!("consumers[{i}].{field}");
+            if !is_valid_consumer_name(&consumer.name) {
+                return Err(ConfigError::new(
+                    key("name"),
+                    format!(
+                        "{:?} must be 1 to 64 of a-z, 0-9 and '-' (it appears in API paths and metrics)",
+                        consumer.name
+                    ),
+                ));
+            }
+            if !names.insert(consumer.name.as_str()) {
+                return Err(ConfigError::new(
+                    key("name"),
+                    format!("duplicate consumer name {:?}", consumer.name),
+                ));
+            }
+            validate_consumer_url(&consumer.url).map_err(|m| ConfigError::new(key("url"), m))?;
+            consumer
+                .webhook_secret()
+                .map_err(|e| ConfigError::new(key("secret"), e.to_string()))?;
+            if consumer.events.is_empty() {
+                return Err(ConfigError::new(
+                    key("events"),
+                    "list event types, or [\"*\"] for every event",
+                ));
+            }
+            for pattern in &consumer.events {
+                EventPattern::parse(pattern)
+                    .map_err(|e| ConfigError::new(key("events"), e.to_string()))?;
+            }
+            if consumer.apps.is_empty() {
+                return Err(ConfigError::new(
+                    key("apps"),
+                    "list the app ids whose events this consumer gets, or [\"*\"]",
+                ));
+            }
+            for app in &consumer.apps {
+                if app != "*" && !app_ids.contains(app.as_str()) {
+                    return Err(ConfigError::new(
+                        key("apps"),
+                        format!("{app:?} is not an app_id of any [[apps]] entry"),
+                    ));
+                }
+            }
+            consumer
+                .filter()
+                .map_err(|e| ConfigError::new(key("events"), e.to_string()))?;
+        }
         Ok(())
     }
 
@@ -585,6 +765,36 @@ fn is_valid_app_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn is_valid_consumer_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// An http(s) URL with a host and no user info: the URL is shown by `GET /v1/consumers`,
+/// `check-config` and the logs, so it must not carry a password (consumers authenticate our
+/// deliveries by the signature instead). Errors do not repeat the URL, in case it holds one.
+fn validate_consumer_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("not a valid URL: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!(
+            "must be an http or https URL, not {:?}",
+            parsed.scheme()
+        ));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err("has no host".to_string());
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(
+            "must not contain user info (user:password@): the URL is shown in the API and logs; consumers verify the webhook-signature instead"
+                .to_string(),
+        );
+    }
+    Ok(())
 }
 
 fn validate_base_url(url: &str) -> Result<(), String> {
@@ -688,6 +898,14 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn de_durations<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    let items = Vec::<String>::deserialize(d)?;
+    items
+        .iter()
+        .map(|s| parse_duration(s).map_err(serde::de::Error::custom))
+        .collect()
 }
 
 fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
@@ -840,6 +1058,257 @@ verification_token = "t"
         }
         let text = format!("[tokens]\nrefresh_ahead = \"30m\"\nrefresh_jitter = \"0s\"\n{app}");
         assert!(Config::parse(&text, &env_of(&[])).is_ok());
+    }
+
+    /// A valid Standard Webhooks secret (base64 of 24 bytes) for the consumer tests.
+    const WHSEC: &str = "whsec_wZPl9qd+KCzQjxaK2mBjvC8Hp/oSGWyn";
+    const APP: &str =
+        "[[apps]]\napp_id = \"cli_x\"\napp_secret = \"s\"\nverification_token = \"t\"\n";
+
+    fn consumer(fields: &str) -> String {
+        format!("{APP}[[consumers]]\n{fields}\n")
+    }
+
+    #[test]
+    fn forwarding_defaults_follow_the_design() {
+        let c = Config::parse(APP, &env_of(&[])).unwrap();
+        let f = &c.forwarding;
+        let s = Duration::from_secs;
+        assert_eq!(f.dedupe_window, s(24 * 3600));
+        assert_eq!(
+            f.retry_schedule,
+            [5, 30, 120, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600].map(s)
+        );
+        assert_eq!(f.delivery_timeout, s(10));
+        assert_eq!(f.retention, s(7 * 86_400));
+        assert!(c.consumers.is_empty());
+        let text = format!(
+            "[forwarding]\ndedupe_window = \"8h\"\nretry_schedule = [\"10ms\", \"10ms\", \"1s\"]\ndelivery_timeout = \"2s\"\nretention = \"1d\"\n{APP}"
+        );
+        let f = Config::parse(&text, &env_of(&[])).unwrap().forwarding;
+        assert_eq!(f.dedupe_window, s(8 * 3600));
+        assert_eq!(
+            f.retry_schedule,
+            [Duration::from_millis(10), Duration::from_millis(10), s(1)]
+        );
+        assert_eq!(f.delivery_timeout, s(2));
+        assert_eq!(f.retention, s(86_400));
+    }
+
+    #[test]
+    fn consumer_gets_defaults_and_its_secret_from_the_environment() {
+        let text = consumer(
+            "name = \"bot-backend\"\nurl = \"http://127.0.0.1:9000/feishu\"\nsecret = \"${WH_SECRET}\"",
+        );
+        let c = Config::parse(&text, &env_of(&[("WH_SECRET", WHSEC)])).unwrap();
+        let k = &c.consumers[0];
+        assert_eq!(k.name, "bot-backend");
+        assert_eq!(k.url, "http://127.0.0.1:9000/feishu");
+        assert_eq!(k.secret.expose(), WHSEC);
+        assert_eq!(k.events, ["*"]);
+        assert_eq!(k.apps, ["*"]);
+        assert!(k.webhook_secret().is_ok());
+        assert!(k
+            .filter()
+            .unwrap()
+            .matches("cli_x", "im.message.receive_v1"));
+
+        let text = consumer(
+            "name = \"contacts\"\nurl = \"https://example.com/hook\"\nsecret = \"${WH_SECRET}\"\nevents = [\"contact.user.*\", \"app_open\"]\napps = [\"cli_x\"]",
+        );
+        let c = Config::parse(&text, &env_of(&[("WH_SECRET", WHSEC)])).unwrap();
+        let filter = c.consumers[0].filter().unwrap();
+        assert!(filter.matches("cli_x", "contact.user.created_v3"));
+        assert!(filter.matches("cli_x", "app_open"));
+        assert!(!filter.matches("cli_x", "im.message.receive_v1"));
+    }
+
+    #[test]
+    fn debug_output_redacts_consumer_secrets() {
+        let text = consumer("name = \"a\"\nurl = \"http://127.0.0.1:9000/\"\nsecret = \"${WH}\"");
+        let c = Config::parse(&text, &env_of(&[("WH", WHSEC)])).unwrap();
+        let dump = format!("{c:?} {c:#?}");
+        assert!(!dump.contains(WHSEC), "{dump}");
+        assert!(!dump.contains("wZPl9qd"), "{dump}");
+        assert!(dump.contains("secret: [redacted]"), "{dump}");
+        assert!(
+            dump.contains("http://127.0.0.1:9000/"),
+            "the rest is shown: {dump}"
+        );
+    }
+
+    #[test]
+    fn forwarding_validation_errors_name_the_key() {
+        for (forwarding, key) in [
+            ("retry_schedule = []", "forwarding.retry_schedule"),
+            (
+                "retry_schedule = [\"5s\", \"1s\"]",
+                "forwarding.retry_schedule[1]",
+            ),
+            (
+                "retry_schedule = [\"1s\", \"2s\", \"1500ms\"]",
+                "forwarding.retry_schedule[2]",
+            ),
+            (
+                "retry_schedule = [\"0s\", \"1s\"]",
+                "forwarding.retry_schedule[0]",
+            ),
+            (
+                "retry_schedule = [\"5 parsecs\"]",
+                "forwarding.retry_schedule",
+            ),
+            ("retry_schedule = \"5s\"", "forwarding.retry_schedule"),
+            ("dedupe_window = \"0s\"", "forwarding.dedupe_window"),
+            ("delivery_timeout = \"0ms\"", "forwarding.delivery_timeout"),
+            ("retention = \"0d\"", "forwarding.retention"),
+            ("retries = 3", "forwarding"),
+        ] {
+            let text = format!("[forwarding]\n{forwarding}\n{APP}");
+            let err = Config::parse(&text, &env_of(&[])).unwrap_err();
+            assert!(
+                err.key.starts_with(key),
+                "{forwarding}: expected {key}, got {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn consumer_validation_errors_name_the_key() {
+        let ok_url = "url = \"http://127.0.0.1:9000/\"";
+        let ok_secret = "secret = \"${WH}\"";
+        let with = |name: &str, url: &str, secret: &str, extra: &str| {
+            consumer(&format!("name = \"{name}\"\n{url}\n{secret}\n{extra}"))
+        };
+        let short = "whsec_MDEyMzQ1Njc4OWFiY2RlZg==";
+        let cases = [
+            (with("Bot", ok_url, ok_secret, ""), "consumers[0].name"),
+            (with("", ok_url, ok_secret, ""), "consumers[0].name"),
+            (
+                with("bot_backend", ok_url, ok_secret, ""),
+                "consumers[0].name",
+            ),
+            (
+                with(&"a".repeat(65), ok_url, ok_secret, ""),
+                "consumers[0].name",
+            ),
+            (
+                format!(
+                    "{}[[consumers]]\nname = \"a\"\n{ok_url}\n{ok_secret}\n",
+                    with("a", ok_url, ok_secret, "")
+                ),
+                "consumers[1].name",
+            ),
+            (
+                with("a", "url = \"ftp://host/x\"", ok_secret, ""),
+                "consumers[0].url",
+            ),
+            (
+                with("a", "url = \"http://\"", ok_secret, ""),
+                "consumers[0].url",
+            ),
+            (
+                with("a", "url = \"/relative\"", ok_secret, ""),
+                "consumers[0].url",
+            ),
+            (with("a", "url = \"\"", ok_secret, ""), "consumers[0].url"),
+            (
+                with("a", "url = \"https://user:pw-in-url@host/\"", ok_secret, ""),
+                "consumers[0].url",
+            ),
+            (
+                with("a", "url = \"${NO_SUCH_VAR}\"", ok_secret, ""),
+                "consumers[0].url",
+            ),
+            (
+                with(
+                    "a",
+                    ok_url,
+                    "secret = \"wZPl9qd+KCzQjxaK2mBjvC8Hp/oSGWyn\"",
+                    "",
+                ),
+                "consumers[0].secret",
+            ),
+            (
+                with("a", ok_url, &format!("secret = \"{short}\""), ""),
+                "consumers[0].secret",
+            ),
+            (
+                with("a", ok_url, "secret = \"whsec_%%%\"", ""),
+                "consumers[0].secret",
+            ),
+            (
+                with("a", ok_url, "secret = \"\"", ""),
+                "consumers[0].secret",
+            ),
+            (
+                with("a", ok_url, "secret = \"${NO_SUCH_VAR}\"", ""),
+                "consumers[0].secret",
+            ),
+            (with("a", ok_url, "", ""), "consumers[0]"),
+            (
+                with("a", ok_url, ok_secret, "events = []"),
+                "consumers[0].events",
+            ),
+            (
+                with("a", ok_url, ok_secret, "events = [\"contact.user*\"]"),
+                "consumers[0].events",
+            ),
+            (
+                with("a", ok_url, ok_secret, "events = [\"im..x\"]"),
+                "consumers[0].events",
+            ),
+            (
+                with("a", ok_url, ok_secret, "apps = []"),
+                "consumers[0].apps",
+            ),
+            (
+                with("a", ok_url, ok_secret, "apps = [\"cli_y\"]"),
+                "consumers[0].apps",
+            ),
+            (
+                with("a", ok_url, ok_secret, "filter = \"x\""),
+                "consumers[0]",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = Config::parse(&text, &env_of(&[("WH", WHSEC)])).unwrap_err();
+            assert!(
+                err.key.starts_with(key),
+                "expected {key}, got {err}\n{text}"
+            );
+            let shown = err.to_string();
+            for secret in [WHSEC, "wZPl9qd", "MDEyMzQ1", "pw-in-url"] {
+                assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+            }
+        }
+        // Equal steps, "*" next to app ids and https are fine.
+        let text = with(
+            "a-1",
+            "url = \"https://hooks.example.com:8443/feishu?x=1\"",
+            ok_secret,
+            "apps = [\"cli_x\", \"*\"]\nevents = [\"*\", \"im.*\"]",
+        );
+        assert!(Config::parse(&text, &env_of(&[("WH", WHSEC)])).is_ok());
+    }
+
+    /// The example file parses, and so does its commented-out `[[consumers]]` block once
+    /// uncommented: the documentation cannot drift from what the service accepts.
+    #[test]
+    fn example_config_and_its_consumer_example_are_valid() {
+        let example = include_str!("../docs/lark-ticketd.example.toml");
+        let c = Config::parse(example, &env_of(&[])).unwrap();
+        assert!(c.consumers.is_empty());
+        let block: Vec<&str> = example
+            .lines()
+            .skip_while(|l| !l.starts_with("# [[consumers]]"))
+            .take_while(|l| l.starts_with('#'))
+            .filter_map(|l| l.strip_prefix("# "))
+            .collect();
+        assert!(block.len() >= 5, "the example has a consumer block");
+        let text = format!("{example}\n{}\n", block.join("\n"));
+        let c = Config::parse(&text, &env_of(&[("BOT_BACKEND_WEBHOOK_SECRET", WHSEC)])).unwrap();
+        assert_eq!(c.consumers.len(), 1);
+        assert!(c.consumers[0].filter().is_ok());
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod events;
+pub mod forward;
 pub mod mock_feishu;
 pub mod ops;
 pub mod push;
