@@ -300,6 +300,10 @@ pub struct ServerConfig {
     /// Time a client has to send the request body.
     #[serde(deserialize_with = "de_duration")]
     pub request_timeout: Duration,
+    /// Longest a response write may stay blocked (a client that stops reading); then the
+    /// connection is closed.
+    #[serde(deserialize_with = "de_duration")]
+    pub write_timeout: Duration,
     /// Open connections on the main listener at most; further clients wait in the kernel's
     /// backlog.
     pub max_connections: usize,
@@ -336,6 +340,7 @@ impl Default for ServerConfig {
             max_body_bytes: 1024 * 1024,
             header_read_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(10),
             max_connections: 1024,
             max_connections_per_peer: 512,
             ops_max_connections: 64,
@@ -536,6 +541,7 @@ impl Config {
         for (key, d) in [
             ("server.header_read_timeout", s.header_read_timeout),
             ("server.request_timeout", s.request_timeout),
+            ("server.write_timeout", s.write_timeout),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::new(key, "must be longer than 0s"));

@@ -348,10 +348,12 @@ fn caller<'s, B>(
     Ok(client)
 }
 
-/// A tenant_key as Feishu issues them: short, URL-safe.
+/// A tenant_key as Feishu issues them: short, URL-safe, and not a path segment of its own
+/// (`.`, `..`: never a tenant, and a proxy in front may resolve them).
 fn valid_tenant_key(key: &str) -> bool {
     !key.is_empty()
         && key.len() <= 128
+        && !key.bytes().all(|b| b == b'.')
         && key
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')

@@ -18,6 +18,10 @@
 //!   default buffer grows to ~400 KB for an unfinished head);
 //! * the body limit, the body timeout and the server-wide body budget ([`BodyBudget`], put in
 //!   every request's extensions here) are enforced per request in `routes`;
+//! * `write_timeout`: a connection whose answer cannot be written for that long (a client that
+//!   stops reading, so its socket's buffers fill up) is closed. hyper stops reading while it
+//!   cannot write, so the head timeout never fires for such a client: without this bound it
+//!   would hold its permit, and up to a few MiB of kernel send buffer, for ever;
 //! * hyper answers unparseable requests itself (400 bad framing, 414, 431) with an empty body and
 //!   offers no hook to change it; [`EnvelopeIo`] swaps exactly those canned answers for the same
 //!   status with the JSON error envelope, as the connection writes them;
@@ -145,6 +149,7 @@ struct Serve {
     state: AppState,
     http: http1::Builder,
     budget: BodyBudget,
+    write_timeout: Duration,
     graceful: Arc<GracefulShutdown>,
 }
 
@@ -160,6 +165,7 @@ impl Serve {
             state: state.clone(),
             http,
             budget: BodyBudget::new(limits.max_body_bytes_in_flight, limits.body_allowance_bytes),
+            write_timeout: limits.write_timeout,
             graceful: Arc::new(GracefulShutdown::new()),
         }
     }
@@ -174,9 +180,10 @@ impl Serve {
             let state = state.clone();
             async move { Ok::<_, Infallible>(routes::handle(&state, role, req).await) }
         });
-        let conn = self
-            .http
-            .serve_connection(EnvelopeIo::new(TokioIo::new(stream)), service);
+        let conn = self.http.serve_connection(
+            EnvelopeIo::new(TokioIo::new(stream), self.write_timeout),
+            service,
+        );
         let conn = self.graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -332,18 +339,58 @@ fn automatic_rejection(buf: &[u8]) -> Option<ErrorKind> {
 
 /// The connection's IO, passing everything through except hyper's own empty-bodied rejections,
 /// which it replaces with the same status and the JSON error envelope (hyper has no hook for
-/// them: `Http1Transaction::on_error` writes a bare head and closes).
+/// them: `Http1Transaction::on_error` writes a bare head and closes). It also bounds how long a
+/// write may stay blocked (`server.write_timeout`).
 struct EnvelopeIo<T> {
     inner: T,
     /// The replacement being written, and how much of it is written.
     replacing: Option<(Vec<u8>, usize)>,
+    write_timeout: Duration,
+    /// Armed when a write finds the socket full; cleared by any write that makes progress.
+    write_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> EnvelopeIo<T> {
-    fn new(inner: T) -> Self {
+    fn new(inner: T, write_timeout: Duration) -> Self {
         EnvelopeIo {
             inner,
             replacing: None,
+            write_timeout,
+            write_deadline: None,
+        }
+    }
+
+    fn watch_write<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        watch_write(&mut self.write_deadline, self.write_timeout, cx, polled)
+    }
+}
+
+/// Pass a write's outcome through, keeping the blocked-write deadline: armed while writes stay
+/// pending, an error once it passes, cleared by progress.
+fn watch_write<R>(
+    deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    timeout: Duration,
+    cx: &mut Context<'_>,
+    polled: Poll<io::Result<R>>,
+) -> Poll<io::Result<R>> {
+    match polled {
+        Poll::Pending => {
+            let armed = deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+            match armed.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client stopped reading: write timeout",
+                ))),
+                Poll::Pending => Poll::Pending,
+            }
+        }
+        ready => {
+            *deadline = None;
+            ready
         }
     }
 }
@@ -361,7 +408,8 @@ impl<T: Write + Unpin> EnvelopeIo<T> {
                 self.replacing = None;
                 return Poll::Ready(Ok(consumed));
             }
-            match Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..]) {
+            let polled = Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..]);
+            match watch_write(&mut self.write_deadline, self.write_timeout, cx, polled) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => *written += n,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -406,7 +454,8 @@ impl<T: Write + Unpin> Write for EnvelopeIo<T> {
         if this.start_replacing(buf) {
             return this.poll_replacement(cx, buf.len());
         }
-        Pin::new(&mut this.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.watch_write(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -420,7 +469,8 @@ impl<T: Write + Unpin> Write for EnvelopeIo<T> {
                 return this.poll_replacement(cx, first.len());
             }
         }
-        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.watch_write(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -428,7 +478,9 @@ impl<T: Write + Unpin> Write for EnvelopeIo<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.watch_write(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

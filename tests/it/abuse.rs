@@ -327,3 +327,58 @@ async fn defect_7_the_body_budget_refuses_with_a_4xx_when_spent_and_recovers() {
     }
     served.stop().await;
 }
+
+/// Found by the attack on the release binary: a client that pipelines requests and never reads
+/// the answers fills its socket's buffers; hyper then stops reading, so the head timeout never
+/// fires, and the connection held its permit (and kernel buffers) for ever.
+#[tokio::test]
+async fn attack_a_client_that_stops_reading_is_closed_after_the_write_timeout() {
+    let served = Served::start("write_timeout = \"300ms\"\nheader_read_timeout = \"60s\"").await;
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(served.main).await.unwrap();
+    let (_unread, mut write) = stream.into_split();
+    // Pipeline requests until our own writes block (the server stopped reading), never reading
+    // an answer; bounded in count.
+    let writer = tokio::spawn(async move {
+        let request = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n".repeat(1000);
+        for _ in 0..2_000 {
+            if write.write_all(&request).await.is_err() {
+                return;
+            }
+        }
+    });
+    served.wait_open(1).await;
+    // Closed by the server (before the fix: open for ever, and `eventually` times out).
+    served.wait_open(0).await;
+    writer.abort();
+    served.stop().await;
+}
+
+/// Found by the attack: `.` and `..` passed as tenant keys and minted tokens (path segments a
+/// proxy in front may resolve; sent raw here, as `curl --path-as-is` does).
+#[tokio::test]
+async fn attack_dot_segments_are_not_tenant_keys() {
+    let bearer = "dot-segment-bearer-key";
+    let served = Served::start(&format!(
+        "[[clients]]\nname = \"t\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"tokens\"]\n",
+        lark_ticketd::auth::key_sha256_hex(bearer)
+    ))
+    .await;
+    for key in [".", "..", "..."] {
+        let mut stream = TcpStream::connect(served.main).await.unwrap();
+        let request = format!(
+            "GET /v1/apps/{APP_ID}/tenants/{key}/tenant_access_token HTTP/1.1\r\nhost: x\r\n\
+             authorization: Bearer {bearer}\r\nconnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let raw = read_to_close(&mut stream).await;
+        let (status, body) = parse_answer(&raw);
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("bad_request")),
+            "{key}: {raw}"
+        );
+    }
+    served.stop().await;
+}
