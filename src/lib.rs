@@ -39,6 +39,7 @@ pub mod demo;
 pub mod error;
 pub mod events;
 pub mod mock_feishu;
+pub mod model;
 pub mod ops;
 pub mod push;
 pub mod routes;

@@ -109,7 +109,7 @@ pub struct TenantStatus {
     pub last_event: String,
     /// Unix seconds.
     pub last_event_at: u64,
-    pub last_order: Option<crate::events::Order>,
+    pub last_order: Option<crate::model::Order>,
     pub token: TokenStatus,
 }
 
