@@ -37,6 +37,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod metrics;
 pub mod events;
 pub mod mock_feishu;
 pub mod model;
@@ -65,7 +66,7 @@ struct Inner {
     verifier: Verifier,
     clients: auth::Clients,
     broker: Broker,
-    metrics: ops::metrics::Metrics,
+    metrics: metrics::Metrics,
     store: Store,
     clock: SharedClock,
 }
@@ -75,7 +76,7 @@ impl AppState {
     pub fn new(config: Config, store: Store, clock: SharedClock) -> Result<Self, error::Error> {
         let verifier = Verifier::new(&config.apps);
         let clients = auth::Clients::new(&config.clients);
-        let metrics = ops::metrics::Metrics::new();
+        let metrics = metrics::Metrics::new();
         let broker = Broker::new(&config, store.clone(), Arc::clone(&clock), metrics.clone())?;
         Ok(AppState(Arc::new(Inner {
             config,
@@ -104,7 +105,7 @@ impl AppState {
         &self.0.broker
     }
 
-    pub fn metrics(&self) -> &ops::metrics::Metrics {
+    pub fn metrics(&self) -> &metrics::Metrics {
         &self.0.metrics
     }
 

@@ -470,6 +470,10 @@ async fn metrics(state: &AppState) -> Result<Response<Full<Bytes>>, Error> {
         let age = record.map(|r| now.saturating_sub(r.received_at_ms) as f64 / 1000.0);
         state.metrics().set_ticket(&app.app_id, ticket_state, age);
     }
+    // The log writer counts what it drops; metrics are a leaf and do not read it themselves.
+    state
+        .metrics()
+        .log_lines_dropped(crate::ops::logging::dropped_lines());
     let mut response = Response::new(Full::new(Bytes::from(state.metrics().encode())));
     response.headers_mut().insert(
         CONTENT_TYPE,

@@ -12,24 +12,7 @@ use crate::store::{TenantRecord, TenantState, TicketRecord, TicketSource};
 use crate::tokens::{ResendOutcome, TokenKey};
 use crate::AppState;
 
-/// How fresh an app's ticket is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TicketState {
-    Fresh,
-    Stale,
-    Missing,
-}
-
-impl TicketState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TicketState::Fresh => "fresh",
-            TicketState::Stale => "stale",
-            TicketState::Missing => "missing",
-        }
-    }
-}
+pub use crate::model::TicketState;
 
 /// The state of a stored ticket at `now_ms`: a pure function, so tests move time by hand.
 pub fn ticket_state(

@@ -72,7 +72,7 @@ use tokio::task::{AbortHandle, JoinHandle};
 use crate::clock::SharedClock;
 use crate::config::{Config, TicketConfig, TokenConfig};
 use crate::error::{Error, ErrorKind};
-use crate::ops::metrics::Metrics;
+use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::store::{Store, TokenRecord};
 use upstream::{codes, IssuedToken, Upstream};
