@@ -37,8 +37,8 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod error;
-pub mod metrics;
 pub mod events;
+pub mod metrics;
 pub mod mock_feishu;
 pub mod model;
 pub mod ops;
@@ -47,14 +47,16 @@ pub mod routes;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod tickets;
 pub mod tokens;
 
 use std::sync::Arc;
 
 use clock::{Clock, SharedClock};
 use config::Config;
-use events::Verifier;
+use events::{Intake, Verifier};
 use store::Store;
+use tickets::Tickets;
 use tokens::Broker;
 
 /// Everything a request handler needs, behind one `Arc`.
@@ -65,6 +67,8 @@ struct Inner {
     config: Config,
     verifier: Verifier,
     clients: auth::Clients,
+    intake: Intake,
+    tickets: Tickets,
     broker: Broker,
     metrics: metrics::Metrics,
     store: Store,
@@ -77,11 +81,27 @@ impl AppState {
         let verifier = Verifier::new(&config.apps);
         let clients = auth::Clients::new(&config.clients);
         let metrics = metrics::Metrics::new();
-        let broker = Broker::new(&config, store.clone(), Arc::clone(&clock), metrics.clone())?;
+        let tickets = Tickets::new(&config, store.clone(), Arc::clone(&clock), metrics.clone());
+        let intake = Intake::new(
+            config.events.clone(),
+            tickets.clone(),
+            store.clone(),
+            metrics.clone(),
+            Arc::clone(&clock),
+        );
+        let broker = Broker::new(
+            &config,
+            store.clone(),
+            tickets.clone(),
+            Arc::clone(&clock),
+            metrics.clone(),
+        )?;
         Ok(AppState(Arc::new(Inner {
             config,
             verifier,
             clients,
+            intake,
+            tickets,
             broker,
             metrics,
             store,
@@ -99,6 +119,16 @@ impl AppState {
 
     pub fn clients(&self) -> &auth::Clients {
         &self.0.clients
+    }
+
+    /// What acts on verified `/events` payloads.
+    pub fn intake(&self) -> &Intake {
+        &self.0.intake
+    }
+
+    /// The app tickets: stored pushes, resend requests, waiting callers.
+    pub fn tickets(&self) -> &Tickets {
+        &self.0.tickets
     }
 
     pub fn broker(&self) -> &Broker {

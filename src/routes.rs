@@ -512,7 +512,7 @@ where
     let verified = state.verifier().verify(target, signature, &body)?;
     log.app_id = Some(verified.app_id().to_string());
     log.event_type = Some(verified.event_type().to_string());
-    match events::accept(state, verified).await? {
+    match events::accept(state.intake(), verified).await? {
         Outcome::Challenge(challenge) => Ok(json(
             StatusCode::OK,
             &serde_json::json!({ "challenge": challenge }),
