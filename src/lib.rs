@@ -9,25 +9,50 @@
 //!                    ▼                                                ▼
 //!   server (listeners, connection limit, header timeout, graceful drain)
 //!                    │
-//!   routes (path → handler; body limit; the one place errors become responses)
-//!                    │
-//!   events (verify signature over raw bytes → decrypt → parse envelope → check token)
-//!                    │
+//!   routes (path → handler; body limit; bearer auth; the one place errors become responses)
+//!                    │                                                │
+//!   events (intake: verify signature over raw bytes      tokens (broker: cache, single-flight,
+//!     → decrypt → parse envelope → check token)            background refresh) ──► Feishu auth API
+//!                    │                                                │
+//!                    └──────────────► tickets ◄───────────────────────┘
+//!                       (stored pushes, resend requests, waking waiting token requests)
+//!                                        │
 //!   store (newest ticket per app, tenant state, tokens; embedded redb file | memory)
-//!                    ▲
-//!   tokens (broker: cache, single-flight, background refresh) ──► Feishu auth API
 //! ```
+//!
+//! # Layering
+//!
+//! A module imports only modules below it (DESIGN.md → *Layout*); lowest first:
+//!
+//! ```text
+//!   clock, error, model, secret   building blocks; model: the records several layers share
+//!   config, metrics               typed config; metrics: a leaf, calls nothing back
+//!   auth, store                   bearer keys; durable state
+//!   tickets                       ticket bookkeeping shared by intake and the broker
+//!   events, tokens                intake and the broker: siblings, neither imports the other
+//!   push                          sealing pushes as Feishu does
+//!   mock_feishu                   the fake Open Platform
+//!   (crate root)                  AppState: the service, built from everything above
+//!   ops                           status and logging
+//!   routes                        the HTTP surface
+//!   server                        listeners, limits, graceful shutdown
+//!   demo                          the demo command
+//! ```
+//!
+//! `tests/it/layering.rs` declares this order and fails on an import that points up or sideways.
 //!
 //! [`mock_feishu`] is a faithful local fake of the Open Platform (auth endpoints, ticket pushes),
 //! used by `lark-ticketd demo`, the tests, and developers without a Feishu tenant.
 //!
 //! The intake flow: request → limit → verify signature (raw bytes) → decrypt → parse envelope →
-//! check token → replay window (`events.max_age`) → challenge | store ticket | record tenant | ack. Intake answers 200 to Feishu only
-//! after the ticket is durable, and wakes token requests waiting for it.
+//! check token → replay window (`events.max_age`) → challenge | store ticket | record tenant | ack.
+//! Intake answers 200 to Feishu only after the ticket is durable; [`tickets`] stores it and wakes
+//! token requests waiting for it.
 //!
-//! The token flow: request → bearer auth ([`auth`]) → cache → (single-flight) store ticket →
-//! upstream (Feishu's auth API, [`tokens::upstream`]) → cache and store → respond. The broker
-//! ([`tokens`]) refreshes in the background before expiry so callers never wait on the common path.
+//! The token flow: request → bearer auth ([`auth`]) → cache → (single-flight) ticket from
+//! [`tickets`] → upstream (Feishu's auth API, [`tokens::upstream`]) → cache and store → respond.
+//! The broker ([`tokens`]) refreshes in the background before expiry so callers never wait on
+//! the common path.
 //!
 //! State is shared as one cheap, clonable [`AppState`] handle; time comes from a [`clock::Clock`]
 //! so tests move it by hand.
