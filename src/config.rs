@@ -12,7 +12,7 @@
 //!
 //! `[forwarding]` and `[[consumers]]` configure the event hand-off (DESIGN.md → *Event hand-off*).
 //! A consumer's secret and event patterns are checked by the same code that later signs and
-//! filters with them ([`crate::forward::signature`], [`crate::forward::filter`]), so what
+//! filters with them ([`crate::webhook`], [`crate::consumer_filter`]), so what
 //! validates here is exactly what the deliverer accepts.
 
 use std::collections::HashSet;
@@ -23,9 +23,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::forward::filter::{ConsumerFilter, EventPattern, PatternError};
-use crate::forward::signature::{SecretError, WebhookSecret};
+use crate::consumer_filter::{ConsumerFilter, EventPattern, PatternError};
 use crate::secret::Secret;
+use crate::webhook::{SecretError, WebhookSecret};
 
 /// Feishu's default API base URL.
 pub const FEISHU_BASE_URL: &str = "https://open.feishu.cn";

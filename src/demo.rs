@@ -87,7 +87,7 @@ scopes = ["tokens", "status", "admin"]
     let state = AppState::new(config, store, clock::system())
         .map_err(|e| format!("cannot start the service: {}", e.message()))?;
     let mut ticket_signal = state
-        .broker()
+        .tickets()
         .ticket_watch(&app_id)
         .ok_or("the demo app is missing")?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -9,25 +9,51 @@
 //!                    ▼                                                ▼
 //!   server (listeners, connection limit, header timeout, graceful drain)
 //!                    │
-//!   routes (path → handler; body limit; the one place errors become responses)
-//!                    │
-//!   events (verify signature over raw bytes → decrypt → parse envelope → check token)
-//!                    │
+//!   routes (path → handler; body limit; bearer auth; the one place errors become responses)
+//!                    │                                                │
+//!   events (intake: verify signature over raw bytes      tokens (broker: cache, single-flight,
+//!     → decrypt → parse envelope → check token)            background refresh) ──► Feishu auth API
+//!                    │                                                │
+//!                    └──────────────► tickets ◄───────────────────────┘
+//!                       (stored pushes, resend requests, waking waiting token requests)
+//!                                        │
 //!   store (newest ticket per app, tenant state, tokens; embedded redb file | memory)
-//!                    ▲
-//!   tokens (broker: cache, single-flight, background refresh) ──► Feishu auth API
 //! ```
+//!
+//! # Layering
+//!
+//! A module imports only modules below it (DESIGN.md → *Layout*); lowest first:
+//!
+//! ```text
+//!   clock, error, model, secret   building blocks; model: the records several layers share
+//!   consumer_filter, webhook      pure rules config validates consumers with (filters, signing)
+//!   config, metrics               typed config; metrics: a leaf, calls nothing back
+//!   auth, store                   bearer keys; durable state
+//!   forward, tickets              the event hand-off; ticket bookkeeping for intake and broker
+//!   events, tokens                intake and the broker: siblings, neither imports the other
+//!   push                          sealing pushes as Feishu does
+//!   mock_feishu                   the fake Open Platform
+//!   (crate root)                  AppState: the service, built from everything above
+//!   ops                           status and logging
+//!   routes                        the HTTP surface
+//!   server                        listeners, limits, graceful shutdown
+//!   demo                          the demo command
+//! ```
+//!
+//! `tests/it/layering.rs` declares this order and fails on an import that points up or sideways.
 //!
 //! [`mock_feishu`] is a faithful local fake of the Open Platform (auth endpoints, ticket pushes),
 //! used by `lark-ticketd demo`, the tests, and developers without a Feishu tenant.
 //!
 //! The intake flow: request → limit → verify signature (raw bytes) → decrypt → parse envelope →
-//! check token → replay window (`events.max_age`) → challenge | store ticket | record tenant | ack. Intake answers 200 to Feishu only
-//! after the ticket is durable, and wakes token requests waiting for it.
+//! check token → replay window (`events.max_age`) → challenge | store ticket | record tenant | ack.
+//! Intake answers 200 to Feishu only after the ticket is durable; [`tickets`] stores it and wakes
+//! token requests waiting for it.
 //!
-//! The token flow: request → bearer auth ([`auth`]) → cache → (single-flight) store ticket →
-//! upstream (Feishu's auth API, [`tokens::upstream`]) → cache and store → respond. The broker
-//! ([`tokens`]) refreshes in the background before expiry so callers never wait on the common path.
+//! The token flow: request → bearer auth ([`auth`]) → cache → (single-flight) ticket from
+//! [`tickets`] → upstream (Feishu's auth API, [`tokens::upstream`]) → cache and store → respond.
+//! The broker ([`tokens`]) refreshes in the background before expiry so callers never wait on
+//! the common path.
 //!
 //! State is shared as one cheap, clonable [`AppState`] handle; time comes from a [`clock::Clock`]
 //! so tests move it by hand.
@@ -35,25 +61,31 @@
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod consumer_filter;
 pub mod demo;
 pub mod error;
 pub mod events;
 pub mod forward;
+pub mod metrics;
 pub mod mock_feishu;
+pub mod model;
 pub mod ops;
 pub mod push;
 pub mod routes;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod tickets;
 pub mod tokens;
+pub mod webhook;
 
 use std::sync::Arc;
 
 use clock::{Clock, SharedClock};
 use config::Config;
-use events::Verifier;
+use events::{Intake, Verifier};
 use store::Store;
+use tickets::Tickets;
 use tokens::Broker;
 
 /// Everything a request handler needs, behind one `Arc`.
@@ -64,8 +96,10 @@ struct Inner {
     config: Config,
     verifier: Verifier,
     clients: auth::Clients,
+    intake: Intake,
+    tickets: Tickets,
     broker: Broker,
-    metrics: ops::metrics::Metrics,
+    metrics: metrics::Metrics,
     store: Store,
     clock: SharedClock,
 }
@@ -75,12 +109,28 @@ impl AppState {
     pub fn new(config: Config, store: Store, clock: SharedClock) -> Result<Self, error::Error> {
         let verifier = Verifier::new(&config.apps);
         let clients = auth::Clients::new(&config.clients);
-        let metrics = ops::metrics::Metrics::new();
-        let broker = Broker::new(&config, store.clone(), Arc::clone(&clock), metrics.clone())?;
+        let metrics = metrics::Metrics::new();
+        let tickets = Tickets::new(&config, store.clone(), Arc::clone(&clock), metrics.clone());
+        let intake = Intake::new(
+            config.events.clone(),
+            tickets.clone(),
+            store.clone(),
+            metrics.clone(),
+            Arc::clone(&clock),
+        );
+        let broker = Broker::new(
+            &config,
+            store.clone(),
+            tickets.clone(),
+            Arc::clone(&clock),
+            metrics.clone(),
+        )?;
         Ok(AppState(Arc::new(Inner {
             config,
             verifier,
             clients,
+            intake,
+            tickets,
             broker,
             metrics,
             store,
@@ -100,11 +150,21 @@ impl AppState {
         &self.0.clients
     }
 
+    /// What acts on verified `/events` payloads.
+    pub fn intake(&self) -> &Intake {
+        &self.0.intake
+    }
+
+    /// The app tickets: stored pushes, resend requests, waiting callers.
+    pub fn tickets(&self) -> &Tickets {
+        &self.0.tickets
+    }
+
     pub fn broker(&self) -> &Broker {
         &self.0.broker
     }
 
-    pub fn metrics(&self) -> &ops::metrics::Metrics {
+    pub fn metrics(&self) -> &metrics::Metrics {
         &self.0.metrics
     }
 

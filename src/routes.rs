@@ -472,6 +472,10 @@ async fn metrics(state: &AppState) -> Result<Response<Full<Bytes>>, Error> {
         let age = record.map(|r| now.saturating_sub(r.received_at_ms) as f64 / 1000.0);
         state.metrics().set_ticket(&app.app_id, ticket_state, age);
     }
+    // The log writer counts what it drops; metrics are a leaf and do not read it themselves.
+    state
+        .metrics()
+        .log_lines_dropped(crate::ops::logging::dropped_lines());
     let mut response = Response::new(Full::new(Bytes::from(state.metrics().encode())));
     response.headers_mut().insert(
         CONTENT_TYPE,
@@ -510,7 +514,7 @@ where
     let verified = state.verifier().verify(target, signature, &body)?;
     log.app_id = Some(verified.app_id().to_string());
     log.event_type = Some(verified.event_type().to_string());
-    match events::accept(state, verified).await? {
+    match events::accept(state.intake(), verified).await? {
         Outcome::Challenge(challenge) => Ok(json(
             StatusCode::OK,
             &serde_json::json!({ "challenge": challenge }),

@@ -12,6 +12,8 @@ use serde_json::value::RawValue;
 
 use crate::secret::Secret;
 
+pub use crate::model::{Order, TenantChange};
+
 /// Every top-level field any shape uses. A request body is this too: `{"encrypt": ...}` or, with
 /// no Encrypt Key, the envelope itself.
 #[derive(Deserialize, Default)]
@@ -179,29 +181,6 @@ pub enum EventDetail {
     AppTicket { ticket: Secret },
     Tenant(TenantChange),
     Other,
-}
-
-/// A store-app lifecycle event (protocol.md §4.3).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TenantChange {
-    /// `app_open`: first installed / enabled.
-    Opened,
-    /// `app_status_change` with its `status` (`start_by_tenant`, `stop_by_tenant`, `stop_by_platform`).
-    StatusChanged { status: String },
-    /// `app_uninstalled`.
-    Uninstalled,
-    /// `order_paid`.
-    OrderPaid(Order),
-}
-
-/// The parts of an `order_paid` event an operator wants to see.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Order {
-    pub order_id: String,
-    pub price_plan_type: Option<String>,
-    pub buy_type: Option<String>,
-    pub seats: Option<u64>,
-    pub pay_time: Option<String>,
 }
 
 /// Classify a parsed object into one of the three shapes (protocol.md §4.1: a challenge has

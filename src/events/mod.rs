@@ -14,15 +14,16 @@
 //! 5. an event naming another app than the routed one is refused (`app_mismatch`).
 //!
 //! Only [`Verifier::verify`] builds a [`Verified`], so nothing downstream can act on a payload
-//! that skipped a step. [`accept`] then checks that an event is fresh ([`freshness`]: the replay
-//! window, `stale_request`; event times ahead of our clock are capped for ordering) and does the
-//! one thing each verified payload asks for: echo the challenge, store the ticket (durably,
-//! before the 200), record tenant state, or just ack.
+//! that skipped a step. [`accept`] then checks that an event is fresh ([`freshness`]: the
+//! replay window, `stale_request`; event times ahead of our clock are capped for ordering) and
+//! does the one thing each verified payload asks for: echo the challenge, store the ticket
+//! (durably, before the 200), record tenant state, or just ack.
 //!
-//! Storing a ticket and waking the token requests waiting for it is one step that always
-//! completes: it runs as its own task, so a client that disconnects (hyper then drops the
-//! request's future) cannot leave a committed ticket unannounced and its waiters asleep until
-//! their timeout.
+//! A ticket goes to [`crate::tickets`], the bookkeeping intake shares with the token broker: it
+//! decides whether the push answers a resend of ours, stores it newest-wins, and wakes the token
+//! requests waiting for it — as one step that always completes, even when the client
+//! disconnects mid-request. Intake sits above the store and the ticket bookkeeping and never
+//! reaches the broker ([`crate::tokens`]); the two are siblings.
 //!
 //! About oracles: a request that carries signature headers that match no key gets
 //! `bad_signature` whatever its ciphertext holds (unless it is a valid challenge). Without
@@ -40,11 +41,13 @@ pub mod signature;
 
 use std::collections::HashMap;
 
-use crate::config::AppConfig;
+use crate::clock::SharedClock;
+use crate::config::{AppConfig, EventsConfig};
 use crate::error::{Error, ErrorKind};
+use crate::metrics::Metrics;
 use crate::secret::Secret;
-use crate::store::{TenantEvent, TicketRecord, TicketSource, TicketWrite};
-use crate::AppState;
+use crate::store::{Store, TenantEvent, TicketWrite};
+use crate::tickets::{PushedTicket, Tickets};
 
 use cipher::EventCipher;
 use envelope::{EventDetail, Payload, ShapeError};
@@ -301,8 +304,38 @@ pub enum Outcome {
     Acknowledged,
 }
 
+/// What intake acts with once a payload is verified: the replay window's settings, the ticket
+/// bookkeeping ([`Tickets`]), the store (tenant state), metrics and the clock — not the whole
+/// service. Cheap to clone.
+#[derive(Clone)]
+pub struct Intake {
+    events: EventsConfig,
+    tickets: Tickets,
+    store: Store,
+    metrics: Metrics,
+    clock: SharedClock,
+}
+
+impl Intake {
+    pub fn new(
+        events: EventsConfig,
+        tickets: Tickets,
+        store: Store,
+        metrics: Metrics,
+        clock: SharedClock,
+    ) -> Intake {
+        Intake {
+            events,
+            tickets,
+            store,
+            metrics,
+            clock,
+        }
+    }
+}
+
 /// Act on a verified payload. Returns only after anything that must be durable is durable.
-pub async fn accept(state: &AppState, verified: Verified) -> Result<Outcome, Error> {
+pub async fn accept(intake: &Intake, verified: Verified) -> Result<Outcome, Error> {
     let Verified {
         app_id,
         payload,
@@ -312,14 +345,14 @@ pub async fn accept(state: &AppState, verified: Verified) -> Result<Outcome, Err
         Payload::Challenge { challenge, .. } => return Ok(Outcome::Challenge(challenge)),
         Payload::Event(event) => *event,
     };
-    let now_ms = state.clock().now_ms();
-    let fresh = freshness::check(&state.config().events, signed_at, event.time_us, now_ms)
-        .map_err(|stale| {
-            state.metrics().stale_request(&app_id, stale.as_str());
+    let now_ms = intake.clock.now_ms();
+    let fresh =
+        freshness::check(&intake.events, signed_at, event.time_us, now_ms).map_err(|stale| {
+            intake.metrics.stale_request(&app_id, stale.as_str());
             Error::new(ErrorKind::StaleRequest, stale.message())
         })?;
     if fresh.capped {
-        state.metrics().event_time_capped(&app_id);
+        intake.metrics.event_time_capped(&app_id);
         tracing::warn!(
             app_id = %app_id,
             event_time_us = event.time_us.unwrap_or_default(),
@@ -331,28 +364,13 @@ pub async fn accept(state: &AppState, verified: Verified) -> Result<Outcome, Err
     let time_us = fresh.order_time_us.unwrap_or(now_ms as i64 * 1000);
     match event.detail {
         EventDetail::AppTicket { ticket } => {
-            let source = if state.broker().resend_pending(&app_id) {
-                TicketSource::Resend
-            } else {
-                TicketSource::Push
-            };
-            let record = TicketRecord {
+            let pushed = PushedTicket {
                 ticket,
                 event_time_us: time_us,
                 event_id: event.event_id.unwrap_or_default(),
                 received_at_ms: now_ms,
-                source,
-                pushes_seen: 0,
-                rejected: false,
             };
-            // Its own task: once started it commits *and* wakes the waiters, even if this
-            // request's future is dropped meanwhile (the client went away).
-            let task = tokio::spawn(store_ticket(state.clone(), app_id, record));
-            let write = task.await.map_err(|e| {
-                Error::from(ErrorKind::Internal)
-                    .with_cause(format!("the ticket write task failed: {e}"))
-            })??;
-            Ok(match write {
+            Ok(match intake.tickets.store_pushed(app_id, pushed).await? {
                 TicketWrite::Stored => Outcome::TicketStored,
                 TicketWrite::KeptNewer => Outcome::TicketKeptNewer,
             })
@@ -366,37 +384,11 @@ pub async fn accept(state: &AppState, verified: Verified) -> Result<Outcome, Err
                 event_time_us: time_us,
                 received_at_ms: now_ms,
             };
-            state.store().record_tenant_event(&app_id, ev).await?;
+            intake.store.record_tenant_event(&app_id, ev).await?;
             Ok(Outcome::TenantRecorded)
         }
         EventDetail::Other => Ok(Outcome::Acknowledged),
     }
-}
-
-/// Store a ticket, count it, and wake whoever waits for one: the step [`accept`] runs as a task.
-async fn store_ticket(
-    state: AppState,
-    app_id: String,
-    record: TicketRecord,
-) -> Result<TicketWrite, Error> {
-    let fingerprint = record.ticket.fingerprint();
-    let via = match record.source {
-        TicketSource::Push => "push",
-        TicketSource::Resend => "resend",
-    };
-    let write = state.store().put_ticket(&app_id, record).await?;
-    let stored = write == TicketWrite::Stored;
-    state.metrics().ticket_push(&app_id, via, stored);
-    if stored {
-        state.broker().ticket_stored(&app_id);
-    }
-    tracing::info!(
-        app_id = %app_id,
-        ticket = %fingerprint,
-        stored,
-        "app_ticket received"
-    );
-    Ok(write)
 }
 
 #[cfg(test)]

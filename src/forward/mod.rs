@@ -17,7 +17,7 @@
 //!   Verification Token ([`delivery_body`]), and the headers of [`delivery_headers`]:
 //!   `content-type: application/json`, the Standard Webhooks `webhook-id` (the Feishu event id,
 //!   the same on every retry and redelivery), `webhook-timestamp` (unix seconds of this attempt)
-//!   and `webhook-signature` ([`signature::sign`]), and `lark-app-id`, `lark-event-type`, and
+//!   and `webhook-signature` ([`crate::webhook::sign`]), and `lark-app-id`, `lark-event-type`, and
 //!   `lark-tenant-key` when the event names a tenant. Consumers authenticate a delivery by the
 //!   signature, never by our Verification Token, which is why the token is removed.
 //! - **Outcome** (the deliverer, to come): any `2xx` within `forwarding.delivery_timeout` is
@@ -26,21 +26,20 @@
 //!
 //! # What lives where
 //!
-//! [`signature`] signs (Standard Webhooks) and owns the `whsec_` secret rule; [`filter`] decides
-//! which consumer gets which event. This file builds the body and the headers of one attempt.
+//! [`crate::webhook`] signs (Standard Webhooks) and owns the `whsec_` secret rule;
+//! [`crate::consumer_filter`] decides which consumer gets which event. Both sit at the bottom of
+//! the crate, below `config`, which validates `[[consumers]]` with them. This file builds the
+//! body and the headers of one attempt.
 //! All of it is pure: no IO, no clock (the attempt's timestamp is a parameter). The durable
 //! queue lives in `store`; the deliverer will live here and call these functions.
-
-pub mod filter;
-pub mod signature;
 
 use std::fmt;
 
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-pub use filter::{ConsumerFilter, EventPattern};
-pub use signature::{
+pub use crate::consumer_filter::{ConsumerFilter, EventPattern};
+pub use crate::webhook::{
     WebhookSecret, WEBHOOK_ID_HEADER, WEBHOOK_SIGNATURE_HEADER, WEBHOOK_TIMESTAMP_HEADER,
 };
 
@@ -176,7 +175,7 @@ pub fn delivery_headers(
         (WEBHOOK_TIMESTAMP_HEADER, timestamp_s.to_string()),
         (
             WEBHOOK_SIGNATURE_HEADER,
-            signature::sign(secret, meta.event_id, timestamp_s, body.as_bytes()),
+            crate::webhook::sign(secret, meta.event_id, timestamp_s, body.as_bytes()),
         ),
         (APP_ID_HEADER, meta.app_id.to_string()),
         (EVENT_TYPE_HEADER, meta.event_type.to_string()),
@@ -331,7 +330,7 @@ mod tests {
         assert_eq!(get("lark-app-id"), meta.app_id);
         assert_eq!(get("lark-event-type"), meta.event_type);
         assert_eq!(get("lark-tenant-key"), "2ca1d211f64f6438");
-        signature::verify(
+        crate::webhook::verify(
             &secret,
             get("webhook-id"),
             get("webhook-timestamp"),

@@ -14,11 +14,12 @@
 //! every line). A tokio worker that logs only appends to the buffer under a lock that no one
 //! holds across I/O, so a stalled stderr (a full pipe, a stopped log collector) never blocks a
 //! worker. When the buffer holds [`MAX_PENDING_BYTES`], further lines are dropped and counted
-//! ([`dropped_lines`], the `lark_ticketd_log_lines_dropped_total` metric, and a warning line
-//! written once the output moves again). Batching is also cheaper: one `write` per batch instead
-//! of one per request line, which at tens of thousands of requests a second is a fifth of the
-//! CPU. `main` calls [`flush`] before exiting; a process killed with SIGKILL loses at most the
-//! last interval's lines.
+//! ([`dropped_lines`], a warning line written once the output moves again, and the
+//! `lark_ticketd_log_lines_dropped_total` metric, which the `/metrics` handler catches up from
+//! [`dropped_lines`] at scrape time: metrics are a leaf and never call back into logging).
+//! Batching is also cheaper: one `write` per batch instead of one per request line, which at
+//! tens of thousands of requests a second is a fifth of the CPU. `main` calls [`flush`] before
+//! exiting; a process killed with SIGKILL loses at most the last interval's lines.
 
 use std::cell::RefCell;
 use std::fmt::Write as _;

@@ -1,5 +1,5 @@
 //! Ticket freshness and token state, for operators: the status API's model, how it is computed
-//! from the store and the broker, and how the `status` command renders it.
+//! from the store, the ticket bookkeeping and the broker, and how the `status` command renders it.
 //!
 //! A ticket is `missing` (none stored), `stale` (older than `tickets.stale_after`, 75 minutes by
 //! default: Feishu pushes hourly, so one missed push is tolerated), or `fresh`. Nothing here ever
@@ -9,27 +9,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::store::{TenantRecord, TenantState, TicketRecord, TicketSource};
-use crate::tokens::{ResendOutcome, TokenKey};
+use crate::tickets::ResendOutcome;
+use crate::tokens::TokenKey;
 use crate::AppState;
 
-/// How fresh an app's ticket is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TicketState {
-    Fresh,
-    Stale,
-    Missing,
-}
-
-impl TicketState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TicketState::Fresh => "fresh",
-            TicketState::Stale => "stale",
-            TicketState::Missing => "missing",
-        }
-    }
-}
+pub use crate::model::TicketState;
 
 /// The state of a stored ticket at `now_ms`: a pure function, so tests move time by hand.
 pub fn ticket_state(
@@ -109,7 +93,7 @@ pub struct TenantStatus {
     pub last_event: String,
     /// Unix seconds.
     pub last_event_at: u64,
-    pub last_order: Option<crate::events::Order>,
+    pub last_order: Option<crate::model::Order>,
     pub token: TokenStatus,
 }
 
@@ -142,7 +126,7 @@ pub async fn app_status(state: &AppState, app_id: &str) -> Result<AppStatus, Err
             fingerprint: record.as_ref().map(|r| r.ticket.fingerprint()),
             stale_after_seconds: stale_after_ms / 1000,
         },
-        last_resend: state.broker().resend_status(app_id).map(|r| ResendInfo {
+        last_resend: state.tickets().resend_status(app_id).map(|r| ResendInfo {
             requested_at: r.requested_at_ms / 1000,
             outcome: r.outcome,
             awaiting_push: r.awaiting_push,

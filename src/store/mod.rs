@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{StoreConfig, StoreKind};
 use crate::error::Error;
-use crate::events::{Order, TenantChange};
+use crate::model::{Order, TenantChange};
 use crate::secret::Secret;
 
 /// How a ticket arrived.

@@ -16,7 +16,8 @@
 //! * **Answered errors back off**: a Feishu error answer (a `code`, e.g. `99991400` rate limit,
 //!   `10015` wrong secret) is remembered per key for `tokens.error_backoff` and given to the
 //!   callers of that key meanwhile, instead of every new wave of callers asking again. A newly
-//!   stored ticket clears the app's remembered failure.
+//!   stored ticket clears the app's remembered failure (the failure keeps the app's ticket
+//!   generation, [`Tickets::generation`], and counts only while it is unchanged).
 //! * **Background refresh** once fewer than `tokens.refresh_ahead` (≤ 30 min: Feishu issues a new
 //!   token only then) remain, plus a random `tokens.refresh_jitter`, so tokens fetched together
 //!   do not fall due together. Refreshes start from the hit that notices and from a periodic
@@ -35,13 +36,16 @@
 //! * **Compare-and-invalidate**: a caller reports the token Feishu rejected; it is dropped only if
 //!   it is still the cached one (after any fetch in flight has landed), then a new one is fetched.
 //! * Feishu's verdicts: `99991663` / `99991664` on the tenant call drop exactly that app token
-//!   and fetch once more; `10012` means the ticket is invalid: it is demoted in the store (so the
-//!   next different ticket replaces it whatever its event time), a resend is requested, and the
-//!   fetch retries once with the pushed ticket. A stored ticket marked refused counts as missing.
-//! * **Missing ticket**: at most one resend request per app per `tickets.resend_interval` across all
-//!   callers; callers wait up to `tickets.resend_wait` and are woken the moment intake stores the
-//!   pushed ticket — but only when a resend is actually awaiting its push: with none requested
-//!   (inside the interval) and none pending, the answer is `503 ticket_missing` at once.
+//!   and fetch once more; `10012` means the ticket is invalid: it is demoted
+//!   ([`Tickets::demote`]: the next different ticket replaces it whatever its event time), a
+//!   resend is requested, and the fetch retries once with the pushed ticket. A stored ticket
+//!   marked refused counts as missing.
+//! * **Tickets come from [`crate::tickets`]**, the bookkeeping shared with intake: the broker asks
+//!   it for the current ticket ([`Tickets::current`]) and hands it the resend call to make
+//!   ([`Broker::request_resend`]); the rules — at most one resend request per app per
+//!   `tickets.resend_interval`, waiting up to `tickets.resend_wait` only while a resend awaits its
+//!   push, `503 ticket_missing` at once otherwise — live there. The broker never hears from
+//!   intake, and intake never calls the broker.
 //! * Tokens persist in the store, so a restart serves them without upstream calls. The write is
 //!   off the request path: one background writer applies token writes in order; a failure is
 //!   logged, never returned to a caller.
@@ -70,11 +74,12 @@ use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::clock::SharedClock;
-use crate::config::{Config, TicketConfig, TokenConfig};
+use crate::config::{Config, TokenConfig};
 use crate::error::{Error, ErrorKind};
-use crate::ops::metrics::Metrics;
+use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::store::{Store, TokenRecord};
+use crate::tickets::{ResendOutcome, Tickets};
 use upstream::{codes, IssuedToken, Upstream};
 
 /// How often the sweep deletes expired tokens from the store (by the injected clock).
@@ -203,24 +208,6 @@ pub enum BrokerEvent {
     RefreshFailed(TokenKey),
 }
 
-/// The outcome of the last resend request for an app.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case", tag = "state")]
-pub enum ResendOutcome {
-    Pending,
-    Accepted,
-    Failed { code: Option<i64>, message: String },
-}
-
-/// Resend bookkeeping for one app.
-#[derive(Debug, Clone)]
-pub struct ResendStatus {
-    pub requested_at_ms: u64,
-    pub outcome: ResendOutcome,
-    /// A push has not arrived since the request.
-    pub awaiting_push: bool,
-}
-
 struct AppCreds {
     secret: Secret,
     base_url: String,
@@ -259,6 +246,15 @@ impl Entry {
     }
 }
 
+/// An answered error, given to the callers of its key until `until_ms`.
+struct Failure {
+    until_ms: u64,
+    error: Error,
+    /// For an app token: the app's ticket generation when Feishu answered. A ticket stored
+    /// since then clears the failure.
+    ticket_generation: Option<u64>,
+}
+
 /// A flight's result: `None` while it runs.
 type Outcome = Option<Result<Arc<Token>, Error>>;
 
@@ -287,7 +283,6 @@ impl Drop for Running {
 struct Inner {
     apps: HashMap<String, AppCreds>,
     tokens_cfg: TokenConfig,
-    tickets_cfg: TicketConfig,
     store: Store,
     clock: SharedClock,
     upstream: Upstream,
@@ -299,17 +294,15 @@ struct Inner {
     /// Fetches in flight, each a spawned task publishing its result.
     flights: DashMap<TokenKey, watch::Receiver<Outcome>>,
     /// The last answered error per key, until it may be asked again.
-    failures: DashMap<TokenKey, (u64, Error)>,
+    failures: DashMap<TokenKey, Failure>,
     /// Bounds background refreshes.
     refresh_permits: Arc<Semaphore>,
     /// Tokens dropped by compare-and-invalidate, until a new one is fetched: never reloaded from
     /// the store (its delete may not have landed).
     rejected: Mutex<HashMap<TokenKey, Secret>>,
-    /// Bumped whenever intake stores a ticket for the app: wakes waiting callers.
-    ticket_signals: HashMap<String, watch::Sender<u64>>,
-    resends: Mutex<HashMap<String, ResendStatus>>,
+    /// The app tickets: the current one, resend requests, the wake-ups of waiting callers.
+    tickets: Tickets,
     events: broadcast::Sender<BrokerEvent>,
-    metrics: Metrics,
     persist_tx: mpsc::Sender<Persist>,
     persist_rx: Mutex<Option<mpsc::Receiver<Persist>>>,
     /// Set by close(): no new flights; background flights stop.
@@ -343,6 +336,7 @@ impl Broker {
     pub fn new(
         config: &Config,
         store: Store,
+        tickets: Tickets,
         clock: SharedClock,
         metrics: Metrics,
     ) -> Result<Broker, Error> {
@@ -359,15 +353,10 @@ impl Broker {
                 )
             })
             .collect();
-        let ticket_signals = config
-            .apps
-            .iter()
-            .map(|a| (a.app_id.clone(), watch::channel(0u64).0))
-            .collect();
         let upstream = Upstream::new(
             config.tokens.upstream_timeout,
             config.tokens.upstream_retries,
-            metrics.clone(),
+            metrics,
         )
         .map_err(|e| {
             Error::new(
@@ -380,7 +369,6 @@ impl Broker {
         Ok(Broker(Arc::new(Inner {
             apps,
             tokens_cfg: config.tokens.clone(),
-            tickets_cfg: config.tickets.clone(),
             store,
             clock,
             upstream,
@@ -391,10 +379,8 @@ impl Broker {
             failures: DashMap::new(),
             refresh_permits: Arc::new(Semaphore::new(config.tokens.refresh_concurrency)),
             rejected: Mutex::new(HashMap::new()),
-            ticket_signals,
-            resends: Mutex::new(HashMap::new()),
+            tickets,
             events: broadcast::channel(1024).0,
-            metrics,
             persist_tx,
             persist_rx: Mutex::new(Some(persist_rx)),
             closing: watch::channel(false).0,
@@ -456,7 +442,17 @@ impl Broker {
     fn recent_failure(&self, key: &TokenKey) -> Option<Error> {
         let now = self.now();
         let failure = self.0.failures.get(key)?;
-        (now < failure.0).then(|| failure.1.public_copy())
+        (now < failure.until_ms && failure.ticket_generation == self.ticket_generation(key))
+            .then(|| failure.error.public_copy())
+    }
+
+    /// For an app token, the app's ticket generation: a failure remembered under an older one
+    /// is forgotten (a newly stored ticket may be the cure).
+    fn ticket_generation(&self, key: &TokenKey) -> Option<u64> {
+        match key {
+            TokenKey::App(app_id) => Some(self.0.tickets.generation(app_id)),
+            TokenKey::Tenant(..) => None,
+        }
     }
 
     /// Drop `rejected` if it is still the cached token for `key`, then fetch a new one. Returns
@@ -849,7 +845,7 @@ impl Broker {
             }
         }
         let now = self.now();
-        self.0.failures.retain(|_, (until, _)| *until > now);
+        self.0.failures.retain(|_, f| f.until_ms > now);
         let last = self.0.last_prune_ms.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= STORE_PRUNE_INTERVAL.as_millis() as u64 {
             self.0.last_prune_ms.store(now, Ordering::Relaxed);
@@ -964,18 +960,19 @@ impl Broker {
             let until = self
                 .now()
                 .saturating_add(self.0.tokens_cfg.error_backoff.as_millis() as u64);
-            self.0
-                .failures
-                .insert(key.clone(), (until, error.public_copy()));
+            let failure = Failure {
+                until_ms: until,
+                error: error.public_copy(),
+                ticket_generation: self.ticket_generation(key),
+            };
+            self.0.failures.insert(key.clone(), failure);
         }
         error
     }
 
     /// Mark a ticket Feishu refused, so the next different ticket replaces it.
     async fn demote_ticket(&self, app_id: &str, ticket: &Secret) {
-        if let Err(e) = self.0.store.demote_ticket(app_id, ticket).await {
-            tracing::warn!(app_id, error = %e, "cannot mark the refused app_ticket in the store");
-        }
+        self.0.tickets.demote(app_id, ticket).await;
     }
 
     async fn fetch_tenant(
@@ -1013,187 +1010,55 @@ impl Broker {
         answer.map_err(|e| self.upstream_failed(&key, e))
     }
 
-    fn ticket_signal(&self, app_id: &str) -> Result<watch::Receiver<u64>, Error> {
-        self.ticket_watch(app_id)
-            .ok_or_else(|| Error::from(ErrorKind::UnknownApp))
-    }
-
-    /// How many token requests are waiting for a ticket of `app_id` to be pushed.
+    /// How many token requests are waiting for a ticket of `app_id` to be pushed (the channels
+    /// live in [`Tickets`]; kept here for callers that hold the broker).
     pub fn ticket_waiters(&self, app_id: &str) -> usize {
-        self.0
-            .ticket_signals
-            .get(app_id)
-            .map_or(0, watch::Sender::receiver_count)
+        self.0.tickets.ticket_waiters(app_id)
     }
 
-    /// A receiver that changes whenever intake stores a ticket for `app_id`.
+    /// A receiver that changes whenever intake stores a ticket for `app_id` (see
+    /// [`Tickets::ticket_watch`]).
     pub fn ticket_watch(&self, app_id: &str) -> Option<watch::Receiver<u64>> {
-        self.0
-            .ticket_signals
-            .get(app_id)
-            .map(watch::Sender::subscribe)
+        self.0.tickets.ticket_watch(app_id)
     }
 
     /// The stored ticket, or: request a resend and wait for the push. A ticket Feishu refused
     /// counts as missing.
     async fn current_ticket(&self, app_id: &str) -> Result<Secret, Error> {
-        // Subscribe before looking, so a push landing in between still wakes us.
-        let mut signal = self.ticket_signal(app_id)?;
-        match self.0.store.ticket(app_id).await? {
-            Some(t) if !t.rejected => Ok(t.ticket),
-            Some(t) => {
-                self.await_pushed_ticket(app_id, &mut signal, Some(&t.ticket))
-                    .await
-            }
-            None => self.await_pushed_ticket(app_id, &mut signal, None).await,
-        }
+        self.0
+            .tickets
+            .current(app_id, None, || self.request_resend(app_id))
+            .await
     }
 
     /// A ticket other than `rejected`: request a resend and wait for the push.
     async fn ticket_other_than(&self, app_id: &str, rejected: &Secret) -> Result<Secret, Error> {
-        let mut signal = self.ticket_signal(app_id)?;
-        if let Some(t) = self.0.store.ticket(app_id).await? {
-            if t.ticket != *rejected && !t.rejected {
-                return Ok(t.ticket);
-            }
-        }
-        self.await_pushed_ticket(app_id, &mut signal, Some(rejected))
+        self.0
+            .tickets
+            .current(app_id, Some(rejected), || self.request_resend(app_id))
             .await
     }
 
-    /// Request a resend and wait for its push — only if a push is actually on its way: with no
-    /// resend requested now (inside the interval) and none awaiting its push, nothing will wake
-    /// us, so the answer is `ticket_missing` at once.
-    async fn await_pushed_ticket(
-        &self,
-        app_id: &str,
-        signal: &mut watch::Receiver<u64>,
-        not: Option<&Secret>,
-    ) -> Result<Secret, Error> {
-        let requested = self.request_resend(app_id);
-        if !requested && !self.resend_pending(app_id) {
-            return Err(Error::new(
-                ErrorKind::TicketMissing,
-                "no usable app_ticket for this app; a resend was requested recently and Feishu has not pushed a new one yet, retry later",
-            ));
-        }
-        self.wait_for_ticket(app_id, signal, not).await
-    }
-
-    async fn wait_for_ticket(
-        &self,
-        app_id: &str,
-        signal: &mut watch::Receiver<u64>,
-        not: Option<&Secret>,
-    ) -> Result<Secret, Error> {
-        let wait = async {
-            loop {
-                if signal.changed().await.is_err() {
-                    return Ok(None);
-                }
-                if let Some(t) = self.0.store.ticket(app_id).await? {
-                    if !t.rejected && not.is_none_or(|old| t.ticket != *old) {
-                        return Ok(Some(t.ticket));
-                    }
-                }
-            }
-        };
-        match tokio::time::timeout(self.0.tickets_cfg.resend_wait, wait).await {
-            Ok(Ok(Some(ticket))) => Ok(ticket),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(None)) | Err(_) => Err(Error::new(
-                ErrorKind::TicketMissing,
-                "no usable app_ticket for this app yet; a resend was requested, retry shortly",
-            )),
-        }
-    }
-
-    /// Ask Feishu to push the ticket again, at most once per app per `tickets.resend_interval`.
-    /// Returns whether a request was sent now.
+    /// Ask Feishu to push the ticket again, at most once per app per `tickets.resend_interval`
+    /// (the bookkeeping is [`Tickets::request_resend`]'s; the call is the Open Platform
+    /// client's). Returns whether a request was sent now.
     pub fn request_resend(&self, app_id: &str) -> bool {
         let Some(creds) = self.0.apps.get(app_id) else {
             return false;
         };
-        let now = self.now();
-        let interval = self.0.tickets_cfg.resend_interval.as_millis() as u64;
-        {
-            let mut resends = lock(&self.0.resends);
-            if let Some(last) = resends.get(app_id) {
-                if now.saturating_sub(last.requested_at_ms) < interval {
-                    return false;
-                }
-            }
-            resends.insert(
-                app_id.to_string(),
-                ResendStatus {
-                    requested_at_ms: now,
-                    outcome: ResendOutcome::Pending,
-                    awaiting_push: true,
-                },
-            );
-        }
-        tracing::info!(app_id, "asking Feishu to resend the app_ticket");
-        // The call may outlive the service (a shutdown mid-request): hold the broker weakly, so
-        // the store is not kept open by it.
-        let broker = Arc::downgrade(&self.0);
         let upstream = self.0.upstream.clone();
-        let app_id = app_id.to_string();
         let base_url = creds.base_url.clone();
         let secret = creds.secret.clone();
-        tokio::spawn(async move {
-            let result = upstream
-                .resend_app_ticket(&base_url, &app_id, &secret)
-                .await;
-            let Some(this) = broker.upgrade().map(Broker) else {
-                return;
-            };
-            this.0
-                .metrics
-                .ticket_resend(&app_id, if result.is_ok() { "accepted" } else { "failed" });
-            let outcome = match result {
+        let app = app_id.to_string();
+        self.0.tickets.request_resend(app_id, async move {
+            match upstream.resend_app_ticket(&base_url, &app, &secret).await {
                 Ok(()) => ResendOutcome::Accepted,
-                Err(e) => {
-                    tracing::warn!(app_id = %app_id, error = %e, "app_ticket resend request failed");
-                    ResendOutcome::Failed {
-                        code: e.code(),
-                        message: e.to_string(),
-                    }
-                }
-            };
-            let mut resends = lock(&this.0.resends);
-            if let Some(status) = resends.get_mut(&app_id) {
-                // A refused request brings no push: what arrives next is the usual push.
-                if matches!(outcome, ResendOutcome::Failed { .. }) {
-                    status.awaiting_push = false;
-                }
-                status.outcome = outcome;
+                Err(e) => ResendOutcome::Failed {
+                    code: e.code(),
+                    message: e.to_string(),
+                },
             }
-        });
-        true
-    }
-
-    /// The last resend request for an app.
-    pub fn resend_status(&self, app_id: &str) -> Option<ResendStatus> {
-        lock(&self.0.resends).get(app_id).cloned()
-    }
-
-    /// Does a push arriving now answer a resend request of ours? (Intake asks before storing.)
-    pub fn resend_pending(&self, app_id: &str) -> bool {
-        lock(&self.0.resends)
-            .get(app_id)
-            .is_some_and(|s| s.awaiting_push)
-    }
-
-    /// Intake calls this once a ticket is stored as the newest: the resend (if any) is answered,
-    /// the app's remembered failure is forgotten, and callers waiting for a ticket wake up.
-    pub fn ticket_stored(&self, app_id: &str) {
-        if let Some(status) = lock(&self.0.resends).get_mut(app_id) {
-            status.awaiting_push = false;
-        }
-        self.0.failures.remove(&TokenKey::App(app_id.to_string()));
-        if let Some(signal) = self.0.ticket_signals.get(app_id) {
-            signal.send_modify(|v| *v += 1);
-        }
+        })
     }
 
     /// When the cached token for `key` expires, if one is cached (never the token itself).

@@ -24,7 +24,7 @@ use rand::Rng;
 use serde::Deserialize;
 
 use crate::error::{Error, ErrorKind};
-use crate::ops::metrics::Metrics;
+use crate::metrics::Metrics;
 use crate::secret::Secret;
 
 pub const APP_ACCESS_TOKEN_PATH: &str = "/open-apis/auth/v3/app_access_token";

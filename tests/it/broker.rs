@@ -343,6 +343,34 @@ async fn defect_11_feishus_error_answers_back_off_per_key() {
 }
 
 #[tokio::test]
+async fn a_newly_stored_ticket_clears_the_apps_remembered_failure() {
+    // Issue 9's layering moved the ticket bookkeeping out of the broker; a stored ticket must
+    // still make the broker forget the app's remembered answer (the new ticket may be the cure).
+    let clock = manual_clock();
+    let stack = Stack::start(StackOptions {
+        clock: Some(Arc::clone(&clock)),
+        wrong_secret: true,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(stack.mock.push_ticket(APP_ID).await.unwrap(), 200);
+    for _ in 0..2 {
+        let r = stack.get(&app_path()).await;
+        assert_eq!((r.status, r.code()), (502, "upstream_error"), "{}", r.text);
+    }
+    assert_eq!(stack.mock.calls(Endpoint::AppAccessToken), 1, "remembered");
+    // A new ticket, same clock: inside tokens.error_backoff, yet Feishu is asked again.
+    assert_eq!(stack.mock.push_ticket(APP_ID).await.unwrap(), 200);
+    let r = stack.get(&app_path()).await;
+    assert_eq!((r.status, r.code()), (502, "upstream_error"), "{}", r.text);
+    assert_eq!(stack.mock.calls(Endpoint::AppAccessToken), 2, "forgotten");
+    // And the new answer is remembered again.
+    assert_eq!(stack.get(&app_path()).await.status, 502);
+    assert_eq!(stack.mock.calls(Endpoint::AppAccessToken), 2);
+    stack.stop().await;
+}
+
+#[tokio::test]
 async fn defect_11_a_5xx_with_a_feishu_code_keeps_the_code() {
     let stack = Stack::start(StackOptions {
         config: "[tokens]\nupstream_retries = 0\n".into(),

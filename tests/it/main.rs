@@ -12,6 +12,7 @@ mod broker;
 mod fuzz_corpus;
 mod fuzz_harness;
 mod intake;
+mod layering;
 mod leaks;
 mod mock;
 mod ops;

@@ -310,7 +310,7 @@ async fn ticket_committed_by_a_dropped_request_still_wakes_waiters() {
 
     // The request's future runs until the write is under way, then hyper drops it (the client
     // disconnected).
-    let mut accept = Box::pin(events::accept(state, verified));
+    let mut accept = Box::pin(events::accept(state.intake(), verified));
     let finished = tokio::select! {
         biased;
         outcome = &mut accept => Some(outcome),

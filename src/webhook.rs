@@ -199,7 +199,7 @@ mod tests {
     use super::*;
     use serde::Deserialize;
 
-    const VECTORS: &str = include_str!("../../fixtures/vectors/standard-webhooks.json");
+    const VECTORS: &str = include_str!("../fixtures/vectors/standard-webhooks.json");
     const TOLERANCE: Duration = Duration::from_secs(5 * 60);
 
     #[derive(Deserialize)]

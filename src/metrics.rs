@@ -1,5 +1,11 @@
 //! Prometheus metrics (`GET /metrics`, OpenMetrics text from `prometheus-client`).
 //!
+//! A leaf (DESIGN.md → *Layout*): intake, tickets, the broker, the upstream client and the
+//! server all count through [`Metrics`], and it imports nothing from the crate but the plain
+//! records of [`crate::model`] ([`TicketState`]). What it cannot see itself is handed in by the
+//! layer that owns it: the ticket gauges ([`Metrics::set_ticket`]) and the log writer's dropped
+//! lines ([`Metrics::log_lines_dropped`]) are set by the `/metrics` handler at scrape time.
+//!
 //! Labels are bounded and never secret. A label value that a request can influence is never
 //! copied into the exposition: it is mapped onto a closed set of `&'static str`s here, so no
 //! input can inject lines (a `"` or a newline in an event type) or grow the number of series:
@@ -24,7 +30,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::ops::status::TicketState;
+use crate::model::TicketState;
 
 /// The event types that get their own `event_type` label value: Feishu's store-app events,
 /// the challenge, and the common business events. Every other type is counted as `other`.
@@ -421,14 +427,18 @@ impl Metrics {
         }
     }
 
-    /// The OpenMetrics text exposition.
-    pub fn encode(&self) -> String {
-        // The log writer counts what it drops (it must not call back into metrics); catch up.
-        let dropped = crate::ops::logging::dropped_lines();
+    /// Catch the dropped-log-lines counter up with `total`, the log writer's own count (it must
+    /// not call into metrics, and metrics import nothing above them: the caller reads one and
+    /// hands it to the other at scrape time).
+    pub fn log_lines_dropped(&self, total: u64) {
         self.0
             .log_lines_dropped
             .inner()
-            .fetch_max(dropped, std::sync::atomic::Ordering::Relaxed);
+            .fetch_max(total, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.0.registry).is_err() {
             out.clear();
