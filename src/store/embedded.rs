@@ -70,6 +70,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use super::queue::{ConsumerStats, DeadLetter, Delivery, Enqueue, NewEvent, Selector};
+use super::queue_embedded::{self, Outcome};
 use super::{
     apply_tenant_event, demote_ticket, merge_ticket, StoreError, TenantEvent, TenantRecord,
     TicketRecord, TicketWrite, TokenRecord,
@@ -152,6 +154,8 @@ enum WriteOp {
     Ping {
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// A write to the event hand-off queue (see [`queue_embedded`]).
+    Queue(queue_embedded::Op),
 }
 
 /// What the writer's queue carries.
@@ -164,10 +168,11 @@ enum Queued {
 impl WriteOp {
     /// Tickets and tenant state must be on disk before the caller hears back.
     fn needs_fsync(&self) -> bool {
-        matches!(
-            self,
-            WriteOp::Ticket { .. } | WriteOp::DemoteTicket { .. } | WriteOp::Tenant { .. }
-        )
+        match self {
+            WriteOp::Ticket { .. } | WriteOp::DemoteTicket { .. } | WriteOp::Tenant { .. } => true,
+            WriteOp::Queue(op) => op.needs_fsync(),
+            _ => false,
+        }
     }
 
     /// Answer without applying (the database is broken or closed).
@@ -181,6 +186,7 @@ impl WriteOp {
             WriteOp::PutToken { reply, .. }
             | WriteOp::DeleteToken { reply, .. }
             | WriteOp::Ping { reply } => drop(reply.send(Err(e))),
+            WriteOp::Queue(op) => op.fail(&e),
         }
     }
 }
@@ -208,6 +214,7 @@ enum Answer {
         oneshot::Sender<Result<(), StoreError>>,
         Result<(), StoreError>,
     ),
+    Queue(queue_embedded::Answer),
 }
 
 impl Answer {
@@ -219,6 +226,7 @@ impl Answer {
             Answer::Flag(tx, r) => drop(tx.send(r)),
             Answer::Pruned(tx, r) => drop(tx.send(r)),
             Answer::Unit(tx, r) => drop(tx.send(r)),
+            Answer::Queue(answer) => answer(None),
         }
     }
 
@@ -229,6 +237,7 @@ impl Answer {
             Answer::Flag(tx, _) => drop(tx.send(Err(e.clone()))),
             Answer::Pruned(tx, _) => drop(tx.send(Err(e.clone()))),
             Answer::Unit(tx, _) => drop(tx.send(Err(e.clone()))),
+            Answer::Queue(answer) => answer(Some(e)),
         }
     }
 }
@@ -481,7 +490,17 @@ fn commit_batch(
             let mut tenants = txn.open_table(TENANTS).map_err(StoreError::new)?;
             let mut tokens = txn.open_table(TOKENS).map_err(StoreError::new)?;
             let mut meta = txn.open_table(META).map_err(StoreError::new)?;
+            // The queue's tables are opened only for batches that hold a queue write.
+            let mut queue = None;
             for op in batch {
+                if let WriteOp::Queue(op) = op {
+                    let tables = match &mut queue {
+                        Some(tables) => tables,
+                        None => queue.insert(queue_embedded::Tables::open(&txn)?),
+                    };
+                    answers.push(Answer::Queue(op.apply(tables)));
+                    continue;
+                }
                 answers.push(apply(
                     op,
                     &mut tickets,
@@ -610,6 +629,11 @@ fn apply(
             })();
             Answer::Unit(reply, result)
         }
+        // `commit_batch` applies queue writes with the queue's tables; never reached.
+        WriteOp::Queue(op) => {
+            let e = StoreError::new("a queue write reached the wrong apply");
+            Answer::Queue(Box::new(move |_| op.fail(&e)))
+        }
         WriteOp::DeleteExpiredTokens {
             now_ms,
             after,
@@ -721,6 +745,7 @@ fn open_database(name: &str, open: &Opener) -> Result<Database, StoreError> {
         }
         txn.open_table(TENANTS).map_err(|e| classify(e.into()))?;
         txn.open_table(META).map_err(|e| classify(e.into()))?;
+        queue_embedded::create_tables(&txn).map_err(|e| classify(e.into()))?;
         txn.commit().map_err(|e| classify(e.into()))?;
         Ok(db)
     });
@@ -1020,6 +1045,142 @@ impl EmbeddedStore {
                 None => return Ok(deleted),
             }
         }
+    }
+
+    /// Queue an event for `consumers` (deduped on its id); fsynced, in the group commit.
+    pub async fn enqueue_event(
+        &self,
+        event: NewEvent,
+        consumers: Vec<String>,
+    ) -> Result<Enqueue, StoreError> {
+        self.write(|reply| {
+            WriteOp::Queue(queue_embedded::Op::Enqueue {
+                event,
+                consumers,
+                reply,
+            })
+        })
+        .await
+    }
+
+    pub async fn claim_due(
+        &self,
+        consumer: &str,
+        now_ms: u64,
+        lease_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let consumer = consumer.to_string();
+        self.write(|reply| {
+            WriteOp::Queue(queue_embedded::Op::Claim {
+                consumer,
+                now_ms,
+                lease_ms,
+                limit,
+                reply,
+            })
+        })
+        .await
+    }
+
+    pub(super) async fn outcome(
+        &self,
+        consumer: &str,
+        app_id: &str,
+        event_id: &str,
+        outcome: Outcome,
+    ) -> Result<bool, StoreError> {
+        let (consumer, app_id, event_id) = (
+            consumer.to_string(),
+            app_id.to_string(),
+            event_id.to_string(),
+        );
+        self.write(|reply| {
+            WriteOp::Queue(queue_embedded::Op::Outcome {
+                consumer,
+                app_id,
+                event_id,
+                outcome,
+                reply,
+            })
+        })
+        .await
+    }
+
+    /// Requeue in chunks of [`queue_embedded::QUEUE_CHUNK`] per (fsynced) commit.
+    pub async fn redeliver(
+        &self,
+        consumer: &str,
+        selector: Selector,
+        now_ms: u64,
+    ) -> Result<usize, StoreError> {
+        let mut done = 0;
+        let mut cursor = None;
+        loop {
+            let (consumer, selector) = (consumer.to_string(), selector.clone());
+            let chunk = self
+                .write(|reply| {
+                    WriteOp::Queue(queue_embedded::Op::Redeliver {
+                        consumer,
+                        selector,
+                        now_ms,
+                        cursor,
+                        reply,
+                    })
+                })
+                .await?;
+            done += chunk.done;
+            if !chunk.more {
+                return Ok(done);
+            }
+            cursor = chunk.cursor;
+        }
+    }
+
+    /// Purge in chunks of [`queue_embedded::QUEUE_CHUNK`] per commit.
+    pub async fn purge_forwarding(
+        &self,
+        now_ms: u64,
+        retention_ms: u64,
+    ) -> Result<usize, StoreError> {
+        let mut done = 0;
+        loop {
+            let chunk = self
+                .write(|reply| {
+                    WriteOp::Queue(queue_embedded::Op::Purge {
+                        now_ms,
+                        retention_ms,
+                        reply,
+                    })
+                })
+                .await?;
+            done += chunk.done;
+            if !chunk.more {
+                return Ok(done);
+            }
+        }
+    }
+
+    pub async fn consumer_stats(&self, consumer: &str) -> Result<ConsumerStats, StoreError> {
+        let consumer = consumer.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(StoreError::new)?;
+            queue_embedded::consumer_stats(&txn, &consumer)
+        })
+        .await
+    }
+
+    pub async fn dead_letters(
+        &self,
+        consumer: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let consumer = consumer.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(StoreError::new)?;
+            queue_embedded::dead_letters(&txn, &consumer, limit)
+        })
+        .await
     }
 
     /// Readiness: the writer commits a small write within [`PING_TIMEOUT`].

@@ -25,6 +25,9 @@
 
 pub mod embedded;
 pub mod memory;
+pub mod queue;
+mod queue_embedded;
+mod queue_memory;
 
 use std::fmt;
 
@@ -34,6 +37,8 @@ use crate::config::{StoreConfig, StoreKind};
 use crate::error::Error;
 use crate::events::{Order, TenantChange};
 use crate::secret::Secret;
+
+pub use queue::{ConsumerStats, DeadLetter, Delivery, Enqueue, NewEvent, Selector};
 
 /// How a ticket arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -352,6 +357,150 @@ impl Store {
         match self {
             Store::Memory(m) => m.check().map(|()| m.delete_expired_tokens(now_ms)),
             Store::Embedded(e) => e.delete_expired_tokens(now_ms).await,
+        }
+    }
+
+    /// Queue `event` for each of `consumers` (the event hand-off, see [`queue`]): atomic dedupe
+    /// on `(app_id, event_id)` until `dedupe_until_ms`, the body stored once, one delivery per
+    /// consumer due at once, all in one write that is durable (fsynced, group-committed) before
+    /// this returns — intake answers Feishu `200` only then. A duplicate within the window
+    /// stores nothing; with no consumers nothing is stored (and the answer is `Queued`).
+    pub async fn enqueue_event<S: AsRef<str>>(
+        &self,
+        event: NewEvent,
+        consumers: &[S],
+    ) -> Result<Enqueue, StoreError> {
+        let consumers: Vec<String> = consumers.iter().map(|c| c.as_ref().to_string()).collect();
+        match self {
+            Store::Memory(m) => m.queue(|q| q.enqueue(event, consumers)),
+            Store::Embedded(e) => e.enqueue_event(event, consumers).await,
+        }
+    }
+
+    /// Claim up to `limit` of `consumer`'s deliveries that are due at `now_ms` (oldest due
+    /// first), leasing each until `now_ms + lease_ms`: without an outcome by then it is due
+    /// again (a crashed attempt comes back by itself). Each claim counts an attempt.
+    pub async fn claim_due(
+        &self,
+        consumer: &str,
+        now_ms: u64,
+        lease_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        match self {
+            Store::Memory(m) => m.queue(|q| q.claim(consumer, now_ms, lease_ms, limit)),
+            Store::Embedded(e) => e.claim_due(consumer, now_ms, lease_ms, limit).await,
+        }
+    }
+
+    /// The delivery succeeded. Not fsynced (a lost mark means one duplicate delivery after the
+    /// lease). Returns whether a pending delivery changed (`false`: unknown, or already
+    /// delivered/dead — a late outcome changes nothing).
+    pub async fn delivered(
+        &self,
+        consumer: &str,
+        app_id: &str,
+        event_id: &str,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(m) => m.queue(|q| q.delivered(consumer, app_id, event_id, now_ms)),
+            Store::Embedded(e) => {
+                let outcome = queue_embedded::Outcome::Delivered { now_ms };
+                e.outcome(consumer, app_id, event_id, outcome).await
+            }
+        }
+    }
+
+    /// The attempt failed: due again at `next_attempt_ms`. Not fsynced.
+    pub async fn retry_later(
+        &self,
+        consumer: &str,
+        app_id: &str,
+        event_id: &str,
+        next_attempt_ms: u64,
+        last_error: &str,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(m) => {
+                m.queue(|q| q.retry_later(consumer, app_id, event_id, next_attempt_ms, last_error))
+            }
+            Store::Embedded(e) => {
+                let outcome = queue_embedded::Outcome::Retry {
+                    next_ms: next_attempt_ms,
+                    error: last_error.to_string(),
+                };
+                e.outcome(consumer, app_id, event_id, outcome).await
+            }
+        }
+    }
+
+    /// The last attempt failed: a dead letter, kept for `retention`. Not fsynced.
+    pub async fn dead(
+        &self,
+        consumer: &str,
+        app_id: &str,
+        event_id: &str,
+        now_ms: u64,
+        last_error: &str,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(m) => m.queue(|q| q.dead(consumer, app_id, event_id, now_ms, last_error)),
+            Store::Embedded(e) => {
+                let outcome = queue_embedded::Outcome::Dead {
+                    now_ms,
+                    error: last_error.to_string(),
+                };
+                e.outcome(consumer, app_id, event_id, outcome).await
+            }
+        }
+    }
+
+    /// A consumer's figures (counters kept with the deliveries: no scan).
+    pub async fn consumer_stats(&self, consumer: &str) -> Result<ConsumerStats, StoreError> {
+        match self {
+            Store::Memory(m) => m.queue(|q| q.stats(consumer)),
+            Store::Embedded(e) => e.consumer_stats(consumer).await,
+        }
+    }
+
+    /// A consumer's dead letters, newest first, at most `limit`.
+    pub async fn dead_letters(
+        &self,
+        consumer: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        match self {
+            Store::Memory(m) => m.queue(|q| q.dead_letters(consumer, limit)),
+            Store::Embedded(e) => e.dead_letters(consumer, limit).await,
+        }
+    }
+
+    /// Queue the selected retained deliveries of `consumer` again, due at `now_ms`, attempts
+    /// reset; durable before it returns. Returns how many.
+    pub async fn redeliver(
+        &self,
+        consumer: &str,
+        selector: Selector,
+        now_ms: u64,
+    ) -> Result<usize, StoreError> {
+        match self {
+            Store::Memory(m) => m.queue(|q| q.redeliver(consumer, &selector, now_ms)),
+            Store::Embedded(e) => e.redeliver(consumer, selector, now_ms).await,
+        }
+    }
+
+    /// Delete dedupe marks expired at `now_ms` and delivered/dead deliveries finished at or
+    /// before `now_ms - retention_ms` (an event's body goes with its last delivery), in chunks
+    /// so other writes go in between. Returns how many marks and deliveries were deleted.
+    pub async fn purge_forwarding(
+        &self,
+        now_ms: u64,
+        retention_ms: u64,
+    ) -> Result<usize, StoreError> {
+        match self {
+            Store::Memory(m) => m.queue(|q| q.purge(now_ms, retention_ms)),
+            Store::Embedded(e) => e.purge_forwarding(now_ms, retention_ms).await,
         }
     }
 
