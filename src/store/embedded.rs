@@ -1632,4 +1632,282 @@ mod tests {
         assert_eq!(again.token("k/19").await.unwrap(), Some(token("v")));
         again.close().await;
     }
+
+    mod forwarding {
+        use super::*;
+        use crate::store::contract::forwarding::event;
+        use crate::store::queue_embedded::QUEUE_CHUNK;
+        use crate::store::{Enqueue, Selector};
+        use redb::ReadableTableMetadata;
+
+        /// Queue `n` events (ids `{prefix}{i}`) for `consumers` with `callers` concurrent callers.
+        async fn enqueue_many(
+            store: &Store,
+            prefix: &str,
+            n: usize,
+            callers: usize,
+            consumers: &'static [&'static str],
+            body: &bytes::Bytes,
+        ) {
+            let tasks: Vec<_> = (0..callers)
+                .map(|k| {
+                    let (store, prefix, body) = (store.clone(), prefix.to_string(), body.clone());
+                    tokio::spawn(async move {
+                        for i in (k..n).step_by(callers) {
+                            let mut ev =
+                                event("cli_m", &format!("{prefix}{i:08}"), 1_000 + i as u64);
+                            ev.body = body.clone();
+                            let queued = store.enqueue_event(ev, consumers).await.unwrap();
+                            assert_eq!(queued, Enqueue::Queued);
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        }
+
+        /// Claim and acknowledge everything due for `consumer`; returns how many.
+        async fn drain(store: &Store, consumer: &str, now_ms: u64, batch: usize) -> usize {
+            let mut done = 0;
+            loop {
+                let claimed = store
+                    .claim_due(consumer, now_ms, 60_000, batch)
+                    .await
+                    .unwrap();
+                if claimed.is_empty() {
+                    return done;
+                }
+                done += claimed.len();
+                let acks: Vec<_> = claimed
+                    .into_iter()
+                    .map(|d| {
+                        let store = store.clone();
+                        tokio::spawn(async move {
+                            assert!(store
+                                .delivered(&d.consumer, &d.app_id, &d.event_id, now_ms)
+                                .await
+                                .unwrap());
+                        })
+                    })
+                    .collect();
+                for a in acks {
+                    a.await.unwrap();
+                }
+            }
+        }
+
+        /// Issue 9: what intake acknowledged is still queued after the process stops: the
+        /// deliveries, their leases, the bodies and the dedupe marks survive reopening.
+        #[tokio::test]
+        async fn queued_events_survive_reopening() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("t.db");
+            let store = Store::Embedded(EmbeddedStore::open(&path).unwrap());
+            for (id, at) in [("a", 100), ("b", 200), ("c", 300)] {
+                store
+                    .enqueue_event(event("cli_s", id, at), &["one", "two"])
+                    .await
+                    .unwrap();
+            }
+            // "a" is in flight (leased until 1_500) when the process goes away.
+            let claimed = store.claim_due("one", 500, 1_000, 1).await.unwrap();
+            assert_eq!(claimed[0].event_id, "a");
+            store.close().await;
+
+            let store = Store::Embedded(EmbeddedStore::open(&path).unwrap());
+            let now = store.claim_due("one", 600, 1_000, 10).await.unwrap();
+            let ids: Vec<_> = now.iter().map(|d| d.event_id.as_str()).collect();
+            assert_eq!(ids, ["b", "c"]);
+            assert_eq!(now[0].body, event("cli_s", "b", 0).body);
+            // The in-flight attempt comes back once its lease ends.
+            let back = store.claim_due("one", 1_500, 1_000, 10).await.unwrap();
+            assert_eq!((back[0].event_id.as_str(), back[0].attempt), ("a", 2));
+            assert_eq!(
+                store.claim_due("two", 600, 1_000, 10).await.unwrap().len(),
+                3
+            );
+            assert_eq!(
+                store
+                    .enqueue_event(event("cli_s", "a", 700), &["one"])
+                    .await
+                    .unwrap(),
+                Enqueue::Duplicate
+            );
+            assert_eq!(store.consumer_stats("two").await.unwrap().pending, 3);
+            store.close().await;
+        }
+
+        /// Enqueues are fsynced (Feishu's 200 waits for them) and share commits; claims and
+        /// outcomes are not fsynced (a lost outcome is a duplicate delivery, never a loss).
+        #[tokio::test]
+        async fn enqueues_fsync_in_shared_commits_and_outcomes_do_not() {
+            let dir = tempfile::tempdir().unwrap();
+            let (embedded, faults) = faulty(&dir.path().join("t.db"));
+            let store = Store::Embedded(embedded.clone());
+            let before = faults.syncs();
+            store
+                .enqueue_event(event("cli_f", "first", 1), &["c"])
+                .await
+                .unwrap();
+            let per_commit = faults.syncs() - before;
+            assert!(per_commit > 0, "an enqueue did not fsync");
+
+            // Hold the writer in a sync, queue 100 enqueues behind it, then let it go: they
+            // commit together.
+            faults.set_hung(true);
+            let stuck = tokio::spawn({
+                let store = store.clone();
+                async move {
+                    store
+                        .enqueue_event(event("cli_f", "stuck", 2), &["c"])
+                        .await
+                }
+            });
+            let waiting = Arc::clone(&faults);
+            tokio::task::spawn_blocking(move || waiting.wait_until_stuck())
+                .await
+                .unwrap();
+            let queue = embedded.shared.queue.lock().unwrap().clone().unwrap();
+            let n = 100;
+            let tasks: Vec<_> = (0..n)
+                .map(|i| {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        store
+                            .enqueue_event(event("cli_f", &format!("e{i}"), 3), &["c"])
+                            .await
+                    })
+                })
+                .collect();
+            while queue.capacity() > QUEUE_DEPTH - n {
+                tokio::task::yield_now().await;
+            }
+            let held = faults.syncs();
+            faults.set_hung(false);
+            stuck.await.unwrap().unwrap();
+            for t in tasks {
+                assert_eq!(t.await.unwrap().unwrap(), Enqueue::Queued);
+            }
+            assert!(
+                faults.syncs() - held <= 2 * per_commit,
+                "{n} queued enqueues took {} syncs ({per_commit} per commit)",
+                faults.syncs() - held
+            );
+
+            let quiet = faults.syncs();
+            let claimed = store.claim_due("c", 10, 1_000, 200).await.unwrap();
+            assert_eq!(claimed.len(), n + 2);
+            // Fewer than MAX_NON_DURABLE_COMMITS commits (after that one is durable anyway).
+            for d in &claimed[..25] {
+                store
+                    .delivered("c", &d.app_id, &d.event_id, 20)
+                    .await
+                    .unwrap();
+            }
+            for d in &claimed[25..50] {
+                store
+                    .retry_later("c", &d.app_id, &d.event_id, 30, "HTTP 503")
+                    .await
+                    .unwrap();
+            }
+            store
+                .dead("c", "cli_f", "first", 40, "gave up")
+                .await
+                .unwrap();
+            assert_eq!(faults.syncs(), quiet, "claims or outcomes fsynced");
+            // Redelivery is an operator's request: durable.
+            store.redeliver("c", Selector::Dead, 50).await.unwrap();
+            assert!(faults.syncs() > quiet);
+            embedded.close().await;
+        }
+
+        /// Purge works in chunks, removes bodies with their last delivery, and frees pages the
+        /// next events reuse: the file does not grow from one cycle to the next.
+        #[tokio::test]
+        async fn purge_spans_chunks_and_the_file_stays_bounded() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("t.db");
+            let store = Store::Embedded(EmbeddedStore::open(&path).unwrap());
+            let body = bytes::Bytes::from(vec![b'x'; 1024]);
+            let n = QUEUE_CHUNK * 2 + 5;
+            let mut sizes = Vec::new();
+            for cycle in 0..3u64 {
+                let prefix = format!("cycle{cycle}-");
+                enqueue_many(&store, &prefix, n, 32, &["c"], &body).await;
+                let now = 1_000_000 * (cycle + 1);
+                assert_eq!(drain(&store, "c", now, 512).await, n);
+                // Every delivery (n) and every dedupe mark (n) goes, over several chunks.
+                assert_eq!(store.purge_forwarding(now + 10, 5).await.unwrap(), 2 * n);
+                let stats = store.consumer_stats("c").await.unwrap();
+                assert_eq!((stats.pending, stats.delivered, stats.dead), (0, 0, 0));
+                // A durable commit releases the freed pages.
+                store.ping().await.unwrap();
+                store
+                    .enqueue_event(event("cli_x", &prefix, now), &[] as &[&str])
+                    .await
+                    .unwrap();
+                sizes.push(std::fs::metadata(&path).unwrap().len());
+            }
+            if let Store::Embedded(e) = &store {
+                let events = e
+                    .blocking(|db| {
+                        let txn = db.begin_read().map_err(StoreError::new)?;
+                        let table = txn
+                            .open_table(queue_embedded::EVENTS)
+                            .map_err(StoreError::new)?;
+                        table.len().map_err(StoreError::new)
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(events, 0, "bodies left behind");
+                e.close().await;
+            }
+            assert!(
+                sizes[2] <= sizes[0] + sizes[0] / 4,
+                "the file grew: {sizes:?}"
+            );
+        }
+
+        /// Rough figures for the issue (debug build unless run with `--release`):
+        /// `cargo test --lib queue_figures -- --ignored --nocapture`.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        #[ignore = "a measurement; run by hand"]
+        async fn queue_figures() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("t.db");
+            let store = Store::Embedded(EmbeddedStore::open(&path).unwrap());
+            let body = bytes::Bytes::from(vec![b'x'; 1024]);
+            let n: usize = std::env::var("QUEUE_FIGURES_N")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100_000);
+            let started = Instant::now();
+            enqueue_many(&store, "e", n, 64, &["c"], &body).await;
+            let enqueue = started.elapsed();
+            store.ping().await.unwrap();
+            let size = std::fs::metadata(&path).unwrap().len();
+            let started = Instant::now();
+            let drained = drain(&store, "c", 10_000_000, 1024).await;
+            let drain_time = started.elapsed();
+            assert_eq!(drained, n);
+            println!(
+                "queue figures ({} build): {n} events of 1 KiB, 64 concurrent callers: \
+                 enqueue {:.0}/s; file {size} bytes = {} bytes/event; \
+                 claim (1024 per claim) + delivered {:.0}/s",
+                if cfg!(debug_assertions) {
+                    "debug"
+                } else {
+                    "release"
+                },
+                n as f64 / enqueue.as_secs_f64(),
+                size / n as u64,
+                n as f64 / drain_time.as_secs_f64(),
+            );
+            if let Store::Embedded(e) = &store {
+                e.close().await;
+            }
+        }
+    }
 }

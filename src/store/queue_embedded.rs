@@ -40,7 +40,7 @@ type Triple = (&'static str, &'static str, &'static str);
 type ByTime = (&'static str, u64, &'static str, &'static str);
 type Finished = (u64, &'static str, &'static str, &'static str);
 
-const EVENTS: TableDefinition<Pair, &[u8]> = TableDefinition::new("fwd_events");
+pub(super) const EVENTS: TableDefinition<Pair, &[u8]> = TableDefinition::new("fwd_events");
 const DEDUPE: TableDefinition<Pair, u64> = TableDefinition::new("fwd_dedupe");
 const DEDUPE_EXPIRY: TableDefinition<(u64, &str, &str), ()> =
     TableDefinition::new("fwd_dedupe_expiry");

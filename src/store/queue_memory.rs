@@ -248,10 +248,4 @@ impl MemoryQueue {
         }
         done
     }
-
-    /// Events held (bodies stored once each): for tests.
-    #[cfg(test)]
-    pub fn events_held(&self) -> usize {
-        self.events.len()
-    }
 }
