@@ -1812,13 +1812,14 @@ mod tests {
                     .await
                     .unwrap();
             }
-            store
-                .dead("c", "cli_f", "first", 40, "gave up")
+            let last = &claimed[60];
+            assert!(store
+                .dead("c", &last.app_id, &last.event_id, 40, "gave up")
                 .await
-                .unwrap();
+                .unwrap());
             assert_eq!(faults.syncs(), quiet, "claims or outcomes fsynced");
             // Redelivery is an operator's request: durable.
-            store.redeliver("c", Selector::Dead, 50).await.unwrap();
+            assert_eq!(store.redeliver("c", Selector::Dead, 50).await.unwrap(), 1);
             assert!(faults.syncs() > quiet);
             embedded.close().await;
         }
