@@ -13,6 +13,10 @@
 //! it calls `fdatasync` like `Immediate` everywhere but macOS.) A crash loses the token writes
 //! since the last durable commit — a lost token is simply fetched again — and never corrupts the
 //! file: redb reopens at the last durable commit. The next durable commit makes them durable too.
+//! The event hand-off queue follows the same rule: an enqueue is fsynced (Feishu's `200` waits
+//! for it, and concurrent enqueues share one commit), and so is an operator's redeliver; claims,
+//! delivery outcomes and purge chunks are not (a lost outcome is one duplicate delivery after
+//! the lease, never a lost event: see `store::queue`).
 //! redb only frees the pages of earlier versions at a durable commit, so after
 //! [`MAX_NON_DURABLE_COMMITS`] non-durable commits in a row the next batch is durable anyway:
 //! the file stays bounded under token churn.
@@ -37,6 +41,11 @@
 //! panic is caught and kept off stderr) and never silently a fresh store. A new file is
 //! created under a temporary name and renamed into place once it is complete, so a crash during
 //! creation never leaves a damaged file behind.
+//!
+//! **The queue's layout** is in `queue_embedded`: tuple-keyed tables, so a claim is a range scan
+//! over a due-time index and stats read per-consumer counters; nothing is kept in memory per
+//! event. Its purge and redeliver run in chunks of `QUEUE_CHUNK` rows per commit, like the
+//! token prune below, and remove rows key by key so freed pages are reused.
 //!
 //! **Pruning tokens** ([`EmbeddedStore::delete_expired_tokens`]) scans [`PRUNE_CHUNK`] tokens
 //! per commit, so a prune of a large table never holds a ticket write up for long, and removes
@@ -1654,8 +1663,10 @@ mod tests {
                     let (store, prefix, body) = (store.clone(), prefix.to_string(), body.clone());
                     tokio::spawn(async move {
                         for i in (k..n).step_by(callers) {
-                            let mut ev =
-                                event("cli_m", &format!("{prefix}{i:08}"), 1_000 + i as u64);
+                            // Spread like Feishu's ids (random hex), not in insertion order.
+                            let spread = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                            let id = format!("{prefix}{spread:016x}{i:08}");
+                            let mut ev = event("cli_m", &id, 1_000 + i as u64);
                             ev.body = body.clone();
                             let queued = store.enqueue_event(ev, consumers).await.unwrap();
                             assert_eq!(queued, Enqueue::Queued);
@@ -1889,6 +1900,28 @@ mod tests {
             let enqueue = started.elapsed();
             store.ping().await.unwrap();
             let size = std::fs::metadata(&path).unwrap().len();
+            let Store::Embedded(embedded) = &store else {
+                unreachable!()
+            };
+            let stats = embedded
+                .blocking(|db| {
+                    let txn = db.begin_write().map_err(StoreError::new)?;
+                    let stats = txn.stats().map_err(StoreError::new)?;
+                    txn.abort().map_err(StoreError::new)?;
+                    Ok(stats)
+                })
+                .await
+                .unwrap();
+            let in_use = stats.allocated_pages() * stats.page_size() as u64;
+            println!(
+                "redb: {} bytes in allocated pages ({} bytes/event), {} stored leaf bytes, \
+                 {} fragmented, tree height {}",
+                in_use,
+                in_use / n as u64,
+                stats.stored_bytes(),
+                stats.fragmented_bytes(),
+                stats.tree_height()
+            );
             let started = Instant::now();
             let drained = drain(&store, "c", 10_000_000, 1024).await;
             let drain_time = started.elapsed();

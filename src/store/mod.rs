@@ -1,4 +1,6 @@
-//! Durable state: the newest App Ticket per app, tenant state per (app, tenant), cached tokens.
+//! Durable state: the newest App Ticket per app, tenant state per (app, tenant), cached tokens,
+//! and the event hand-off queue (dedupe marks, events, deliveries per consumer: see [`queue`]
+//! for its semantics and `queue_embedded` for its layout in the file).
 //!
 //! One [`Store`] over several backends, chosen once at start-up (an enum, not a trait object:
 //! the set is closed and known). Every backend passes the same contract test (`tests` below), so
@@ -1004,8 +1006,8 @@ pub(crate) mod contract {
             let back = store.claim_due(c, 8_000, 100_000, 10).await.unwrap();
             assert_eq!(ids(&back), ["a", "c"]);
             assert!(back.iter().all(|d| d.attempt == 1));
-            // By ids (a delivered one, an unknown one).
-            let ids_selector = Selector::Ids(vec!["b".into(), "nope".into()]);
+            // By ids (a delivered one named twice, an unknown one).
+            let ids_selector = Selector::Ids(vec!["b".into(), "nope".into(), "b".into()]);
             assert_eq!(store.redeliver(c, ids_selector, 8_100).await.unwrap(), 1);
             assert_eq!(
                 ids(&store.claim_due(c, 8_100, 100_000, 10).await.unwrap()),

@@ -560,6 +560,11 @@ impl<'t> Tables<'t> {
                 }
             }
         }
+        if matches!(selector, Selector::Ids(_)) {
+            // An id named twice is requeued (and counted) once.
+            keys.sort();
+            keys.dedup();
+        }
         let more = !matches!(selector, Selector::Ids(_)) && keys.len() == QUEUE_CHUNK;
         let cursor = keys.last().cloned().filter(|_| more);
         let mut counters = self.counters(c)?;
