@@ -1862,6 +1862,19 @@ mod tests {
                     .unwrap();
                 sizes.push(std::fs::metadata(&path).unwrap().len());
             }
+            // An event queued again after its dedupe window moves the deliveries it names to
+            // a new row; the old row stays for the others, and both go with their deliveries.
+            store
+                .enqueue_event(event("cli_r", "r", 10), &["c", "other"])
+                .await
+                .unwrap();
+            store
+                .enqueue_event(event("cli_r", "r", 5_000), &["c"])
+                .await
+                .unwrap();
+            assert_eq!(drain(&store, "c", 10_000_000, 10).await, 1);
+            assert_eq!(drain(&store, "other", 10_000_000, 10).await, 1);
+            assert_eq!(store.purge_forwarding(20_000_000, 5).await.unwrap(), 3);
             if let Store::Embedded(e) = &store {
                 let events = e
                     .blocking(|db| {

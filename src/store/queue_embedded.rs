@@ -6,7 +6,7 @@
 //!
 //! | table | key → value | used by |
 //! |---|---|---|
-//! | `fwd_events` | (app, event_id) → header + body (binary, [`EventRow`]) | the body, stored once per event whatever the number of consumers; `refs` counts the deliveries still holding it |
+//! | `fwd_events` | (received ms, app, event_id) → header + body (binary, [`EventRow`]) | the body, stored once per event whatever the number of consumers; `refs` counts the deliveries still holding it. Keyed by arrival time, not by id: events are appended at the end of the tree (Feishu's ids are random, which left 1 KB rows in half-empty pages) and a backlog drains in arrival order, reading neighbouring pages |
 //! | `fwd_dedupe` | (app, event_id) → dedupe-until ms | enqueue's atomic duplicate check |
 //! | `fwd_dedupe_expiry` | (until ms, app, event_id) → () | purge: expired marks are a prefix range |
 //! | `fwd_deliveries` | (consumer, event_id, app) → state, attempts, due, times, last error ([`DeliveryRow`]) | outcomes; redeliver by ids (a prefix range) |
@@ -40,7 +40,8 @@ type Triple = (&'static str, &'static str, &'static str);
 type ByTime = (&'static str, u64, &'static str, &'static str);
 type Finished = (u64, &'static str, &'static str, &'static str);
 
-pub(super) const EVENTS: TableDefinition<Pair, &[u8]> = TableDefinition::new("fwd_events");
+pub(super) const EVENTS: TableDefinition<(u64, &str, &str), &[u8]> =
+    TableDefinition::new("fwd_events");
 const DEDUPE: TableDefinition<Pair, u64> = TableDefinition::new("fwd_dedupe");
 const DEDUPE_EXPIRY: TableDefinition<(u64, &str, &str), ()> =
     TableDefinition::new("fwd_dedupe_expiry");
@@ -208,7 +209,7 @@ impl Op {
 
 /// The queue's tables, open in one write transaction (opened once per batch that needs them).
 pub(super) struct Tables<'t> {
-    events: Table<'t, Pair, &'static [u8]>,
+    events: Table<'t, (u64, &'static str, &'static str), &'static [u8]>,
     dedupe: Table<'t, Pair, u64>,
     dedupe_expiry: Table<'t, (u64, &'static str, &'static str), ()>,
     deliveries: Table<'t, Triple, &'static [u8]>,
@@ -243,8 +244,9 @@ impl<'t> Tables<'t> {
         }
     }
 
-    fn event(&self, app: &str, id: &str) -> Result<Option<EventRow>, StoreError> {
-        match self.events.get((app, id)).map_err(err)? {
+    /// The event a delivery received at `received` refers to.
+    fn event(&self, received: u64, app: &str, id: &str) -> Result<Option<EventRow>, StoreError> {
+        match self.events.get((received, app, id)).map_err(err)? {
             Some(v) => EventRow::decode(v.value()).map(Some),
             None => Ok(None),
         }
@@ -338,12 +340,44 @@ impl<'t> Tables<'t> {
         }
         // Reads first. An event still retained from an earlier push (its dedupe mark expired)
         // is queued again: its deliveries start over.
-        let stored = self.event(app, id)?;
+        // Each delivery refers to the event row of its `received_at`; a requeued delivery moves
+        // to the new row, and an old row no delivery refers to any more goes.
+        let stored = self.event(now, app, id)?;
         let mut plan = Vec::with_capacity(consumers.len());
         for c in &consumers {
             plan.push((self.delivery(c, id, app)?, self.counters(c)?));
         }
-        let fresh = plan.iter().filter(|(old, _)| old.is_none()).count() as u32;
+        let mut moved: Vec<(u64, u32)> = Vec::new();
+        let mut fresh = 0u32;
+        for (old, _) in &plan {
+            match old {
+                Some(old) if old.received_at_ms == now => {}
+                Some(old) => match moved.iter_mut().find(|(r, _)| *r == old.received_at_ms) {
+                    Some((_, n)) => *n += 1,
+                    None => moved.push((old.received_at_ms, 1)),
+                },
+                None => {}
+            }
+            if old.as_ref().is_none_or(|o| o.received_at_ms != now) {
+                fresh += 1;
+            }
+        }
+        let mut old_rows = Vec::with_capacity(moved.len());
+        for (received, n) in moved {
+            if let Some(row) = self.event(received, app, id)? {
+                old_rows.push((received, n, row));
+            }
+        }
+        for (received, n, mut row) in old_rows {
+            row.refs = row.refs.saturating_sub(n);
+            if row.refs == 0 {
+                self.events.remove((received, app, id)).map_err(err)?;
+            } else {
+                self.events
+                    .insert((received, app, id), row.encode().as_slice())
+                    .map_err(err)?;
+            }
+        }
         if let Some(until) = mark {
             self.dedupe_expiry.remove((until, app, id)).map_err(err)?;
         }
@@ -361,7 +395,7 @@ impl<'t> Tables<'t> {
             body: ev.body,
         };
         self.events
-            .insert((app, id), row.encode().as_slice())
+            .insert((now, app, id), row.encode().as_slice())
             .map_err(err)?;
         for (c, (old, mut counters)) in consumers.iter().zip(plan) {
             if let Some(old) = old {
@@ -404,7 +438,10 @@ impl<'t> Tables<'t> {
         for (at, id, app) in due {
             let (id, app) = (id.as_str(), app.as_str());
             let row = self.delivery(c, id, app)?;
-            let event = self.event(app, id)?;
+            let event = match &row {
+                Some(row) => self.event(row.received_at_ms, app, id)?,
+                None => None,
+            };
             let (Some(mut row), Some(event)) = (row, event) else {
                 // An index key without its rows: drop the key, never hand out half a delivery.
                 tracing::warn!(
@@ -619,7 +656,10 @@ impl<'t> Tables<'t> {
         for (at, c, id, app) in &finished {
             let (c, id, app) = (c.as_str(), id.as_str(), app.as_str());
             let row = self.delivery(c, id, app)?;
-            let event = self.event(app, id)?;
+            let event = match &row {
+                Some(row) => self.event(row.received_at_ms, app, id)?,
+                None => None,
+            };
             let mut counters = self.counters(c)?;
             self.finished.remove((*at, c, id, app)).map_err(err)?;
             let Some(row) = row else { continue };
@@ -631,12 +671,13 @@ impl<'t> Tables<'t> {
             counters.leave(row.state);
             self.put_counters(c, &counters)?;
             if let Some(mut event) = event {
+                let key = (row.received_at_ms, app, id);
                 event.refs = event.refs.saturating_sub(1);
                 if event.refs == 0 {
-                    self.events.remove((app, id)).map_err(err)?;
+                    self.events.remove(key).map_err(err)?;
                 } else {
                     self.events
-                        .insert((app, id), event.encode().as_slice())
+                        .insert(key, event.encode().as_slice())
                         .map_err(err)?;
                 }
             }
@@ -693,7 +734,7 @@ pub(super) fn dead_letters(
             continue;
         };
         let row = DeliveryRow::decode(row.value())?;
-        let event_type = match events.get((app, id)).map_err(err)? {
+        let event_type = match events.get((row.received_at_ms, app, id)).map_err(err)? {
             Some(v) => EventRow::decode(v.value())?.event_type,
             None => String::new(),
         };
