@@ -13,6 +13,10 @@
 //! it calls `fdatasync` like `Immediate` everywhere but macOS.) A crash loses the token writes
 //! since the last durable commit — a lost token is simply fetched again — and never corrupts the
 //! file: redb reopens at the last durable commit. The next durable commit makes them durable too.
+//! The event hand-off queue follows the same rule: an enqueue is fsynced (Feishu's `200` waits
+//! for it, and concurrent enqueues share one commit), and so is an operator's redeliver; claims,
+//! delivery outcomes and purge chunks are not (a lost outcome is one duplicate delivery after
+//! the lease, never a lost event: see `store::queue`).
 //! redb only frees the pages of earlier versions at a durable commit, so after
 //! [`MAX_NON_DURABLE_COMMITS`] non-durable commits in a row the next batch is durable anyway:
 //! the file stays bounded under token churn.
@@ -37,6 +41,11 @@
 //! panic is caught and kept off stderr) and never silently a fresh store. A new file is
 //! created under a temporary name and renamed into place once it is complete, so a crash during
 //! creation never leaves a damaged file behind.
+//!
+//! **The queue's layout** is in `queue_embedded`: tuple-keyed tables, so a claim is a range scan
+//! over a due-time index and stats read per-consumer counters; nothing is kept in memory per
+//! event. Its purge and redeliver run in chunks of `QUEUE_CHUNK` rows per commit, like the
+//! token prune below, and remove rows key by key so freed pages are reused.
 //!
 //! **Pruning tokens** ([`EmbeddedStore::delete_expired_tokens`]) scans [`PRUNE_CHUNK`] tokens
 //! per commit, so a prune of a large table never holds a ticket write up for long, and removes
@@ -70,6 +79,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use super::queue::{ConsumerStats, DeadLetter, Delivery, Enqueue, NewEvent, Selector};
+use super::queue_embedded::{self, Outcome};
 use super::{
     apply_tenant_event, demote_ticket, merge_ticket, StoreError, TenantEvent, TenantRecord,
     TicketRecord, TicketWrite, TokenRecord,
@@ -152,6 +163,8 @@ enum WriteOp {
     Ping {
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// A write to the event hand-off queue (see [`queue_embedded`]).
+    Queue(queue_embedded::Op),
 }
 
 /// What the writer's queue carries.
@@ -164,10 +177,11 @@ enum Queued {
 impl WriteOp {
     /// Tickets and tenant state must be on disk before the caller hears back.
     fn needs_fsync(&self) -> bool {
-        matches!(
-            self,
-            WriteOp::Ticket { .. } | WriteOp::DemoteTicket { .. } | WriteOp::Tenant { .. }
-        )
+        match self {
+            WriteOp::Ticket { .. } | WriteOp::DemoteTicket { .. } | WriteOp::Tenant { .. } => true,
+            WriteOp::Queue(op) => op.needs_fsync(),
+            _ => false,
+        }
     }
 
     /// Answer without applying (the database is broken or closed).
@@ -181,6 +195,7 @@ impl WriteOp {
             WriteOp::PutToken { reply, .. }
             | WriteOp::DeleteToken { reply, .. }
             | WriteOp::Ping { reply } => drop(reply.send(Err(e))),
+            WriteOp::Queue(op) => op.fail(&e),
         }
     }
 }
@@ -208,6 +223,7 @@ enum Answer {
         oneshot::Sender<Result<(), StoreError>>,
         Result<(), StoreError>,
     ),
+    Queue(queue_embedded::Answer),
 }
 
 impl Answer {
@@ -219,6 +235,7 @@ impl Answer {
             Answer::Flag(tx, r) => drop(tx.send(r)),
             Answer::Pruned(tx, r) => drop(tx.send(r)),
             Answer::Unit(tx, r) => drop(tx.send(r)),
+            Answer::Queue(answer) => answer(None),
         }
     }
 
@@ -229,6 +246,7 @@ impl Answer {
             Answer::Flag(tx, _) => drop(tx.send(Err(e.clone()))),
             Answer::Pruned(tx, _) => drop(tx.send(Err(e.clone()))),
             Answer::Unit(tx, _) => drop(tx.send(Err(e.clone()))),
+            Answer::Queue(answer) => answer(Some(e)),
         }
     }
 }
@@ -481,7 +499,17 @@ fn commit_batch(
             let mut tenants = txn.open_table(TENANTS).map_err(StoreError::new)?;
             let mut tokens = txn.open_table(TOKENS).map_err(StoreError::new)?;
             let mut meta = txn.open_table(META).map_err(StoreError::new)?;
+            // The queue's tables are opened only for batches that hold a queue write.
+            let mut queue = None;
             for op in batch {
+                if let WriteOp::Queue(op) = op {
+                    let tables = match &mut queue {
+                        Some(tables) => tables,
+                        None => queue.insert(queue_embedded::Tables::open(&txn)?),
+                    };
+                    answers.push(Answer::Queue(op.apply(tables)));
+                    continue;
+                }
                 answers.push(apply(
                     op,
                     &mut tickets,
@@ -610,6 +638,11 @@ fn apply(
             })();
             Answer::Unit(reply, result)
         }
+        // `commit_batch` applies queue writes with the queue's tables; never reached.
+        WriteOp::Queue(op) => {
+            let e = StoreError::new("a queue write reached the wrong apply");
+            Answer::Queue(Box::new(move |_| op.fail(&e)))
+        }
         WriteOp::DeleteExpiredTokens {
             now_ms,
             after,
@@ -721,6 +754,7 @@ fn open_database(name: &str, open: &Opener) -> Result<Database, StoreError> {
         }
         txn.open_table(TENANTS).map_err(|e| classify(e.into()))?;
         txn.open_table(META).map_err(|e| classify(e.into()))?;
+        queue_embedded::create_tables(&txn).map_err(|e| classify(e.into()))?;
         txn.commit().map_err(|e| classify(e.into()))?;
         Ok(db)
     });
@@ -1020,6 +1054,142 @@ impl EmbeddedStore {
                 None => return Ok(deleted),
             }
         }
+    }
+
+    /// Queue an event for `consumers` (deduped on its id); fsynced, in the group commit.
+    pub async fn enqueue_event(
+        &self,
+        event: NewEvent,
+        consumers: Vec<String>,
+    ) -> Result<Enqueue, StoreError> {
+        self.write(|reply| {
+            WriteOp::Queue(queue_embedded::Op::Enqueue {
+                event,
+                consumers,
+                reply,
+            })
+        })
+        .await
+    }
+
+    pub async fn claim_due(
+        &self,
+        consumer: &str,
+        now_ms: u64,
+        lease_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let consumer = consumer.to_string();
+        self.write(|reply| {
+            WriteOp::Queue(queue_embedded::Op::Claim {
+                consumer,
+                now_ms,
+                lease_ms,
+                limit,
+                reply,
+            })
+        })
+        .await
+    }
+
+    pub(super) async fn outcome(
+        &self,
+        consumer: &str,
+        app_id: &str,
+        event_id: &str,
+        outcome: Outcome,
+    ) -> Result<bool, StoreError> {
+        let (consumer, app_id, event_id) = (
+            consumer.to_string(),
+            app_id.to_string(),
+            event_id.to_string(),
+        );
+        self.write(|reply| {
+            WriteOp::Queue(queue_embedded::Op::Outcome {
+                consumer,
+                app_id,
+                event_id,
+                outcome,
+                reply,
+            })
+        })
+        .await
+    }
+
+    /// Requeue in chunks of [`queue_embedded::QUEUE_CHUNK`] per (fsynced) commit.
+    pub async fn redeliver(
+        &self,
+        consumer: &str,
+        selector: Selector,
+        now_ms: u64,
+    ) -> Result<usize, StoreError> {
+        let mut done = 0;
+        let mut cursor = None;
+        loop {
+            let (consumer, selector) = (consumer.to_string(), selector.clone());
+            let chunk = self
+                .write(|reply| {
+                    WriteOp::Queue(queue_embedded::Op::Redeliver {
+                        consumer,
+                        selector,
+                        now_ms,
+                        cursor,
+                        reply,
+                    })
+                })
+                .await?;
+            done += chunk.done;
+            if !chunk.more {
+                return Ok(done);
+            }
+            cursor = chunk.cursor;
+        }
+    }
+
+    /// Purge in chunks of [`queue_embedded::QUEUE_CHUNK`] per commit.
+    pub async fn purge_forwarding(
+        &self,
+        now_ms: u64,
+        retention_ms: u64,
+    ) -> Result<usize, StoreError> {
+        let mut done = 0;
+        loop {
+            let chunk = self
+                .write(|reply| {
+                    WriteOp::Queue(queue_embedded::Op::Purge {
+                        now_ms,
+                        retention_ms,
+                        reply,
+                    })
+                })
+                .await?;
+            done += chunk.done;
+            if !chunk.more {
+                return Ok(done);
+            }
+        }
+    }
+
+    pub async fn consumer_stats(&self, consumer: &str) -> Result<ConsumerStats, StoreError> {
+        let consumer = consumer.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(StoreError::new)?;
+            queue_embedded::consumer_stats(&txn, &consumer)
+        })
+        .await
+    }
+
+    pub async fn dead_letters(
+        &self,
+        consumer: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let consumer = consumer.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(StoreError::new)?;
+            queue_embedded::dead_letters(&txn, &consumer, limit)
+        })
+        .await
     }
 
     /// Readiness: the writer commits a small write within [`PING_TIMEOUT`].
@@ -1470,5 +1640,321 @@ mod tests {
         let again = EmbeddedStore::open(&path).unwrap();
         assert_eq!(again.token("k/19").await.unwrap(), Some(token("v")));
         again.close().await;
+    }
+
+    mod forwarding {
+        use super::*;
+        use crate::store::contract::forwarding::event;
+        use crate::store::queue_embedded::QUEUE_CHUNK;
+        use crate::store::{Enqueue, Selector};
+        use redb::ReadableTableMetadata;
+
+        /// Queue `n` events (ids `{prefix}{i}`) for `consumers` with `callers` concurrent callers.
+        async fn enqueue_many(
+            store: &Store,
+            prefix: &str,
+            n: usize,
+            callers: usize,
+            consumers: &'static [&'static str],
+            body: &bytes::Bytes,
+        ) {
+            let tasks: Vec<_> = (0..callers)
+                .map(|k| {
+                    let (store, prefix, body) = (store.clone(), prefix.to_string(), body.clone());
+                    tokio::spawn(async move {
+                        for i in (k..n).step_by(callers) {
+                            // Spread like Feishu's ids (random hex), not in insertion order.
+                            let spread = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                            let id = format!("{prefix}{spread:016x}{i:08}");
+                            let mut ev = event("cli_m", &id, 1_000 + i as u64);
+                            ev.body = body.clone();
+                            let queued = store.enqueue_event(ev, consumers).await.unwrap();
+                            assert_eq!(queued, Enqueue::Queued);
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        }
+
+        /// Claim and acknowledge everything due for `consumer`; returns how many.
+        async fn drain(store: &Store, consumer: &str, now_ms: u64, batch: usize) -> usize {
+            let mut done = 0;
+            loop {
+                let claimed = store
+                    .claim_due(consumer, now_ms, 60_000, batch)
+                    .await
+                    .unwrap();
+                if claimed.is_empty() {
+                    return done;
+                }
+                done += claimed.len();
+                let acks: Vec<_> = claimed
+                    .into_iter()
+                    .map(|d| {
+                        let store = store.clone();
+                        tokio::spawn(async move {
+                            assert!(store
+                                .delivered(&d.consumer, &d.app_id, &d.event_id, now_ms)
+                                .await
+                                .unwrap());
+                        })
+                    })
+                    .collect();
+                for a in acks {
+                    a.await.unwrap();
+                }
+            }
+        }
+
+        /// Issue 9: what intake acknowledged is still queued after the process stops: the
+        /// deliveries, their leases, the bodies and the dedupe marks survive reopening.
+        #[tokio::test]
+        async fn queued_events_survive_reopening() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("t.db");
+            let store = Store::Embedded(EmbeddedStore::open(&path).unwrap());
+            for (id, at) in [("a", 100), ("b", 200), ("c", 300)] {
+                store
+                    .enqueue_event(event("cli_s", id, at), &["one", "two"])
+                    .await
+                    .unwrap();
+            }
+            // "a" is in flight (leased until 1_500) when the process goes away.
+            let claimed = store.claim_due("one", 500, 1_000, 1).await.unwrap();
+            assert_eq!(claimed[0].event_id, "a");
+            store.close().await;
+
+            let store = Store::Embedded(EmbeddedStore::open(&path).unwrap());
+            let now = store.claim_due("one", 600, 1_000, 10).await.unwrap();
+            let ids: Vec<_> = now.iter().map(|d| d.event_id.as_str()).collect();
+            assert_eq!(ids, ["b", "c"]);
+            assert_eq!(now[0].body, event("cli_s", "b", 0).body);
+            // The in-flight attempt comes back once its lease ends.
+            let back = store.claim_due("one", 1_500, 1_000, 10).await.unwrap();
+            assert_eq!((back[0].event_id.as_str(), back[0].attempt), ("a", 2));
+            assert_eq!(
+                store.claim_due("two", 600, 1_000, 10).await.unwrap().len(),
+                3
+            );
+            assert_eq!(
+                store
+                    .enqueue_event(event("cli_s", "a", 700), &["one"])
+                    .await
+                    .unwrap(),
+                Enqueue::Duplicate
+            );
+            assert_eq!(store.consumer_stats("two").await.unwrap().pending, 3);
+            store.close().await;
+        }
+
+        /// Enqueues are fsynced (Feishu's 200 waits for them) and share commits; claims and
+        /// outcomes are not fsynced (a lost outcome is a duplicate delivery, never a loss).
+        #[tokio::test]
+        async fn enqueues_fsync_in_shared_commits_and_outcomes_do_not() {
+            let dir = tempfile::tempdir().unwrap();
+            let (embedded, faults) = faulty(&dir.path().join("t.db"));
+            let store = Store::Embedded(embedded.clone());
+            let before = faults.syncs();
+            store
+                .enqueue_event(event("cli_f", "first", 1), &["c"])
+                .await
+                .unwrap();
+            let per_commit = faults.syncs() - before;
+            assert!(per_commit > 0, "an enqueue did not fsync");
+
+            // Hold the writer in a sync, queue 100 enqueues behind it, then let it go: they
+            // commit together.
+            faults.set_hung(true);
+            let stuck = tokio::spawn({
+                let store = store.clone();
+                async move {
+                    store
+                        .enqueue_event(event("cli_f", "stuck", 2), &["c"])
+                        .await
+                }
+            });
+            let waiting = Arc::clone(&faults);
+            tokio::task::spawn_blocking(move || waiting.wait_until_stuck())
+                .await
+                .unwrap();
+            let queue = embedded.shared.queue.lock().unwrap().clone().unwrap();
+            let n = 100;
+            let tasks: Vec<_> = (0..n)
+                .map(|i| {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        store
+                            .enqueue_event(event("cli_f", &format!("e{i}"), 3), &["c"])
+                            .await
+                    })
+                })
+                .collect();
+            while queue.capacity() > QUEUE_DEPTH - n {
+                tokio::task::yield_now().await;
+            }
+            let held = faults.syncs();
+            faults.set_hung(false);
+            stuck.await.unwrap().unwrap();
+            for t in tasks {
+                assert_eq!(t.await.unwrap().unwrap(), Enqueue::Queued);
+            }
+            assert!(
+                faults.syncs() - held <= 2 * per_commit,
+                "{n} queued enqueues took {} syncs ({per_commit} per commit)",
+                faults.syncs() - held
+            );
+
+            let quiet = faults.syncs();
+            let claimed = store.claim_due("c", 10, 1_000, 200).await.unwrap();
+            assert_eq!(claimed.len(), n + 2);
+            // Fewer than MAX_NON_DURABLE_COMMITS commits (after that one is durable anyway).
+            for d in &claimed[..25] {
+                store
+                    .delivered("c", &d.app_id, &d.event_id, 20)
+                    .await
+                    .unwrap();
+            }
+            for d in &claimed[25..50] {
+                store
+                    .retry_later("c", &d.app_id, &d.event_id, 30, "HTTP 503")
+                    .await
+                    .unwrap();
+            }
+            let last = &claimed[60];
+            assert!(store
+                .dead("c", &last.app_id, &last.event_id, 40, "gave up")
+                .await
+                .unwrap());
+            assert_eq!(faults.syncs(), quiet, "claims or outcomes fsynced");
+            // Redelivery is an operator's request: durable.
+            assert_eq!(store.redeliver("c", Selector::Dead, 50).await.unwrap(), 1);
+            assert!(faults.syncs() > quiet);
+            embedded.close().await;
+        }
+
+        /// Purge works in chunks, removes bodies with their last delivery, and frees pages the
+        /// next events reuse: the file does not grow from one cycle to the next.
+        #[tokio::test]
+        async fn purge_spans_chunks_and_the_file_stays_bounded() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("t.db");
+            let store = Store::Embedded(EmbeddedStore::open(&path).unwrap());
+            let body = bytes::Bytes::from(vec![b'x'; 1024]);
+            let n = QUEUE_CHUNK * 2 + 5;
+            let mut sizes = Vec::new();
+            for cycle in 0..3u64 {
+                let prefix = format!("cycle{cycle}-");
+                enqueue_many(&store, &prefix, n, 32, &["c"], &body).await;
+                let now = 1_000_000 * (cycle + 1);
+                assert_eq!(drain(&store, "c", now, 512).await, n);
+                // Every delivery (n) and every dedupe mark (n) goes, over several chunks.
+                assert_eq!(store.purge_forwarding(now + 10, 5).await.unwrap(), 2 * n);
+                let stats = store.consumer_stats("c").await.unwrap();
+                assert_eq!((stats.pending, stats.delivered, stats.dead), (0, 0, 0));
+                // A durable commit releases the freed pages.
+                store.ping().await.unwrap();
+                store
+                    .enqueue_event(event("cli_x", &prefix, now), &[] as &[&str])
+                    .await
+                    .unwrap();
+                sizes.push(std::fs::metadata(&path).unwrap().len());
+            }
+            // An event queued again after its dedupe window moves the deliveries it names to
+            // a new row; the old row stays for the others, and both go with their deliveries.
+            store
+                .enqueue_event(event("cli_r", "r", 10), &["c", "other"])
+                .await
+                .unwrap();
+            store
+                .enqueue_event(event("cli_r", "r", 5_000), &["c"])
+                .await
+                .unwrap();
+            assert_eq!(drain(&store, "c", 10_000_000, 10).await, 1);
+            assert_eq!(drain(&store, "other", 10_000_000, 10).await, 1);
+            assert_eq!(store.purge_forwarding(20_000_000, 5).await.unwrap(), 3);
+            if let Store::Embedded(e) = &store {
+                let events = e
+                    .blocking(|db| {
+                        let txn = db.begin_read().map_err(StoreError::new)?;
+                        let table = txn
+                            .open_table(queue_embedded::EVENTS)
+                            .map_err(StoreError::new)?;
+                        table.len().map_err(StoreError::new)
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(events, 0, "bodies left behind");
+                e.close().await;
+            }
+            assert!(
+                sizes[2] <= sizes[0] + sizes[0] / 4,
+                "the file grew: {sizes:?}"
+            );
+        }
+
+        /// Rough figures for the issue (debug build unless run with `--release`):
+        /// `cargo test --lib queue_figures -- --ignored --nocapture`.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        #[ignore = "a measurement; run by hand"]
+        async fn queue_figures() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("t.db");
+            let store = Store::Embedded(EmbeddedStore::open(&path).unwrap());
+            let body = bytes::Bytes::from(vec![b'x'; 1024]);
+            let n: usize = std::env::var("QUEUE_FIGURES_N")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100_000);
+            let started = Instant::now();
+            enqueue_many(&store, "e", n, 64, &["c"], &body).await;
+            let enqueue = started.elapsed();
+            store.ping().await.unwrap();
+            let size = std::fs::metadata(&path).unwrap().len();
+            let Store::Embedded(embedded) = &store else {
+                unreachable!()
+            };
+            let stats = embedded
+                .blocking(|db| {
+                    let txn = db.begin_write().map_err(StoreError::new)?;
+                    let stats = txn.stats().map_err(StoreError::new)?;
+                    txn.abort().map_err(StoreError::new)?;
+                    Ok(stats)
+                })
+                .await
+                .unwrap();
+            let in_use = stats.allocated_pages() * stats.page_size() as u64;
+            println!(
+                "redb: {} bytes in allocated pages ({} bytes/event), {} stored leaf bytes, \
+                 {} fragmented, tree height {}",
+                in_use,
+                in_use / n as u64,
+                stats.stored_bytes(),
+                stats.fragmented_bytes(),
+                stats.tree_height()
+            );
+            let started = Instant::now();
+            let drained = drain(&store, "c", 10_000_000, 1024).await;
+            let drain_time = started.elapsed();
+            assert_eq!(drained, n);
+            println!(
+                "queue figures ({} build): {n} events of 1 KiB, 64 concurrent callers: \
+                 enqueue {:.0}/s; file {size} bytes = {} bytes/event; \
+                 claim (1024 per claim) + delivered {:.0}/s",
+                if cfg!(debug_assertions) {
+                    "debug"
+                } else {
+                    "release"
+                },
+                n as f64 / enqueue.as_secs_f64(),
+                size / n as u64,
+                n as f64 / drain_time.as_secs_f64(),
+            );
+            if let Store::Embedded(e) = &store {
+                e.close().await;
+            }
+        }
     }
 }

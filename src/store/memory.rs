@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::queue_memory::MemoryQueue;
 use super::{
     apply_tenant_event, demote_ticket, merge_ticket, StoreError, TenantEvent, TenantRecord,
     TicketRecord, TicketWrite, TokenRecord,
@@ -17,6 +18,8 @@ struct Tables {
     /// app_id → tenant_key → record (ordered, like the embedded backend's range scans).
     tenants: HashMap<String, BTreeMap<String, TenantRecord>>,
     tokens: HashMap<String, TokenRecord>,
+    /// The event hand-off queue.
+    pub(super) queue: MemoryQueue,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -39,6 +42,12 @@ impl MemoryStore {
             return Err(StoreError::new("memory store marked unavailable"));
         }
         Ok(())
+    }
+
+    /// Run `f` on the hand-off queue, under the one lock (every queue operation is atomic).
+    pub(super) fn queue<T>(&self, f: impl FnOnce(&mut MemoryQueue) -> T) -> Result<T, StoreError> {
+        self.check()?;
+        Ok(f(&mut self.lock().queue))
     }
 
     fn lock(&self) -> MutexGuard<'_, Tables> {

@@ -1,4 +1,6 @@
-//! Durable state: the newest App Ticket per app, tenant state per (app, tenant), cached tokens.
+//! Durable state: the newest App Ticket per app, tenant state per (app, tenant), cached tokens,
+//! and the event hand-off queue (dedupe marks, events, deliveries per consumer: see [`queue`]
+//! for its semantics and `queue_embedded` for its layout in the file).
 //!
 //! One [`Store`] over several backends, chosen once at start-up (an enum, not a trait object:
 //! the set is closed and known). Every backend passes the same contract test (`tests` below), so
@@ -25,6 +27,9 @@
 
 pub mod embedded;
 pub mod memory;
+pub mod queue;
+mod queue_embedded;
+mod queue_memory;
 
 use std::fmt;
 
@@ -34,6 +39,8 @@ use crate::config::{StoreConfig, StoreKind};
 use crate::error::Error;
 use crate::model::{Order, TenantChange};
 use crate::secret::Secret;
+
+pub use queue::{ConsumerStats, DeadLetter, Delivery, Enqueue, NewEvent, Selector};
 
 /// How a ticket arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -355,6 +362,150 @@ impl Store {
         }
     }
 
+    /// Queue `event` for each of `consumers` (the event hand-off, see [`queue`]): atomic dedupe
+    /// on `(app_id, event_id)` until `dedupe_until_ms`, the body stored once, one delivery per
+    /// consumer due at once, all in one write that is durable (fsynced, group-committed) before
+    /// this returns — intake answers Feishu `200` only then. A duplicate within the window
+    /// stores nothing; with no consumers nothing is stored (and the answer is `Queued`).
+    pub async fn enqueue_event<S: AsRef<str>>(
+        &self,
+        event: NewEvent,
+        consumers: &[S],
+    ) -> Result<Enqueue, StoreError> {
+        let consumers: Vec<String> = consumers.iter().map(|c| c.as_ref().to_string()).collect();
+        match self {
+            Store::Memory(m) => m.queue(|q| q.enqueue(event, consumers)),
+            Store::Embedded(e) => e.enqueue_event(event, consumers).await,
+        }
+    }
+
+    /// Claim up to `limit` of `consumer`'s deliveries that are due at `now_ms` (oldest due
+    /// first), leasing each until `now_ms + lease_ms`: without an outcome by then it is due
+    /// again (a crashed attempt comes back by itself). Each claim counts an attempt.
+    pub async fn claim_due(
+        &self,
+        consumer: &str,
+        now_ms: u64,
+        lease_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        match self {
+            Store::Memory(m) => m.queue(|q| q.claim(consumer, now_ms, lease_ms, limit)),
+            Store::Embedded(e) => e.claim_due(consumer, now_ms, lease_ms, limit).await,
+        }
+    }
+
+    /// The delivery succeeded. Not fsynced (a lost mark means one duplicate delivery after the
+    /// lease). Returns whether a pending delivery changed (`false`: unknown, or already
+    /// delivered/dead — a late outcome changes nothing).
+    pub async fn delivered(
+        &self,
+        consumer: &str,
+        app_id: &str,
+        event_id: &str,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(m) => m.queue(|q| q.delivered(consumer, app_id, event_id, now_ms)),
+            Store::Embedded(e) => {
+                let outcome = queue_embedded::Outcome::Delivered { now_ms };
+                e.outcome(consumer, app_id, event_id, outcome).await
+            }
+        }
+    }
+
+    /// The attempt failed: due again at `next_attempt_ms`. Not fsynced.
+    pub async fn retry_later(
+        &self,
+        consumer: &str,
+        app_id: &str,
+        event_id: &str,
+        next_attempt_ms: u64,
+        last_error: &str,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(m) => {
+                m.queue(|q| q.retry_later(consumer, app_id, event_id, next_attempt_ms, last_error))
+            }
+            Store::Embedded(e) => {
+                let outcome = queue_embedded::Outcome::Retry {
+                    next_ms: next_attempt_ms,
+                    error: last_error.to_string(),
+                };
+                e.outcome(consumer, app_id, event_id, outcome).await
+            }
+        }
+    }
+
+    /// The last attempt failed: a dead letter, kept for `retention`. Not fsynced.
+    pub async fn dead(
+        &self,
+        consumer: &str,
+        app_id: &str,
+        event_id: &str,
+        now_ms: u64,
+        last_error: &str,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(m) => m.queue(|q| q.dead(consumer, app_id, event_id, now_ms, last_error)),
+            Store::Embedded(e) => {
+                let outcome = queue_embedded::Outcome::Dead {
+                    now_ms,
+                    error: last_error.to_string(),
+                };
+                e.outcome(consumer, app_id, event_id, outcome).await
+            }
+        }
+    }
+
+    /// A consumer's figures (counters kept with the deliveries: no scan).
+    pub async fn consumer_stats(&self, consumer: &str) -> Result<ConsumerStats, StoreError> {
+        match self {
+            Store::Memory(m) => m.queue(|q| q.stats(consumer)),
+            Store::Embedded(e) => e.consumer_stats(consumer).await,
+        }
+    }
+
+    /// A consumer's dead letters, newest first, at most `limit`.
+    pub async fn dead_letters(
+        &self,
+        consumer: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        match self {
+            Store::Memory(m) => m.queue(|q| q.dead_letters(consumer, limit)),
+            Store::Embedded(e) => e.dead_letters(consumer, limit).await,
+        }
+    }
+
+    /// Queue the selected retained deliveries of `consumer` again, due at `now_ms`, attempts
+    /// reset; durable before it returns. Returns how many.
+    pub async fn redeliver(
+        &self,
+        consumer: &str,
+        selector: Selector,
+        now_ms: u64,
+    ) -> Result<usize, StoreError> {
+        match self {
+            Store::Memory(m) => m.queue(|q| q.redeliver(consumer, &selector, now_ms)),
+            Store::Embedded(e) => e.redeliver(consumer, selector, now_ms).await,
+        }
+    }
+
+    /// Delete dedupe marks expired at `now_ms` and delivered/dead deliveries finished at or
+    /// before `now_ms - retention_ms` (an event's body goes with its last delivery), in chunks
+    /// so other writes go in between. Returns how many marks and deliveries were deleted.
+    pub async fn purge_forwarding(
+        &self,
+        now_ms: u64,
+        retention_ms: u64,
+    ) -> Result<usize, StoreError> {
+        match self {
+            Store::Memory(m) => m.queue(|q| q.purge(now_ms, retention_ms)),
+            Store::Embedded(e) => e.purge_forwarding(now_ms, retention_ms).await,
+        }
+    }
+
     /// Is the backend usable for writes? (Readiness.) The embedded backend commits a small
     /// write through its writer, so a broken file, a full disk or a stuck writer all fail it.
     pub async fn ping(&self) -> Result<(), StoreError> {
@@ -500,6 +651,7 @@ pub(crate) mod contract {
         redelivered_ticket_keeps_when_and_how_it_arrived(store).await;
         replayed_order_paid_does_not_roll_back_last_order(store).await;
         expired_tokens_are_deleted(store).await;
+        forwarding::run(store).await;
     }
 
     /// Issue 8, defect 5: a ticket with a far-future event time used to lock out every real push
@@ -617,5 +769,334 @@ pub(crate) mod contract {
         assert_eq!(store.token("prune/edge").await.unwrap(), None);
         assert!(store.token("prune/live").await.unwrap().is_some());
         assert_eq!(store.delete_expired_tokens(200).await.unwrap(), 0);
+    }
+
+    /// The event hand-off queue's contract (issue 9).
+    pub(crate) mod forwarding {
+        use bytes::Bytes;
+
+        use super::super::*;
+
+        pub fn event(app: &str, id: &str, received_at_ms: u64) -> NewEvent {
+            // Not UTF-8, with a NUL: the body is bytes, stored and returned exactly.
+            let mut body = format!("{{\"id\":\"{id}\",\"app\":\"{app}\"}}\0\u{e9}\n").into_bytes();
+            body.extend_from_slice(&[0xff, 0xfe]);
+            NewEvent {
+                app_id: app.to_string(),
+                event_id: id.to_string(),
+                event_type: "im.message.receive_v1".to_string(),
+                tenant_key: Some("t-1".to_string()),
+                received_at_ms,
+                dedupe_until_ms: received_at_ms + 1_000,
+                body: Bytes::from(body),
+            }
+        }
+
+        fn ids(claimed: &[Delivery]) -> Vec<&str> {
+            claimed.iter().map(|d| d.event_id.as_str()).collect()
+        }
+
+        pub async fn run(store: &Store) {
+            dedupe(store).await;
+            claims_and_leases(store).await;
+            outcomes_dead_letters_and_redeliver(store).await;
+            purge(store).await;
+        }
+
+        async fn dedupe(store: &Store) {
+            let q = |ev: NewEvent, consumers: &'static [&'static str]| {
+                let store = store.clone();
+                async move { store.enqueue_event(ev, consumers).await.unwrap() }
+            };
+            assert_eq!(
+                q(event("cli_q", "e1", 10_000), &["dd"]).await,
+                Enqueue::Queued
+            );
+            // Feishu's redelivery within the window: acknowledged, not queued again.
+            assert_eq!(
+                q(event("cli_q", "e1", 10_500), &["dd"]).await,
+                Enqueue::Duplicate
+            );
+            // The same id from another app is another event.
+            assert_eq!(
+                q(event("cli_r", "e1", 10_500), &["dd"]).await,
+                Enqueue::Queued
+            );
+            // No consumers: nothing stored, not even a dedupe mark.
+            assert_eq!(q(event("cli_q", "e2", 10_000), &[]).await, Enqueue::Queued);
+            assert_eq!(
+                q(event("cli_q", "e2", 10_001), &["dd"]).await,
+                Enqueue::Queued
+            );
+            // A consumer named twice gets one delivery.
+            assert_eq!(
+                q(event("cli_q", "e3", 10_002), &["dd", "dd"]).await,
+                Enqueue::Queued
+            );
+            let stats = store.consumer_stats("dd").await.unwrap();
+            assert_eq!(
+                (stats.pending, stats.oldest_pending_received_at_ms),
+                (4, Some(10_000))
+            );
+            // The body enqueued is exactly the body claimed, with the event's fields.
+            let claimed = store.claim_due("dd", 20_000, 60_000, 10).await.unwrap();
+            assert_eq!(claimed.len(), 4);
+            let first = claimed
+                .iter()
+                .find(|d| d.app_id == "cli_q" && d.event_id == "e1")
+                .unwrap();
+            let sent = event("cli_q", "e1", 10_000);
+            assert_eq!(first.body, sent.body);
+            assert_eq!(
+                (
+                    first.consumer.as_str(),
+                    first.event_type.as_str(),
+                    first.tenant_key.as_deref()
+                ),
+                ("dd", "im.message.receive_v1", Some("t-1"))
+            );
+            assert_eq!(
+                (first.attempt, first.received_at_ms, first.lease_until_ms),
+                (1, 10_000, 80_000)
+            );
+            let other = claimed.iter().find(|d| d.app_id == "cli_r").unwrap();
+            assert_eq!(other.body, event("cli_r", "e1", 0).body);
+            // Still a duplicate until the window ends (dedupe_until = received + 1000)…
+            assert_eq!(
+                q(event("cli_q", "e1", 10_999), &["dd"]).await,
+                Enqueue::Duplicate
+            );
+            // …then the id is new again: delivered afresh (attempts start over).
+            assert!(store.delivered("dd", "cli_q", "e1", 20_001).await.unwrap());
+            assert_eq!(
+                q(event("cli_q", "e1", 11_000), &["dd"]).await,
+                Enqueue::Queued
+            );
+            let stats = store.consumer_stats("dd").await.unwrap();
+            assert_eq!((stats.pending, stats.delivered), (4, 0));
+            let again = store.claim_due("dd", 20_002, 1, 10).await.unwrap();
+            assert_eq!(ids(&again), ["e1"]);
+            assert_eq!((again[0].attempt, again[0].received_at_ms), (1, 11_000));
+        }
+
+        async fn claims_and_leases(store: &Store) {
+            for (id, at) in [("a", 100), ("b", 200), ("c", 300)] {
+                let mut ev = event("cli_l", id, at);
+                ev.tenant_key = None;
+                ev.event_type = format!("type.{id}");
+                assert_eq!(
+                    store.enqueue_event(ev, &["lease", "other"]).await.unwrap(),
+                    Enqueue::Queued
+                );
+            }
+            // Due entries, oldest due first; "c" is not due yet.
+            let claimed = store.claim_due("lease", 250, 1_000, 10).await.unwrap();
+            assert_eq!(ids(&claimed), ["a", "b"]);
+            assert_eq!(claimed[1].event_type, "type.b");
+            assert_eq!(claimed[1].tenant_key, None);
+            // Leased: not claimed again until the lease ends (250 + 1000).
+            assert_eq!(
+                ids(&store.claim_due("lease", 300, 1_000, 10).await.unwrap()),
+                ["c"]
+            );
+            assert!(store
+                .claim_due("lease", 1_249, 1_000, 10)
+                .await
+                .unwrap()
+                .is_empty());
+            // The lease ran out (a crashed attempt): claimed again, one attempt more.
+            let again = store.claim_due("lease", 1_250, 1_000, 1).await.unwrap();
+            assert_eq!(ids(&again), ["a"]);
+            assert_eq!(again[0].attempt, 2);
+            assert_eq!(
+                ids(&store.claim_due("lease", 1_250, 1_000, 5).await.unwrap()),
+                ["b"]
+            );
+            // Consumers are independent.
+            let other = store.claim_due("other", 1_000, 1_000, 10).await.unwrap();
+            assert_eq!(ids(&other), ["a", "b", "c"]);
+            assert!(other.iter().all(|d| d.attempt == 1));
+            assert!(store
+                .claim_due("nobody", 1_000, 1_000, 10)
+                .await
+                .unwrap()
+                .is_empty());
+        }
+
+        async fn outcomes_dead_letters_and_redeliver(store: &Store) {
+            let c = "out";
+            for (id, at) in [("a", 100), ("b", 200), ("c", 300), ("d", 400)] {
+                store
+                    .enqueue_event(event("cli_o", id, at), &[c])
+                    .await
+                    .unwrap();
+            }
+            assert_eq!(store.claim_due(c, 1_000, 100, 10).await.unwrap().len(), 4);
+            // Retry: due again at the time given, not before.
+            assert!(store
+                .retry_later(c, "cli_o", "a", 5_000, "HTTP 500")
+                .await
+                .unwrap());
+            assert!(store
+                .claim_due(c, 4_999, 10_000, 10)
+                .await
+                .unwrap()
+                .iter()
+                .all(|d| d.event_id != "a"));
+            let stats = store.consumer_stats(c).await.unwrap();
+            assert_eq!(stats.last_error.as_deref(), Some("HTTP 500"));
+            let retried = store.claim_due(c, 5_000, 10_000, 10).await.unwrap();
+            assert!(
+                retried.iter().any(|d| d.event_id == "a" && d.attempt == 2),
+                "{retried:?}"
+            );
+            // Delivered: once; a late outcome for it changes nothing.
+            assert!(store.delivered(c, "cli_o", "b", 5_100).await.unwrap());
+            assert!(!store.delivered(c, "cli_o", "b", 5_200).await.unwrap());
+            assert!(!store
+                .retry_later(c, "cli_o", "b", 9_000, "late")
+                .await
+                .unwrap());
+            assert!(!store.dead(c, "cli_o", "b", 9_000, "late").await.unwrap());
+            assert!(!store.delivered(c, "cli_o", "zz", 5_200).await.unwrap());
+            assert!(!store.delivered(c, "cli_other", "b", 5_200).await.unwrap());
+            // Dead letters, newest first.
+            assert!(store
+                .dead(c, "cli_o", "a", 6_000, "gave up on a")
+                .await
+                .unwrap());
+            assert!(store
+                .dead(c, "cli_o", "c", 7_000, "gave up on c")
+                .await
+                .unwrap());
+            let dead = store.dead_letters(c, 10).await.unwrap();
+            assert_eq!(
+                dead.iter().map(|d| d.event_id.as_str()).collect::<Vec<_>>(),
+                ["c", "a"]
+            );
+            assert_eq!(
+                dead[1],
+                DeadLetter {
+                    event_id: "a".into(),
+                    app_id: "cli_o".into(),
+                    event_type: "im.message.receive_v1".into(),
+                    attempts: 2,
+                    last_error: "gave up on a".into(),
+                    received_at_ms: 100,
+                    dead_at_ms: 6_000,
+                }
+            );
+            assert_eq!(store.dead_letters(c, 1).await.unwrap().len(), 1);
+            assert!(store.dead_letters("lease", 10).await.unwrap().is_empty());
+            assert_eq!(
+                store.consumer_stats(c).await.unwrap(),
+                ConsumerStats {
+                    pending: 1,
+                    dead: 2,
+                    delivered: 1,
+                    oldest_pending_received_at_ms: Some(400),
+                    last_delivery_at_ms: Some(5_100),
+                    last_error: Some("gave up on c".into()),
+                }
+            );
+            // Redeliver every dead letter: due now, attempts reset.
+            assert_eq!(store.redeliver(c, Selector::Dead, 8_000).await.unwrap(), 2);
+            assert!(store.dead_letters(c, 10).await.unwrap().is_empty());
+            assert_eq!(store.redeliver(c, Selector::Dead, 8_000).await.unwrap(), 0);
+            let back = store.claim_due(c, 8_000, 100_000, 10).await.unwrap();
+            assert_eq!(ids(&back), ["a", "c"]);
+            assert!(back.iter().all(|d| d.attempt == 1));
+            // By ids (a delivered one named twice, an unknown one).
+            let ids_selector = Selector::Ids(vec!["b".into(), "nope".into(), "b".into()]);
+            assert_eq!(store.redeliver(c, ids_selector, 8_100).await.unwrap(), 1);
+            assert_eq!(
+                ids(&store.claim_due(c, 8_100, 100_000, 10).await.unwrap()),
+                ["b"]
+            );
+            // A window of received times (inclusive), whatever the state.
+            for id in ["a", "b", "c", "d"] {
+                store.delivered(c, "cli_o", id, 9_000).await.unwrap();
+            }
+            let window = Selector::Window {
+                since_ms: 200,
+                until_ms: 300,
+            };
+            assert_eq!(store.redeliver(c, window, 9_500).await.unwrap(), 2);
+            assert_eq!(
+                ids(&store.claim_due(c, 9_500, 100, 10).await.unwrap()),
+                ["b", "c"]
+            );
+            let stats = store.consumer_stats(c).await.unwrap();
+            assert_eq!((stats.pending, stats.delivered, stats.dead), (2, 2, 0));
+            assert_eq!(stats.oldest_pending_received_at_ms, Some(200));
+            // Other consumers' deliveries are not touched.
+            assert_eq!(
+                store
+                    .redeliver("nobody", Selector::Dead, 9_500)
+                    .await
+                    .unwrap(),
+                0
+            );
+        }
+
+        async fn purge(store: &Store) {
+            let c = "purge";
+            let base = 1_000_000;
+            for (id, at) in [
+                ("old", base),
+                ("new", base + 10),
+                ("dead", base + 20),
+                ("live", base + 30),
+            ] {
+                store
+                    .enqueue_event(event("cli_p", id, at), &[c, "keep"])
+                    .await
+                    .unwrap();
+            }
+            store.claim_due(c, base + 100, 10, 10).await.unwrap();
+            store
+                .delivered(c, "cli_p", "old", base + 100)
+                .await
+                .unwrap();
+            store
+                .delivered(c, "cli_p", "new", base + 500)
+                .await
+                .unwrap();
+            store
+                .dead(c, "cli_p", "dead", base + 200, "x")
+                .await
+                .unwrap();
+            // Retention 300: finished at or before base + 200 goes; the dedupe marks
+            // (received + 1000) are still live at base + 500.
+            store.purge_forwarding(base + 500, 300).await.unwrap();
+            let stats = store.consumer_stats(c).await.unwrap();
+            assert_eq!((stats.pending, stats.delivered, stats.dead), (1, 1, 0));
+            assert!(store.dead_letters(c, 10).await.unwrap().is_empty());
+            let gone = Selector::Ids(vec!["old".into(), "dead".into()]);
+            assert_eq!(store.redeliver(c, gone, base + 500).await.unwrap(), 0);
+            // The other consumer's deliveries of the same events keep the bodies alive.
+            let kept = store.claim_due("keep", base + 500, 10, 10).await.unwrap();
+            assert_eq!(ids(&kept), ["old", "new", "dead", "live"]);
+            assert_eq!(kept[0].body, event("cli_p", "old", 0).body);
+            // Dedupe marks still live: a redelivery from Feishu is a duplicate.
+            assert_eq!(
+                store
+                    .enqueue_event(event("cli_p", "old", base + 600), &[c])
+                    .await
+                    .unwrap(),
+                Enqueue::Duplicate
+            );
+            // Once expired, marks go; purging twice finds nothing more of them.
+            let far = base + 10_000;
+            assert!(store.purge_forwarding(far, 1_000_000_000).await.unwrap() >= 4);
+            assert_eq!(store.purge_forwarding(far, 1_000_000_000).await.unwrap(), 0);
+            assert_eq!(
+                store
+                    .enqueue_event(event("cli_p", "old", far), &[c])
+                    .await
+                    .unwrap(),
+                Enqueue::Queued
+            );
+        }
     }
 }
