@@ -34,6 +34,8 @@ pub enum ErrorKind {
     StaleRequest,
     /// The routed `app_id` is not configured, or no configured app matches the request.
     UnknownApp,
+    /// Consumer API: no `[[consumers]]` entry has this name.
+    UnknownConsumer,
     /// The event names an app other than the one it was routed to.
     AppMismatch,
     /// The body is larger than `server.max_body_bytes`.
@@ -87,7 +89,7 @@ impl ErrorKind {
             | MalformedRequest => 400,
             BadSignature | BadToken | StaleRequest | Unauthorized => 401,
             Forbidden => 403,
-            UnknownApp | NotFound => 404,
+            UnknownApp | UnknownConsumer | NotFound => 404,
             MethodNotAllowed => 405,
             RequestTimeout => 408,
             PayloadTooLarge => 413,
@@ -113,6 +115,7 @@ impl ErrorKind {
             BadToken => "bad_token",
             StaleRequest => "stale_request",
             UnknownApp => "unknown_app",
+            UnknownConsumer => "unknown_consumer",
             AppMismatch => "app_mismatch",
             PayloadTooLarge => "payload_too_large",
             MethodNotAllowed => "method_not_allowed",
@@ -253,6 +256,7 @@ impl From<ErrorKind> for Error {
             ErrorKind::BadToken => "the Verification Token is missing or does not match",
             ErrorKind::StaleRequest => "the request or event is too old (a replay?)",
             ErrorKind::UnknownApp => "no configured app matches this request",
+            ErrorKind::UnknownConsumer => "no consumer with this name is configured",
             ErrorKind::AppMismatch => "the event names a different app than the route",
             ErrorKind::PayloadTooLarge => "the body is larger than the configured limit",
             ErrorKind::MethodNotAllowed => "method not allowed on this path",
@@ -290,6 +294,7 @@ mod tests {
             (ErrorKind::BadToken, 401, "bad_token"),
             (ErrorKind::StaleRequest, 401, "stale_request"),
             (ErrorKind::UnknownApp, 404, "unknown_app"),
+            (ErrorKind::UnknownConsumer, 404, "unknown_consumer"),
             (ErrorKind::AppMismatch, 400, "app_mismatch"),
             (ErrorKind::PayloadTooLarge, 413, "payload_too_large"),
             (ErrorKind::MethodNotAllowed, 405, "method_not_allowed"),

@@ -84,6 +84,7 @@ use std::sync::Arc;
 use clock::{Clock, SharedClock};
 use config::Config;
 use events::{Intake, Verifier};
+use forward::Forwarder;
 use store::Store;
 use tickets::Tickets;
 use tokens::Broker;
@@ -98,6 +99,7 @@ struct Inner {
     clients: auth::Clients,
     intake: Intake,
     tickets: Tickets,
+    forwarder: Forwarder,
     broker: Broker,
     metrics: metrics::Metrics,
     store: Store,
@@ -111,10 +113,13 @@ impl AppState {
         let clients = auth::Clients::new(&config.clients);
         let metrics = metrics::Metrics::new();
         let tickets = Tickets::new(&config, store.clone(), Arc::clone(&clock), metrics.clone());
+        let forwarder =
+            Forwarder::new(&config, store.clone(), Arc::clone(&clock), metrics.clone())?;
         let intake = Intake::new(
             config.events.clone(),
             tickets.clone(),
             store.clone(),
+            forwarder.clone(),
             metrics.clone(),
             Arc::clone(&clock),
         );
@@ -131,6 +136,7 @@ impl AppState {
             clients,
             intake,
             tickets,
+            forwarder,
             broker,
             metrics,
             store,
@@ -151,6 +157,11 @@ impl AppState {
     }
 
     /// What acts on verified `/events` payloads.
+    /// The event hand-off: consumers, their queue, the deliverer.
+    pub fn forwarder(&self) -> &Forwarder {
+        &self.0.forwarder
+    }
+
     pub fn intake(&self) -> &Intake {
         &self.0.intake
     }

@@ -164,6 +164,18 @@ struct UpstreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeliveryLabels {
+    /// From the config (`[a-z0-9-]{1,64}`): a closed set.
+    consumer: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConsumerLabels {
+    consumer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EndpointLabels {
     endpoint: String,
 }
@@ -171,6 +183,11 @@ struct EndpointLabels {
 fn intake_histogram() -> Histogram {
     // 50 µs … ~1.6 s
     Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+fn delivery_histogram() -> Histogram {
+    // 1 ms … ~9 h: from Feishu's POST to the consumer's 2xx, retries included.
+    Histogram::new(exponential_buckets(0.001, 4.0, 16))
 }
 
 fn upstream_histogram() -> Histogram {
@@ -192,6 +209,9 @@ struct Inner {
     token_requests: Family<TokenLabels, Counter>,
     upstream_calls: Family<UpstreamLabels, Counter>,
     upstream_duration: Family<EndpointLabels, Histogram, fn() -> Histogram>,
+    deliveries: Family<DeliveryLabels, Counter>,
+    delivery_latency: Family<ConsumerLabels, Histogram, fn() -> Histogram>,
+    duplicates: Counter,
     open_connections: Gauge,
 }
 
@@ -289,6 +309,27 @@ impl Metrics {
             "Duration of calls to the Open Platform auth API, retries included",
             upstream_duration.clone(),
         );
+        let deliveries = Family::<DeliveryLabels, Counter>::default();
+        registry.register(
+            "deliveries",
+            "Delivery attempts to consumers by outcome (delivered, retry, dead)",
+            deliveries.clone(),
+        );
+        let delivery_latency =
+            Family::<ConsumerLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                delivery_histogram,
+            );
+        registry.register(
+            "delivery_latency_seconds",
+            "Time from Feishu's POST to the consumer's 2xx, retries included",
+            delivery_latency.clone(),
+        );
+        let duplicates = Counter::default();
+        registry.register(
+            "duplicate_events",
+            "Events redelivered within forwarding.dedupe_window: acknowledged, not handed on again",
+            duplicates.clone(),
+        );
         let open_connections = Gauge::default();
         registry.register(
             "open_connections",
@@ -309,8 +350,36 @@ impl Metrics {
             token_requests,
             upstream_calls,
             upstream_duration,
+            deliveries,
+            delivery_latency,
+            duplicates,
             open_connections,
         }))
+    }
+
+    /// A delivery attempt's outcome (`delivered`, `retry`, `dead`); for a delivered one, the
+    /// time since Feishu's POST.
+    pub fn delivery(&self, consumer: &str, outcome: &'static str, latency_seconds: Option<f64>) {
+        self.0
+            .deliveries
+            .get_or_create(&DeliveryLabels {
+                consumer: consumer.to_string(),
+                outcome,
+            })
+            .inc();
+        if let Some(seconds) = latency_seconds {
+            self.0
+                .delivery_latency
+                .get_or_create(&ConsumerLabels {
+                    consumer: consumer.to_string(),
+                })
+                .observe(seconds);
+        }
+    }
+
+    /// An event redelivered within the dedupe window.
+    pub fn duplicate_event(&self) {
+        self.0.duplicates.inc();
     }
 
     /// A request to /events: `event_type` as the request named it (mapped onto

@@ -31,7 +31,7 @@ use crate::events::signature::{
     SignatureHeaders, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
 };
 use crate::events::{self, Outcome, Target};
-use crate::ops::status;
+use crate::ops::{consumers, status};
 use crate::tokens::TokenKey;
 use crate::AppState;
 
@@ -137,6 +137,9 @@ enum Route<'p> {
     AppTokenInvalidate(&'p str),
     TenantToken(&'p str, &'p str),
     TenantTokenInvalidate(&'p str, &'p str),
+    Consumers,
+    DeadLetters(&'p str),
+    Redeliver(&'p str),
     Unknown,
 }
 
@@ -170,6 +173,9 @@ impl<'p> Route<'p> {
             ["v1", "apps", app, "tenants", tenant, "tenant_access_token", "invalidate"] => {
                 Route::TenantTokenInvalidate(app, tenant)
             }
+            ["v1", "consumers"] => Route::Consumers,
+            ["v1", "consumers", name, "dead"] => Route::DeadLetters(name),
+            ["v1", "consumers", name, "redeliver"] => Route::Redeliver(name),
             _ => Route::Unknown,
         }
     }
@@ -192,6 +198,9 @@ impl<'p> Route<'p> {
             Route::TenantTokenInvalidate(..) => {
                 "/v1/apps/{app_id}/tenants/{tenant_key}/tenant_access_token/invalidate"
             }
+            Route::Consumers => "/v1/consumers",
+            Route::DeadLetters(_) => "/v1/consumers/{name}/dead",
+            Route::Redeliver(_) => "/v1/consumers/{name}/redeliver",
             Route::Unknown => "other",
         }
     }
@@ -289,6 +298,36 @@ where
                     "requested": requested,
                     "last_resend": app.last_resend,
                 }),
+            ))
+        }
+        Route::Consumers => {
+            only(&req, &[Method::GET])?;
+            caller(state, &req, Scope::Status, None, log)?;
+            let consumers = consumers::list(state).await?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "consumers": consumers }),
+            ))
+        }
+        Route::DeadLetters(name) => {
+            only(&req, &[Method::GET])?;
+            caller(state, &req, Scope::Status, None, log)?;
+            let events = consumers::dead_letters(state, name, req.uri().query()).await?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "consumer": name, "events": events }),
+            ))
+        }
+        Route::Redeliver(name) => {
+            only(&req, &[Method::POST])?;
+            caller(state, &req, Scope::Admin, None, log)?;
+            let (parts, body) = req.into_parts();
+            let timeout = state.config().server.request_timeout;
+            let (body, _budget) = read_body(&parts, body, MAX_API_BODY_BYTES, timeout).await?;
+            let queued = consumers::redeliver(state, name, &body).await?;
+            Ok(json(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({ "queued": queued }),
             ))
         }
         Route::AppToken(app_id) | Route::AppTokenInvalidate(app_id) => {

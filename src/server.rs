@@ -205,6 +205,7 @@ pub async fn run(
     let limits = state.config().server.clone();
     let serve = Serve::new(&state, &limits);
     let background = state.broker().start();
+    let mut deliveries = state.forwarder().start();
     // Dropping the sender stops every accept loop.
     let (stop, stopped) = watch::channel(());
     let loops: Vec<_> = listeners
@@ -229,6 +230,9 @@ pub async fn run(
         let _ = accept.await;
     }
     state.broker().close().await;
+    // Attempts cut short here are claimed again after a restart, once their lease runs out.
+    deliveries.abort_all();
+    while deliveries.join_next().await.is_some() {}
     // Wait until the stopped sweep is gone, with its handles on the store.
     let _ = background.await;
     tracing::info!(

@@ -43,10 +43,13 @@ use std::collections::HashMap;
 
 use crate::clock::SharedClock;
 use crate::config::{AppConfig, EventsConfig};
+use sha2::{Digest, Sha256};
+
 use crate::error::{Error, ErrorKind};
+use crate::forward::{self, Forwarder};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
-use crate::store::{Store, TenantEvent, TicketWrite};
+use crate::store::{Enqueue, NewEvent, Store, TenantEvent, TicketWrite};
 use crate::tickets::{PushedTicket, Tickets};
 
 use cipher::EventCipher;
@@ -82,6 +85,8 @@ pub enum Target<'a> {
 pub struct Verified {
     app_id: String,
     payload: Payload,
+    /// The event as Feishu sent it (decrypted): what the hand-off passes on.
+    json: String,
     /// The timestamp the (valid) signature covers, for the replay window.
     signed_at: SignedAt,
 }
@@ -170,7 +175,7 @@ impl Verifier {
             envelope::parse_object(body).map_err(|_| Error::from(ErrorKind::MalformedBody))?;
         match wire.encrypt.as_deref() {
             Some(encrypt) => Self::verify_encrypted(candidates, signature, body, encrypt),
-            None => Self::verify_plain(candidates, &wire),
+            None => Self::verify_plain(candidates, &wire, body),
         }
     }
 
@@ -193,8 +198,8 @@ impl Verifier {
                 .clone()
                 .find(|(_, key, _)| signature::verify(&headers, key.expose(), body));
             if let Some((app, _, cipher)) = signed_by {
-                let payload = decrypt_payload(cipher, encrypt)?;
-                return finish(app, payload, SignedAt::parse(headers.timestamp));
+                let (payload, json) = decrypt_payload(cipher, encrypt)?;
+                return finish(app, payload, json, SignedAt::parse(headers.timestamp));
             }
         }
         // Unsigned (or signed by no app): only a URL-verification challenge may pass. A challenge
@@ -209,8 +214,8 @@ impl Verifier {
                 .map(|payload| (app, payload))
         });
         match decrypted {
-            Some((app, payload @ Payload::Challenge { .. })) => {
-                finish(app, payload, SignedAt::Unsigned)
+            Some((app, (payload @ Payload::Challenge { .. }, json))) => {
+                finish(app, payload, json, SignedAt::Unsigned)
             }
             Some(_) => Err(ErrorKind::BadSignature.into()),
             // A signature was claimed and is wrong: that is the answer, whatever the payload.
@@ -219,7 +224,11 @@ impl Verifier {
         }
     }
 
-    fn verify_plain(candidates: &[AppKeys], wire: &envelope::Wire<'_>) -> Result<Verified, Error> {
+    fn verify_plain(
+        candidates: &[AppKeys],
+        wire: &envelope::Wire<'_>,
+        body: &[u8],
+    ) -> Result<Verified, Error> {
         if candidates.iter().all(|a| a.encrypt_key.is_some()) {
             return Err(ErrorKind::EncryptionRequired.into());
         }
@@ -229,7 +238,11 @@ impl Verifier {
             .ok_or_else(|| Error::new(ErrorKind::BadToken, "the Verification Token is missing"))?;
         let matches = |a: &&AppKeys| a.verification_token.ct_eq(token.expose());
         match candidates.iter().find(matches) {
-            Some(app) if app.encrypt_key.is_none() => finish(app, payload, SignedAt::Unsigned),
+            Some(app) if app.encrypt_key.is_none() => {
+                // The body parsed as JSON, so it is UTF-8.
+                let json = String::from_utf8_lossy(body).into_owned();
+                finish(app, payload, json, SignedAt::Unsigned)
+            }
             Some(_) => Err(ErrorKind::EncryptionRequired.into()),
             None => Err(ErrorKind::BadToken.into()),
         }
@@ -237,13 +250,14 @@ impl Verifier {
 }
 
 /// Decrypt and classify; every failure up to a parsed JSON object is `bad_payload`.
-fn decrypt_payload(cipher: &EventCipher, encrypt: &str) -> Result<Payload, Error> {
+fn decrypt_payload(cipher: &EventCipher, encrypt: &str) -> Result<(Payload, String), Error> {
     let plaintext = cipher
         .decrypt(encrypt)
         .map_err(|cause| Error::from(ErrorKind::BadPayload).with_cause(cause))?;
     let wire = envelope::parse_object(plaintext.as_bytes())
         .map_err(|_| Error::from(ErrorKind::BadPayload))?;
-    envelope::classify(&wire).map_err(shape_error)
+    let payload = envelope::classify(&wire).map_err(shape_error)?;
+    Ok((payload, plaintext))
 }
 
 fn shape_error(e: ShapeError) -> Error {
@@ -254,7 +268,12 @@ fn shape_error(e: ShapeError) -> Error {
 }
 
 /// The token and app checks shared by every path.
-fn finish(app: &AppKeys, payload: Payload, signed_at: SignedAt) -> Result<Verified, Error> {
+fn finish(
+    app: &AppKeys,
+    payload: Payload,
+    json: String,
+    signed_at: SignedAt,
+) -> Result<Verified, Error> {
     let token = payload
         .token()
         .ok_or_else(|| Error::new(ErrorKind::BadToken, "the Verification Token is missing"))?;
@@ -285,6 +304,7 @@ fn finish(app: &AppKeys, payload: Payload, signed_at: SignedAt) -> Result<Verifi
     Ok(Verified {
         app_id: app.app_id.clone(),
         payload,
+        json,
         signed_at,
     })
 }
@@ -300,18 +320,23 @@ pub enum Outcome {
     TicketKeptNewer,
     /// Tenant state was recorded.
     TenantRecorded,
-    /// Any other authentic event: acknowledged.
+    /// Any other authentic event: queued for every consumer that wants it (none: nothing
+    /// stored), and acknowledged.
     Acknowledged,
+    /// An event id seen within `forwarding.dedupe_window` (Feishu's redelivery): acknowledged,
+    /// not handed on again.
+    Duplicate,
 }
 
 /// What intake acts with once a payload is verified: the replay window's settings, the ticket
-/// bookkeeping ([`Tickets`]), the store (tenant state), metrics and the clock — not the whole
-/// service. Cheap to clone.
+/// bookkeeping ([`Tickets`]), the store (tenant state), the hand-off ([`Forwarder`]), metrics
+/// and the clock — not the whole service. Cheap to clone.
 #[derive(Clone)]
 pub struct Intake {
     events: EventsConfig,
     tickets: Tickets,
     store: Store,
+    forwarder: Forwarder,
     metrics: Metrics,
     clock: SharedClock,
 }
@@ -321,6 +346,7 @@ impl Intake {
         events: EventsConfig,
         tickets: Tickets,
         store: Store,
+        forwarder: Forwarder,
         metrics: Metrics,
         clock: SharedClock,
     ) -> Intake {
@@ -328,6 +354,7 @@ impl Intake {
             events,
             tickets,
             store,
+            forwarder,
             metrics,
             clock,
         }
@@ -339,6 +366,7 @@ pub async fn accept(intake: &Intake, verified: Verified) -> Result<Outcome, Erro
     let Verified {
         app_id,
         payload,
+        json,
         signed_at,
     } = verified;
     let event = match payload {
@@ -362,6 +390,11 @@ pub async fn accept(intake: &Intake, verified: Verified) -> Result<Outcome, Erro
     }
     // Without a usable event time, order by arrival.
     let time_us = fresh.order_time_us.unwrap_or(now_ms as i64 * 1000);
+    let event_meta = EventMeta {
+        event_id: event.event_id.clone(),
+        event_type: event.event_type.clone(),
+        tenant_key: event.tenant_key.clone(),
+    };
     match event.detail {
         EventDetail::AppTicket { ticket } => {
             let pushed = PushedTicket {
@@ -385,9 +418,61 @@ pub async fn accept(intake: &Intake, verified: Verified) -> Result<Outcome, Erro
                 received_at_ms: now_ms,
             };
             intake.store.record_tenant_event(&app_id, ev).await?;
-            Ok(Outcome::TenantRecorded)
+            match hand_on(intake, app_id, &event_meta, json, now_ms).await? {
+                Outcome::Duplicate => Ok(Outcome::Duplicate),
+                _ => Ok(Outcome::TenantRecorded),
+            }
         }
-        EventDetail::Other => Ok(Outcome::Acknowledged),
+        EventDetail::Other => hand_on(intake, app_id, &event_meta, json, now_ms).await,
+    }
+}
+
+/// What the hand-off needs of an event besides its body.
+struct EventMeta {
+    event_id: Option<String>,
+    event_type: String,
+    tenant_key: Option<String>,
+}
+
+/// Queue an authentic event for the consumers that want it (DESIGN.md → *Event hand-off*):
+/// durable before it returns, deduplicated on the event id. Without an id (Feishu always sends
+/// one) the SHA-256 of the event stands in, so an exact redelivery is still recognised.
+async fn hand_on(
+    intake: &Intake,
+    app_id: String,
+    meta: &EventMeta,
+    json: String,
+    now_ms: u64,
+) -> Result<Outcome, Error> {
+    if intake
+        .forwarder
+        .matching(&app_id, &meta.event_type)
+        .is_empty()
+    {
+        return Ok(Outcome::Acknowledged);
+    }
+    let body = forward::delivery_body(&json)
+        .map_err(|e| Error::new(ErrorKind::MalformedBody, e.to_string()))?;
+    let event_id = meta
+        .event_id
+        .clone()
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| hex::encode(Sha256::digest(json.as_bytes())));
+    let event = NewEvent {
+        app_id,
+        event_id,
+        event_type: meta.event_type.clone(),
+        tenant_key: meta.tenant_key.clone(),
+        received_at_ms: now_ms,
+        dedupe_until_ms: intake.forwarder.dedupe_until_ms(now_ms),
+        body: body.into(),
+    };
+    match intake.forwarder.enqueue(event).await? {
+        Enqueue::Queued => Ok(Outcome::Acknowledged),
+        Enqueue::Duplicate => {
+            intake.metrics.duplicate_event();
+            Ok(Outcome::Duplicate)
+        }
     }
 }
 

@@ -38,10 +38,13 @@ use std::fmt;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+pub mod deliver;
+
 pub use crate::consumer_filter::{ConsumerFilter, EventPattern};
 pub use crate::webhook::{
     WebhookSecret, WEBHOOK_ID_HEADER, WEBHOOK_SIGNATURE_HEADER, WEBHOOK_TIMESTAMP_HEADER,
 };
+pub use deliver::Forwarder;
 
 /// Header names of a delivery beyond Standard Webhooks' three.
 pub const CONTENT_TYPE_HEADER: &str = "content-type";

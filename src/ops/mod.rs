@@ -1,9 +1,10 @@
-//! Operations: what operators see of the service — logs, and the ticket freshness and token
-//! state behind the status API and the `status` command.
+//! Operations: what operators see of the service — logs, the ticket freshness and token state
+//! behind the status API and the `status` command, and the consumers' backlogs and dead letters.
 //!
 //! `ops` sits above the ticket bookkeeping and the token broker (status reads both); the
 //! Prometheus metrics are not here but in [`crate::metrics`], a leaf that every layer may call
 //! and that calls nothing back.
 
+pub mod consumers;
 pub mod logging;
 pub mod status;

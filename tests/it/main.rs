@@ -11,6 +11,7 @@ mod abuse;
 mod broker;
 mod fuzz_corpus;
 mod fuzz_harness;
+mod handoff;
 mod intake;
 mod layering;
 mod leaks;

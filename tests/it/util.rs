@@ -119,6 +119,12 @@ pub fn secrets_used() -> Vec<String> {
         STATUS_BEARER,
         SECOND_APP_BEARER,
         ADMIN_BEARER,
+        // Consumer secrets (Standard Webhooks), whole and as the key part alone.
+        CONSUMER_SECRET_A,
+        CONSUMER_SECRET_B,
+        &CONSUMER_SECRET_A["whsec_".len()..],
+        &CONSUMER_SECRET_B["whsec_".len()..],
+        "whsec_",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -483,6 +489,9 @@ pub const STATUS_BEARER: &str = "test-bearer-key-status";
 /// A key allowed the tokens scope on `cli_second` only.
 pub const SECOND_APP_BEARER: &str = "test-bearer-key-second";
 /// A key with the admin and status scopes.
+/// Consumer secrets of the hand-off tests: 24 and 32 bytes, base64.
+pub const CONSUMER_SECRET_A: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub const CONSUMER_SECRET_B: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 pub const ADMIN_BEARER: &str = "test-bearer-key-admin";
 
 /// How to build a [`Stack`].

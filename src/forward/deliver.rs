@@ -1,0 +1,419 @@
+//! The deliverer: takes queued events out of the store and POSTs them to their consumers.
+//!
+//! One loop per consumer, so a consumer that is down or slow never delays another. A loop
+//! claims up to [`CONCURRENCY`] due deliveries at once (the store leases each claim for the
+//! attempt's timeout plus [`LEASE_SLACK`]: an attempt cut short by a crash comes back by itself
+//! after a restart, without any bookkeeping here), sends them concurrently, records each outcome,
+//! and claims again. With nothing due it sleeps until intake queues something for this consumer
+//! ([`Forwarder::enqueue`] wakes it) or [`IDLE_POLL`] passes (a retry falling due).
+//!
+//! One attempt is a small pure step plus one request (Svix's worker, STYLE.md): build the body
+//! without the Verification Token and sign it (Standard Webhooks, a fresh `webhook-timestamp`
+//! per attempt), POST within `forwarding.delivery_timeout`, classify the answer ([`classify`]),
+//! and pick the next step from the retry schedule ([`next_step`]): any 2xx is delivered;
+//! anything else waits for the schedule's next step (a longer `Retry-After` from the consumer is
+//! honoured, up to the schedule's last step), and after the last step the event is a dead letter.
+//!
+//! What this never does: hold an event in memory beyond the attempts in flight (the backlog
+//! lives in the store), or log a body, a secret or a consumer's answer body.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+use crate::clock::SharedClock;
+use crate::config::{Config, ForwardingConfig};
+use crate::consumer_filter::ConsumerFilter;
+use crate::error::{Error, ErrorKind};
+use crate::metrics::Metrics;
+use crate::store::{Delivery, Enqueue, NewEvent, Store, StoreError};
+use crate::webhook::WebhookSecret;
+
+use super::{delivery_headers, DeliveryMeta};
+
+/// Deliveries in flight per consumer at most.
+pub const CONCURRENCY: usize = 32;
+/// Added to `delivery_timeout` for a claim's lease: the attempt's own bound plus room to record
+/// its outcome.
+pub const LEASE_SLACK: Duration = Duration::from_secs(5);
+/// How often an idle consumer loop looks for retries that fell due.
+pub const IDLE_POLL: Duration = Duration::from_millis(500);
+/// How often retained deliveries and expired dedupe marks are purged.
+pub const PURGE_INTERVAL: Duration = Duration::from_secs(600);
+/// Longest error text kept with a delivery (no consumer answer body is ever kept).
+const MAX_ERROR_CHARS: usize = 200;
+
+/// One configured consumer.
+struct Consumer {
+    name: String,
+    url: String,
+    secret: WebhookSecret,
+    filter: ConsumerFilter,
+    /// Woken when intake queues an event for this consumer.
+    wake: Notify,
+}
+
+/// The hand-off: matching, queueing and delivering. Cheap to clone.
+#[derive(Clone)]
+pub struct Forwarder(Arc<Inner>);
+
+struct Inner {
+    consumers: Vec<Consumer>,
+    settings: ForwardingConfig,
+    store: Store,
+    clock: SharedClock,
+    metrics: Metrics,
+    http: reqwest::Client,
+}
+
+/// What an attempt's answer means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    Delivered,
+    /// Failed; the consumer asked for at least this long before the next try (`Retry-After`).
+    Failed {
+        error: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+/// Classify a consumer's answer: any 2xx is delivered, anything else failed.
+pub fn classify(status: u16, retry_after: Option<&str>) -> Attempt {
+    if (200..300).contains(&status) {
+        return Attempt::Delivered;
+    }
+    Attempt::Failed {
+        error: format!("HTTP {status}"),
+        retry_after: retry_after
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs),
+    }
+}
+
+/// After failed attempt number `attempt` (1-based): the wait before the next one, or `None` when
+/// the schedule is spent (a dead letter). A `Retry-After` lengthens the wait, never beyond the
+/// schedule's last step.
+pub fn next_step(
+    schedule: &[Duration],
+    attempt: u32,
+    retry_after: Option<Duration>,
+) -> Option<Duration> {
+    let step = *schedule.get(attempt.checked_sub(1)? as usize)?;
+    let longest = schedule.last().copied().unwrap_or(step);
+    Some(retry_after.map_or(step, |asked| asked.clamp(step, longest.max(step))))
+}
+
+impl Forwarder {
+    pub fn new(
+        config: &Config,
+        store: Store,
+        clock: SharedClock,
+        metrics: Metrics,
+    ) -> Result<Forwarder, Error> {
+        let consumers = config
+            .consumers
+            .iter()
+            .map(|c| {
+                // Validated with the same code when the config was loaded.
+                let secret = c
+                    .webhook_secret()
+                    .map_err(|e| Error::new(ErrorKind::Internal, format!("consumers: {e}")))?;
+                let filter = c
+                    .filter()
+                    .map_err(|e| Error::new(ErrorKind::Internal, format!("consumers: {e}")))?;
+                Ok(Consumer {
+                    name: c.name.clone(),
+                    url: c.url.clone(),
+                    secret,
+                    filter,
+                    wake: Notify::new(),
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let http = reqwest::Client::builder()
+            .timeout(config.forwarding.delivery_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .build()
+            .map_err(|e| {
+                Error::new(ErrorKind::Internal, "cannot build the delivery HTTP client")
+                    .with_cause(e)
+            })?;
+        Ok(Forwarder(Arc::new(Inner {
+            consumers,
+            settings: config.forwarding.clone(),
+            store,
+            clock,
+            metrics,
+            http,
+        })))
+    }
+
+    /// The consumers that want an event of `event_type` from `app_id`.
+    pub fn matching(&self, app_id: &str, event_type: &str) -> Vec<&str> {
+        self.0
+            .consumers
+            .iter()
+            .filter(|c| c.filter.matches(app_id, event_type))
+            .map(|c| c.name.as_str())
+            .collect()
+    }
+
+    /// The configured consumers' names, in config order.
+    pub fn consumer_names(&self) -> impl Iterator<Item = &str> {
+        self.0.consumers.iter().map(|c| c.name.as_str())
+    }
+
+    /// The consumer's URL, if it is configured.
+    pub fn consumer_url(&self, name: &str) -> Option<&str> {
+        self.consumer(name).map(|c| c.url.as_str())
+    }
+
+    fn consumer(&self, name: &str) -> Option<&Consumer> {
+        self.0.consumers.iter().find(|c| c.name == name)
+    }
+
+    /// How long an event id is remembered for dedupe, from `now_ms`.
+    pub fn dedupe_until_ms(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_add(self.0.settings.dedupe_window.as_millis() as u64)
+    }
+
+    /// Queue `event` durably for every consumer that wants it (none: nothing is stored), then
+    /// wake their loops. Feishu may hear `200` once this returns.
+    pub async fn enqueue(&self, event: NewEvent) -> Result<Enqueue, StoreError> {
+        let names: Vec<String> = self
+            .matching(&event.app_id, &event.event_type)
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        if names.is_empty() {
+            return Ok(Enqueue::Queued);
+        }
+        let outcome = self.0.store.enqueue_event(event, &names).await?;
+        if outcome == Enqueue::Queued {
+            for c in self.0.consumers.iter().filter(|c| names.contains(&c.name)) {
+                c.wake.notify_one();
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Wake a consumer's loop (after a redeliver).
+    pub fn wake(&self, name: &str) {
+        if let Some(c) = self.consumer(name) {
+            c.wake.notify_one();
+        }
+    }
+
+    /// Start one delivery loop per consumer and the purge; the tasks end when the set is dropped
+    /// or aborted.
+    pub fn start(&self) -> JoinSet<()> {
+        let mut tasks = JoinSet::new();
+        for index in 0..self.0.consumers.len() {
+            let this = self.clone();
+            tasks.spawn(async move { this.consumer_loop(index).await });
+        }
+        if !self.0.consumers.is_empty() {
+            let this = self.clone();
+            tasks.spawn(async move { this.purge_loop().await });
+        }
+        tasks
+    }
+
+    async fn consumer_loop(self, index: usize) {
+        let consumer = &self.0.consumers[index];
+        let lease_ms = (self.0.settings.delivery_timeout + LEASE_SLACK).as_millis() as u64;
+        loop {
+            let now = self.0.clock.now_ms();
+            let claimed = match self
+                .0
+                .store
+                .claim_due(&consumer.name, now, lease_ms, CONCURRENCY)
+                .await
+            {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    tracing::warn!(consumer = %consumer.name, error = %e, "cannot claim deliveries");
+                    tokio::time::sleep(IDLE_POLL).await;
+                    continue;
+                }
+            };
+            if claimed.is_empty() {
+                tokio::select! {
+                    () = consumer.wake.notified() => {}
+                    () = tokio::time::sleep(IDLE_POLL) => {}
+                }
+                continue;
+            }
+            let mut attempts = JoinSet::new();
+            for delivery in claimed {
+                let this = self.clone();
+                attempts.spawn(async move { this.attempt(index, delivery).await });
+            }
+            while attempts.join_next().await.is_some() {}
+        }
+    }
+
+    /// One attempt: send, classify, record the next step.
+    async fn attempt(self, index: usize, delivery: Delivery) {
+        let consumer = &self.0.consumers[index];
+        let outcome = self.send(consumer, &delivery).await;
+        let now = self.0.clock.now_ms();
+        let (app, id) = (delivery.app_id.as_str(), delivery.event_id.as_str());
+        let recorded = match &outcome {
+            Attempt::Delivered => {
+                let latency_s = now.saturating_sub(delivery.received_at_ms) as f64 / 1000.0;
+                self.0
+                    .metrics
+                    .delivery(&consumer.name, "delivered", Some(latency_s));
+                self.0.store.delivered(&consumer.name, app, id, now).await
+            }
+            Attempt::Failed { error, retry_after } => {
+                match next_step(
+                    &self.0.settings.retry_schedule,
+                    delivery.attempt,
+                    *retry_after,
+                ) {
+                    Some(wait) => {
+                        self.0.metrics.delivery(&consumer.name, "retry", None);
+                        let next = now.saturating_add(wait.as_millis() as u64);
+                        self.0
+                            .store
+                            .retry_later(&consumer.name, app, id, next, error)
+                            .await
+                    }
+                    None => {
+                        self.0.metrics.delivery(&consumer.name, "dead", None);
+                        tracing::warn!(
+                            consumer = %consumer.name,
+                            app_id = app,
+                            event_id = id,
+                            attempts = delivery.attempt,
+                            error = %error,
+                            "delivery failed for the last time: a dead letter"
+                        );
+                        self.0.store.dead(&consumer.name, app, id, now, error).await
+                    }
+                }
+            }
+        };
+        if let Err(e) = recorded {
+            // The lease runs out and the delivery is claimed again: at least once.
+            tracing::warn!(consumer = %consumer.name, event_id = id, error = %e, "cannot record a delivery's outcome");
+        }
+        tracing::debug!(consumer = %consumer.name, app_id = app, event_id = id, attempt = delivery.attempt, outcome = ?outcome, "delivery attempt");
+    }
+
+    async fn send(&self, consumer: &Consumer, delivery: &Delivery) -> Attempt {
+        let body = match std::str::from_utf8(&delivery.body) {
+            Ok(body) => body,
+            Err(_) => {
+                return Attempt::Failed {
+                    error: "the stored event is not UTF-8".into(),
+                    retry_after: None,
+                }
+            }
+        };
+        let meta = DeliveryMeta {
+            event_id: &delivery.event_id,
+            app_id: &delivery.app_id,
+            event_type: &delivery.event_type,
+            tenant_key: delivery.tenant_key.as_deref(),
+        };
+        let now_s = self.0.clock.now_ms() / 1000;
+        let mut request = self.0.http.post(&consumer.url);
+        for (name, value) in delivery_headers(&consumer.secret, &meta, now_s, body) {
+            request = request.header(name, value);
+        }
+        match request
+            .body(Bytes::copy_from_slice(body.as_bytes()))
+            .send()
+            .await
+        {
+            Ok(answer) => {
+                let retry_after = answer
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                classify(answer.status().as_u16(), retry_after.as_deref())
+            }
+            Err(e) => Attempt::Failed {
+                error: transport_error(&e),
+                retry_after: None,
+            },
+        }
+    }
+
+    async fn purge_loop(self) {
+        let retention_ms = self.0.settings.retention.as_millis() as u64;
+        loop {
+            tokio::time::sleep(PURGE_INTERVAL).await;
+            let now = self.0.clock.now_ms();
+            if let Err(e) = self.0.store.purge_forwarding(now, retention_ms).await {
+                tracing::warn!(error = %e, "cannot purge delivered events");
+            }
+        }
+    }
+}
+
+/// A transport failure in a few words: what kind, never a URL with its query or a body.
+fn transport_error(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_request() {
+        "request failed"
+    } else {
+        "transport error"
+    };
+    let mut text = kind.to_string();
+    if let Some(source) = std::error::Error::source(e) {
+        text.push_str(": ");
+        text.push_str(&source.to_string());
+    }
+    text.chars().take(MAX_ERROR_CHARS).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_2xx_is_delivered_and_retry_after_is_read() {
+        assert_eq!(classify(200, None), Attempt::Delivered);
+        assert_eq!(classify(204, None), Attempt::Delivered);
+        assert_eq!(
+            classify(503, Some(" 120 ")),
+            Attempt::Failed {
+                error: "HTTP 503".into(),
+                retry_after: Some(Duration::from_secs(120))
+            }
+        );
+        assert!(matches!(
+            classify(302, Some("soon")),
+            Attempt::Failed {
+                retry_after: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn the_schedule_then_a_dead_letter() {
+        let s = |v: u64| Duration::from_secs(v);
+        let schedule = [s(5), s(30), s(120)];
+        assert_eq!(next_step(&schedule, 1, None), Some(s(5)));
+        assert_eq!(next_step(&schedule, 3, None), Some(s(120)));
+        assert_eq!(next_step(&schedule, 4, None), None);
+        assert_eq!(next_step(&schedule, 0, None), None);
+        // Retry-After lengthens a wait, never beyond the last step, never shortens it.
+        assert_eq!(next_step(&schedule, 1, Some(s(60))), Some(s(60)));
+        assert_eq!(next_step(&schedule, 1, Some(s(9999))), Some(s(120)));
+        assert_eq!(next_step(&schedule, 2, Some(s(1))), Some(s(30)));
+    }
+}

@@ -1,0 +1,368 @@
+//! Issue 9, the event hand-off, through the real server on port 0 and a real HTTP consumer on
+//! port 0: delivery with Standard Webhooks signatures (checked with the specification's own
+//! crate), dedupe of Feishu's redeliveries, retries, dead letters and redelivery, filters.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use lark_ticketd::push::{self, Seal};
+use lark_ticketd::secret::Secret;
+
+use crate::util::{
+    app_toml, eventually, TestApp, ADMIN_BEARER, APP_ID, CONSUMER_SECRET_A, CONSUMER_SECRET_B, KEY,
+    TOKEN,
+};
+
+const SECRET_A: &str = CONSUMER_SECRET_A;
+const SECRET_B: &str = CONSUMER_SECRET_B;
+
+/// One delivery as the consumer saw it.
+#[derive(Debug, Clone)]
+struct Received {
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Received {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or("", |(_, v)| v.as_str())
+    }
+}
+
+/// A consumer on port 0 that records what it gets and answers `status`.
+struct Consumer {
+    addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+    status: Arc<AtomicU16>,
+}
+
+impl Consumer {
+    async fn start() -> Consumer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let status = Arc::new(AtomicU16::new(200));
+        let (r, s) = (Arc::clone(&received), Arc::clone(&status));
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (r, s) = (Arc::clone(&r), Arc::clone(&s));
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let (r, s) = (Arc::clone(&r), Arc::clone(&s));
+                        async move {
+                            let headers = req
+                                .headers()
+                                .iter()
+                                .map(|(k, v)| {
+                                    (k.to_string(), v.to_str().unwrap_or_default().to_string())
+                                })
+                                .collect();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let body = String::from_utf8(body.to_vec()).unwrap();
+                            r.lock().unwrap().push(Received { headers, body });
+                            let mut answer = Response::new(Full::new(Bytes::from_static(b"ok")));
+                            *answer.status_mut() =
+                                hyper::StatusCode::from_u16(s.load(Ordering::SeqCst)).unwrap();
+                            Ok::<_, Infallible>(answer)
+                        }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Consumer {
+            addr,
+            received,
+            status,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/feishu", self.addr)
+    }
+
+    fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+fn consumer_toml(name: &str, url: &str, secret: &str, events: &str) -> String {
+    format!(
+        "[[consumers]]\nname = \"{name}\"\nurl = \"{url}\"\nsecret = \"{secret}\"\nevents = {events}\n"
+    )
+}
+
+async fn service(consumers: &str, retry_schedule: &str) -> TestApp {
+    TestApp::spawn(&format!(
+        "[forwarding]\nretry_schedule = {retry_schedule}\ndelivery_timeout = \"2s\"\n{consumers}\
+         [[clients]]\nname = \"operators\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"status\", \"admin\"]\n{}",
+        lark_ticketd::auth::key_sha256_hex(ADMIN_BEARER),
+        app_toml(APP_ID, Some(KEY), TOKEN),
+    ))
+    .await
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn event_v2(event_id: &str, event_type: &str) -> String {
+    serde_json::json!({
+        "schema": "2.0",
+        "header": {"event_id": event_id, "token": TOKEN, "create_time": now_ms().to_string(),
+                   "event_type": event_type, "tenant_key": "tenant-x", "app_id": APP_ID},
+        "event": {"message": {"message_id": "om_1", "content": "{\"text\":\"hi\"}"}},
+    })
+    .to_string()
+}
+
+fn event_v1(uuid: &str, event_type: &str) -> String {
+    serde_json::json!({
+        "ts": format!("{}.0", now_ms() / 1000),
+        "uuid": uuid,
+        "token": TOKEN,
+        "type": "event_callback",
+        "event": {"type": event_type, "app_id": APP_ID, "tenant_key": "tenant-y", "text": "hello"},
+    })
+    .to_string()
+}
+
+async fn push(app: &TestApp, json: &str) -> u16 {
+    let req = push::seal(
+        json,
+        Seal {
+            encrypt_key: Some(&Secret::new(KEY)),
+            sign: true,
+        },
+    );
+    let headers: Vec<(&str, &str)> = req.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    app.post(&format!("/events/{APP_ID}"), &req.body, &headers)
+        .await
+        .status
+}
+
+async fn admin(
+    app: &TestApp,
+    method: reqwest::Method,
+    path: &str,
+    body: &str,
+) -> serde_json::Value {
+    let reply = app
+        .client
+        .request(method, app.url(path))
+        .header("authorization", format!("Bearer {ADMIN_BEARER}"))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(reply.status().is_success(), "{path}: {}", reply.status());
+    reply.json().await.unwrap()
+}
+
+/// Verify a delivery with the Standard Webhooks specification's own crate.
+fn verify_with_the_spec(secret: &str, r: &Received) {
+    let webhook = standardwebhooks::Webhook::new(secret).unwrap();
+    let mut headers = hyper::HeaderMap::new();
+    for name in ["webhook-id", "webhook-timestamp", "webhook-signature"] {
+        headers.insert(name, r.header(name).parse().unwrap());
+    }
+    webhook
+        .verify(r.body.as_bytes(), &headers)
+        .expect("the spec's crate accepts our signature");
+}
+
+#[tokio::test]
+async fn v2_and_v1_events_reach_a_consumer_once_signed_and_without_the_token() {
+    let consumer = Consumer::start().await;
+    let app = service(
+        &consumer_toml("bot", &consumer.url(), SECRET_A, "[\"*\"]"),
+        "[\"1s\"]",
+    )
+    .await;
+    assert_eq!(
+        push(&app, &event_v2("ev-v2-0001", "im.message.receive_v1")).await,
+        200
+    );
+    assert_eq!(push(&app, &event_v1("ev-v1-0001", "message")).await, 200);
+    eventually("two deliveries", || consumer.received().len() == 2).await;
+    let mut got = consumer.received();
+    got.sort_by(|a, b| a.header("webhook-id").cmp(b.header("webhook-id")));
+    let (v1, v2) = (&got[0], &got[1]);
+    assert_eq!(v1.header("webhook-id"), "ev-v1-0001");
+    assert_eq!(v2.header("webhook-id"), "ev-v2-0001");
+    assert_eq!(v2.header("lark-app-id"), APP_ID);
+    assert_eq!(v2.header("lark-event-type"), "im.message.receive_v1");
+    assert_eq!(v2.header("lark-tenant-key"), "tenant-x");
+    assert_eq!(v1.header("lark-event-type"), "message");
+    for r in [v1, v2] {
+        verify_with_the_spec(SECRET_A, r);
+        assert!(
+            !r.body.contains(TOKEN),
+            "the Verification Token was handed on"
+        );
+        let json: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert!(json.get("token").is_none() && json["header"].get("token").is_none());
+    }
+    let v2_json: serde_json::Value = serde_json::from_str(&v2.body).unwrap();
+    assert_eq!(v2_json["event"]["message"]["message_id"], "om_1");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_redelivered_event_is_acknowledged_every_time_and_delivered_once() {
+    let consumer = Consumer::start().await;
+    let app = service(
+        &consumer_toml("bot", &consumer.url(), SECRET_A, "[\"*\"]"),
+        "[\"1s\"]",
+    )
+    .await;
+    let json = event_v2("ev-dup-0001", "im.message.receive_v1");
+    for _ in 0..5 {
+        assert_eq!(push(&app, &json).await, 200);
+    }
+    eventually("one delivery", || consumer.received().len() == 1).await;
+    let list = admin(&app, reqwest::Method::GET, "/v1/consumers", "").await;
+    let bot = &list["consumers"][0];
+    assert_eq!(
+        (bot["name"].as_str(), bot["pending"].as_u64()),
+        (Some("bot"), Some(0))
+    );
+    assert_eq!(bot["delivered"], 1);
+    assert!(
+        !list.to_string().contains("whsec_"),
+        "a secret in the API: {list}"
+    );
+    // Pushed again after delivery: still a duplicate.
+    assert_eq!(push(&app, &json).await, 200);
+    let metrics = app.get("/metrics").await.text;
+    assert!(
+        metrics.contains("lark_ticketd_duplicate_events_total 5"),
+        "{metrics}"
+    );
+    assert_eq!(consumer.received().len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_consumer_is_retried_then_dead_lettered_then_redelivered() {
+    let consumer = Consumer::start().await;
+    consumer.status.store(500, Ordering::SeqCst);
+    let app = service(
+        &consumer_toml("bot", &consumer.url(), SECRET_A, "[\"*\"]"),
+        "[\"10ms\", \"20ms\"]",
+    )
+    .await;
+    assert_eq!(
+        push(&app, &event_v2("ev-dead-0001", "im.message.receive_v1")).await,
+        200
+    );
+    // The first attempt and two retries, then a dead letter.
+    eventually("three attempts", || consumer.received().len() == 3).await;
+    let mut dead = serde_json::Value::Null;
+    for _ in 0..400 {
+        dead = admin(&app, reqwest::Method::GET, "/v1/consumers/bot/dead", "").await;
+        if dead["events"].as_array().is_some_and(|e| !e.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let letter = &dead["events"][0];
+    assert_eq!(letter["event_id"], "ev-dead-0001");
+    assert_eq!(letter["attempts"], 3);
+    assert_eq!(letter["last_error"], "HTTP 500");
+    assert_eq!(
+        consumer.received().len(),
+        3,
+        "no attempt after the last step"
+    );
+    // The consumer is fixed; the operator redelivers every dead letter.
+    consumer.status.store(200, Ordering::SeqCst);
+    let queued = admin(
+        &app,
+        reqwest::Method::POST,
+        "/v1/consumers/bot/redeliver",
+        r#"{"dead": true}"#,
+    )
+    .await;
+    assert_eq!(queued["queued"], 1);
+    eventually("the redelivery", || consumer.received().len() == 4).await;
+    let same_id = consumer.received()[3].header("webhook-id").to_string();
+    assert_eq!(same_id, "ev-dead-0001");
+    // Unknown consumers and bad selections are 4xx with codes.
+    let reply = app
+        .client
+        .post(app.url("/v1/consumers/nobody/redeliver"))
+        .header("authorization", format!("Bearer {ADMIN_BEARER}"))
+        .body(r#"{"dead": true}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 404);
+    let reply = app
+        .client
+        .post(app.url("/v1/consumers/bot/redeliver"))
+        .header("authorization", format!("Bearer {ADMIN_BEARER}"))
+        .body(r#"{"dead": true, "event_ids": ["x"]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 400);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn each_consumer_gets_exactly_the_events_its_filter_names() {
+    let (a, b) = (Consumer::start().await, Consumer::start().await);
+    let consumers = format!(
+        "{}{}",
+        consumer_toml("messages", &a.url(), SECRET_A, "[\"im.message.*\"]"),
+        consumer_toml(
+            "contacts",
+            &b.url(),
+            SECRET_B,
+            "[\"contact.user.updated_v3\"]"
+        ),
+    );
+    let app = service(&consumers, "[\"1s\"]").await;
+    assert_eq!(
+        push(&app, &event_v2("ev-f-1", "im.message.receive_v1")).await,
+        200
+    );
+    assert_eq!(
+        push(&app, &event_v2("ev-f-2", "contact.user.updated_v3")).await,
+        200
+    );
+    assert_eq!(
+        push(&app, &event_v2("ev-f-3", "approval.instance")).await,
+        200
+    );
+    eventually("a delivery each", || {
+        a.received().len() == 1 && b.received().len() == 1
+    })
+    .await;
+    assert_eq!(a.received()[0].header("webhook-id"), "ev-f-1");
+    assert_eq!(b.received()[0].header("webhook-id"), "ev-f-2");
+    verify_with_the_spec(SECRET_B, &b.received()[0]);
+    app.stop().await;
+}
