@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -47,24 +47,42 @@ struct Consumer {
     addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
     status: Arc<AtomicU16>,
+    /// How long each answer takes.
+    delay_ms: Arc<AtomicU64>,
+    /// Answers sent.
+    answered: Arc<AtomicU64>,
 }
 
 impl Consumer {
     async fn start() -> Consumer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(TcpListener::bind("127.0.0.1:0").await.unwrap())
+    }
+
+    async fn start_on(port: u16) -> Consumer {
+        Self::serve(TcpListener::bind(("127.0.0.1", port)).await.unwrap())
+    }
+
+    fn serve(listener: TcpListener) -> Consumer {
         let addr = listener.local_addr().unwrap();
         let received: Arc<Mutex<Vec<Received>>> = Arc::default();
         let status = Arc::new(AtomicU16::new(200));
-        let (r, s) = (Arc::clone(&received), Arc::clone(&status));
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let answered = Arc::new(AtomicU64::new(0));
+        let shared = (
+            Arc::clone(&received),
+            Arc::clone(&status),
+            Arc::clone(&delay_ms),
+            Arc::clone(&answered),
+        );
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let (r, s) = (Arc::clone(&r), Arc::clone(&s));
+                let shared = shared.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let (r, s) = (Arc::clone(&r), Arc::clone(&s));
+                        let (r, s, delay, answered) = shared.clone();
                         async move {
                             let headers = req
                                 .headers()
@@ -76,6 +94,11 @@ impl Consumer {
                             let body = req.into_body().collect().await.unwrap().to_bytes();
                             let body = String::from_utf8(body.to_vec()).unwrap();
                             r.lock().unwrap().push(Received { headers, body });
+                            let wait = delay.load(Ordering::SeqCst);
+                            if wait > 0 {
+                                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+                            }
+                            answered.fetch_add(1, Ordering::SeqCst);
                             let mut answer = Response::new(Full::new(Bytes::from_static(b"ok")));
                             *answer.status_mut() =
                                 hyper::StatusCode::from_u16(s.load(Ordering::SeqCst)).unwrap();
@@ -92,6 +115,8 @@ impl Consumer {
             addr,
             received,
             status,
+            delay_ms,
+            answered,
         }
     }
 
@@ -111,8 +136,12 @@ fn consumer_toml(name: &str, url: &str, secret: &str, events: &str) -> String {
 }
 
 async fn service(consumers: &str, retry_schedule: &str) -> TestApp {
+    service_with(consumers, retry_schedule, "2s").await
+}
+
+async fn service_with(consumers: &str, retry_schedule: &str, delivery_timeout: &str) -> TestApp {
     TestApp::spawn(&format!(
-        "[forwarding]\nretry_schedule = {retry_schedule}\ndelivery_timeout = \"2s\"\n{consumers}\
+        "[forwarding]\nretry_schedule = {retry_schedule}\ndelivery_timeout = \"{delivery_timeout}\"\n{consumers}\
          [[clients]]\nname = \"operators\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"status\", \"admin\"]\n{}",
         lark_ticketd::auth::key_sha256_hex(ADMIN_BEARER),
         app_toml(APP_ID, Some(KEY), TOKEN),
@@ -364,5 +393,73 @@ async fn each_consumer_gets_exactly_the_events_its_filter_names() {
     assert_eq!(a.received()[0].header("webhook-id"), "ev-f-1");
     assert_eq!(b.received()[0].header("webhook-id"), "ev-f-2");
     verify_with_the_spec(SECRET_B, &b.received()[0]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_consumer_that_is_down_gets_the_event_when_it_comes_back() {
+    // A port nobody listens on yet: connections are refused.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/feishu");
+    // Retries every 50 ms for 20 s: far longer than the test takes to bring the consumer up.
+    let schedule = format!("[{}]", vec!["\"50ms\""; 400].join(", "));
+    let app = service(&consumer_toml("bot", &url, SECRET_A, "[\"*\"]"), &schedule).await;
+    assert_eq!(
+        push(&app, &event_v2("ev-down-0001", "im.message.receive_v1")).await,
+        200
+    );
+    // Refused at least once, and the error is what operators see.
+    let mut list = serde_json::Value::Null;
+    for _ in 0..400 {
+        list = admin(&app, reqwest::Method::GET, "/v1/consumers", "").await;
+        if list["consumers"][0]["last_error"].is_string() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(
+        list["consumers"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("connection")),
+        "{list}"
+    );
+    assert_eq!(list["consumers"][0]["pending"], 1);
+    // The consumer comes up on that port: the next retry delivers.
+    let consumer = Consumer::start_on(port).await;
+    eventually("the delivery", || consumer.received().len() == 1).await;
+    assert_eq!(consumer.received()[0].header("webhook-id"), "ev-down-0001");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_consumer_does_not_delay_another() {
+    let (slow, fast) = (Consumer::start().await, Consumer::start().await);
+    // Slower than the test: a deliverer that waited for it would never reach `fast` in time.
+    slow.delay_ms.store(60_000, Ordering::SeqCst);
+    let consumers = format!(
+        "{}{}",
+        consumer_toml("slow", &slow.url(), SECRET_A, "[\"*\"]"),
+        consumer_toml("fast", &fast.url(), SECRET_B, "[\"*\"]"),
+    );
+    let app = service_with(&consumers, "[\"1s\"]", "60s").await;
+    for i in 0..5 {
+        let id = format!("ev-slow-{i}");
+        assert_eq!(
+            push(&app, &event_v2(&id, "im.message.receive_v1")).await,
+            200
+        );
+    }
+    // All five reach the fast consumer while the slow one holds its first requests unanswered.
+    eventually("five fast deliveries", || fast.received().len() == 5).await;
+    eventually("the slow consumer's first request", || {
+        !slow.received().is_empty()
+    })
+    .await;
+    assert_eq!(slow.answered.load(Ordering::SeqCst), 0);
     app.stop().await;
 }
