@@ -210,6 +210,9 @@ struct Inner {
     upstream_calls: Family<UpstreamLabels, Counter>,
     upstream_duration: Family<EndpointLabels, Histogram, fn() -> Histogram>,
     deliveries: Family<DeliveryLabels, Counter>,
+    consumer_pending: Family<ConsumerLabels, Gauge>,
+    consumer_dead: Family<ConsumerLabels, Gauge>,
+    consumer_oldest_pending: Family<ConsumerLabels, Gauge<f64, AtomicU64>>,
     delivery_latency: Family<ConsumerLabels, Histogram, fn() -> Histogram>,
     duplicates: Counter,
     open_connections: Gauge,
@@ -315,6 +318,24 @@ impl Metrics {
             "Delivery attempts to consumers by outcome (delivered, retry, dead)",
             deliveries.clone(),
         );
+        let consumer_pending = Family::<ConsumerLabels, Gauge>::default();
+        registry.register(
+            "consumer_pending",
+            "Events queued for a consumer and not yet delivered (the backlog)",
+            consumer_pending.clone(),
+        );
+        let consumer_dead = Family::<ConsumerLabels, Gauge>::default();
+        registry.register(
+            "consumer_dead_letters",
+            "A consumer's retained dead letters (every retry failed)",
+            consumer_dead.clone(),
+        );
+        let consumer_oldest_pending = Family::<ConsumerLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "consumer_oldest_pending_age_seconds",
+            "Age of a consumer's oldest undelivered event (0 with none)",
+            consumer_oldest_pending.clone(),
+        );
         let delivery_latency =
             Family::<ConsumerLabels, Histogram, fn() -> Histogram>::new_with_constructor(
                 delivery_histogram,
@@ -351,6 +372,9 @@ impl Metrics {
             upstream_calls,
             upstream_duration,
             deliveries,
+            consumer_pending,
+            consumer_dead,
+            consumer_oldest_pending,
             delivery_latency,
             duplicates,
             open_connections,
@@ -375,6 +399,25 @@ impl Metrics {
                 })
                 .observe(seconds);
         }
+    }
+
+    /// A consumer's backlog, read from the store at scrape time.
+    pub fn set_consumer(&self, consumer: &str, pending: u64, dead: u64, oldest_pending_age_s: f64) {
+        let labels = ConsumerLabels {
+            consumer: consumer.to_string(),
+        };
+        self.0
+            .consumer_pending
+            .get_or_create(&labels)
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        self.0
+            .consumer_dead
+            .get_or_create(&labels)
+            .set(i64::try_from(dead).unwrap_or(i64::MAX));
+        self.0
+            .consumer_oldest_pending
+            .get_or_create(&labels)
+            .set(oldest_pending_age_s);
     }
 
     /// An event redelivered within the dedupe window.

@@ -511,6 +511,15 @@ async fn metrics(state: &AppState) -> Result<Response<Full<Bytes>>, Error> {
         let age = record.map(|r| now.saturating_sub(r.received_at_ms) as f64 / 1000.0);
         state.metrics().set_ticket(&app.app_id, ticket_state, age);
     }
+    for consumer in state.forwarder().consumer_names() {
+        let stats = state.store().consumer_stats(consumer).await?;
+        let oldest = stats
+            .oldest_pending_received_at_ms
+            .map_or(0.0, |at| now.saturating_sub(at) as f64 / 1000.0);
+        state
+            .metrics()
+            .set_consumer(consumer, stats.pending, stats.dead, oldest);
+    }
     // The log writer counts what it drops; metrics are a leaf and do not read it themselves.
     state
         .metrics()

@@ -320,6 +320,15 @@ async fn a_failing_consumer_is_retried_then_dead_lettered_then_redelivered() {
     assert_eq!(letter["event_id"], "ev-dead-0001");
     assert_eq!(letter["attempts"], 3);
     assert_eq!(letter["last_error"], "HTTP 500");
+    let metrics = app.get("/metrics").await.text;
+    for line in [
+        "lark_ticketd_consumer_dead_letters{consumer=\"bot\"} 1",
+        "lark_ticketd_consumer_pending{consumer=\"bot\"} 0",
+        "lark_ticketd_deliveries_total{consumer=\"bot\",outcome=\"dead\"} 1",
+        "lark_ticketd_deliveries_total{consumer=\"bot\",outcome=\"retry\"} 2",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
     assert_eq!(
         consumer.received().len(),
         3,
