@@ -73,7 +73,7 @@ enum Command {
     /// A local fake of the Open Platform: the store-app auth API, and app_ticket pushes to an
     /// events URL (on resend and periodically).
     MockFeishu(MockFeishuArgs),
-    /// Operators: every app's ticket freshness and token state. Exit code 0 when every ticket is
+    /// Operators: every app's ticket freshness and token state, and the consumers' backlogs. Exit code 0 when every ticket is
     /// fresh, 1 when one is stale, 2 when one is missing or the service is unreachable.
     Status {
         /// The service's base URL.
@@ -89,6 +89,9 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// A consumer whose oldest undelivered event is older than this needs attention (exit 1).
+        #[arg(long, default_value = "15m", value_parser = lark_ticketd::config::parse_duration)]
+        max_pending_age: std::time::Duration,
     },
     /// Decrypt an `encrypt` blob (or a whole `{"encrypt": ...}` body) with an Encrypt Key.
     Decrypt {
@@ -210,9 +213,13 @@ fn main() -> ExitCode {
                 url,
                 api_key_env,
                 json,
+                max_pending_age,
             } => {
                 let key = std::env::var(&api_key_env).ok().filter(|k| !k.is_empty());
-                ExitCode::from(lark_ticketd::ops::status::run_cli(&url, key.as_deref(), json).await)
+                let max_age_s = max_pending_age.as_secs();
+                ExitCode::from(
+                    lark_ticketd::ops::status::run_cli(&url, key.as_deref(), json, max_age_s).await,
+                )
             }
             Command::Decrypt { encrypt_key, blob } => decrypt(&encrypt_key, blob),
         }

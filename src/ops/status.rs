@@ -352,6 +352,27 @@ mod tests {
     }
 
     #[test]
+    fn consumers_need_attention_with_dead_letters_or_an_old_backlog() {
+        let line = |dead, oldest| ConsumerLine {
+            name: "bot".into(),
+            pending: 1,
+            dead,
+            oldest_pending_age_seconds: oldest,
+            last_error: None,
+        };
+        assert!(!consumer_needs_attention(&line(0, None), 900));
+        assert!(!consumer_needs_attention(&line(0, Some(900)), 900));
+        assert!(consumer_needs_attention(&line(0, Some(901)), 900));
+        assert!(consumer_needs_attention(&line(1, None), 900));
+        let table = render_consumers(&[line(1, Some(5))], 900);
+        assert!(
+            table.contains("CONSUMER") && table.contains("needs attention"),
+            "{table}"
+        );
+        assert_eq!(render_consumers(&[], 900), "");
+    }
+
+    #[test]
     fn exit_codes_rank_missing_over_stale() {
         let app = |state| AppStatus {
             app_id: "cli_a".into(),
@@ -401,10 +422,70 @@ pub struct AppsResponse {
     pub apps: Vec<AppStatus>,
 }
 
-/// `lark-ticketd status`: fetch `/v1/apps`, print a table (or the JSON), return the exit code —
-/// 0 every ticket fresh, 1 one stale, 2 one missing or the service unreachable.
-pub async fn run_cli(url: &str, api_key: Option<&str>, as_json: bool) -> u8 {
-    let url = format!("{}/v1/apps", url.trim_end_matches('/'));
+/// What `GET /v1/consumers` answers, as the `status` command reads it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConsumerLine {
+    pub name: String,
+    pub pending: u64,
+    pub dead: u64,
+    pub oldest_pending_age_seconds: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ConsumersResponse {
+    consumers: Vec<ConsumerLine>,
+}
+
+/// Does a consumer need an operator: dead letters, or an event waiting longer than `max_age_s`?
+pub fn consumer_needs_attention(c: &ConsumerLine, max_age_s: u64) -> bool {
+    c.dead > 0
+        || c.oldest_pending_age_seconds
+            .is_some_and(|age| age > max_age_s)
+}
+
+/// The consumers part of the `status` table.
+pub fn render_consumers(consumers: &[ConsumerLine], max_age_s: u64) -> String {
+    if consumers.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "\n{:<24} {:>8} {:>6} {:>14}  {}\n",
+        "CONSUMER", "PENDING", "DEAD", "OLDEST PENDING", "LAST ERROR"
+    );
+    for c in consumers {
+        let oldest = c
+            .oldest_pending_age_seconds
+            .map_or_else(|| "-".to_string(), human_duration);
+        let flag = if consumer_needs_attention(c, max_age_s) {
+            "  <- needs attention"
+        } else {
+            ""
+        };
+        out.push_str(&format!(
+            "{:<24} {:>8} {:>6} {:>14}  {}{flag}\n",
+            c.name,
+            c.pending,
+            c.dead,
+            oldest,
+            c.last_error.as_deref().unwrap_or("-")
+        ));
+    }
+    out
+}
+
+/// `lark-ticketd status`: fetch `/v1/apps` and `/v1/consumers`, print a table (or the JSON),
+/// return the exit code — 0 every ticket fresh and every consumer keeping up, 1 one ticket stale
+/// or one consumer with dead letters or an event older than `max_pending_age_s`, 2 one ticket
+/// missing or the service unreachable.
+pub async fn run_cli(
+    url: &str,
+    api_key: Option<&str>,
+    as_json: bool,
+    max_pending_age_s: u64,
+) -> u8 {
+    let base = url.trim_end_matches('/').to_string();
+    let url = format!("{base}/v1/apps");
     let fail = |message: String| {
         if as_json {
             println!(
@@ -445,12 +526,31 @@ pub async fn run_cli(url: &str, api_key: Option<&str>, as_json: bool) -> u8 {
         Ok(p) => p,
         Err(e) => return fail(format!("{url} answered something unexpected: {e}")),
     };
+    // A service without consumers (or an older one) has none to list.
+    let mut consumers_request = http.get(format!("{base}/v1/consumers"));
+    if let Some(key) = api_key {
+        consumers_request = consumers_request.bearer_auth(key);
+    }
+    let consumers: Vec<ConsumerLine> = match consumers_request.send().await {
+        Ok(r) if r.status().is_success() => r
+            .json::<ConsumersResponse>()
+            .await
+            .map(|c| c.consumers)
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&parsed).unwrap_or(body));
+        let json =
+            serde_json::json!({"now": parsed.now, "apps": parsed.apps, "consumers": consumers});
+        println!("{}", serde_json::to_string_pretty(&json).unwrap_or(body));
     } else {
         use std::io::IsTerminal;
         let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
         print!("{}", render_table(&parsed.apps, colour));
+        print!("{}", render_consumers(&consumers, max_pending_age_s));
     }
-    exit_code(&parsed.apps)
+    let lagging = consumers
+        .iter()
+        .any(|c| consumer_needs_attention(c, max_pending_age_s));
+    exit_code(&parsed.apps).max(u8::from(lagging))
 }

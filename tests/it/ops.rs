@@ -180,7 +180,7 @@ async fn status_api_reports_resends_tokens_and_tenants_but_never_a_secret() {
 }
 
 /// Run `lark-ticketd status` against `url`; returns (exit code, stdout).
-async fn status_cli(url: String, key: Option<&'static str>, json: bool) -> (i32, String) {
+pub async fn status_cli(url: String, key: Option<&'static str>, json: bool) -> (i32, String) {
     tokio::task::spawn_blocking(move || {
         let mut cmd = lark_ticketd();
         cmd.args([
