@@ -390,11 +390,6 @@ pub async fn accept(intake: &Intake, verified: Verified) -> Result<Outcome, Erro
     }
     // Without a usable event time, order by arrival.
     let time_us = fresh.order_time_us.unwrap_or(now_ms as i64 * 1000);
-    let event_meta = EventMeta {
-        event_id: event.event_id.clone(),
-        event_type: event.event_type.clone(),
-        tenant_key: event.tenant_key.clone(),
-    };
     match event.detail {
         EventDetail::AppTicket { ticket } => {
             let pushed = PushedTicket {
@@ -409,21 +404,32 @@ pub async fn accept(intake: &Intake, verified: Verified) -> Result<Outcome, Erro
             })
         }
         EventDetail::Tenant(change) => {
-            let tenant_key = event.tenant_key.unwrap_or_default();
+            let meta = EventMeta {
+                event_id: event.event_id,
+                event_type: event.event_type.clone(),
+                tenant_key: event.tenant_key.clone(),
+            };
             let ev = TenantEvent {
-                tenant_key,
+                tenant_key: event.tenant_key.unwrap_or_default(),
                 change,
                 event_type: event.event_type,
                 event_time_us: time_us,
                 received_at_ms: now_ms,
             };
             intake.store.record_tenant_event(&app_id, ev).await?;
-            match hand_on(intake, app_id, &event_meta, json, now_ms).await? {
+            match hand_on(intake, app_id, meta, json, now_ms).await? {
                 Outcome::Duplicate => Ok(Outcome::Duplicate),
                 _ => Ok(Outcome::TenantRecorded),
             }
         }
-        EventDetail::Other => hand_on(intake, app_id, &event_meta, json, now_ms).await,
+        EventDetail::Other => {
+            let meta = EventMeta {
+                event_id: event.event_id,
+                event_type: event.event_type,
+                tenant_key: event.tenant_key,
+            };
+            hand_on(intake, app_id, meta, json, now_ms).await
+        }
     }
 }
 
@@ -440,7 +446,7 @@ struct EventMeta {
 async fn hand_on(
     intake: &Intake,
     app_id: String,
-    meta: &EventMeta,
+    meta: EventMeta,
     json: String,
     now_ms: u64,
 ) -> Result<Outcome, Error> {
@@ -455,14 +461,13 @@ async fn hand_on(
         .map_err(|e| Error::new(ErrorKind::MalformedBody, e.to_string()))?;
     let event_id = meta
         .event_id
-        .clone()
         .filter(|id| !id.is_empty())
         .unwrap_or_else(|| hex::encode(Sha256::digest(json.as_bytes())));
     let event = NewEvent {
         app_id,
         event_id,
-        event_type: meta.event_type.clone(),
-        tenant_key: meta.tenant_key.clone(),
+        event_type: meta.event_type,
+        tenant_key: meta.tenant_key,
         received_at_ms: now_ms,
         dedupe_until_ms: intake.forwarder.dedupe_until_ms(now_ms),
         body: body.into(),
