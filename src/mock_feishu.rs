@@ -276,7 +276,7 @@ impl MockFeishu {
         );
     }
 
-    /// Ticket pushes that got a 2xx.
+    /// Pushes (tickets and events) that got a 2xx.
     pub fn pushes(&self) -> u64 {
         self.state.pushes_ok.load(Ordering::SeqCst)
     }
@@ -604,11 +604,6 @@ impl State {
             .apps
             .get(app_id)
             .ok_or_else(|| format!("unknown app {app_id}"))?;
-        let url = self
-            .events_url
-            .as_ref()
-            .ok_or("no events URL configured")?
-            .replace("{app_id}", app_id);
         let ticket = format!("ticket-{}", random_hex(16));
         let now = self.clock.now_ms();
         self.data()
@@ -623,14 +618,39 @@ impl State {
             now as i64 * 1000,
             &push::random_event_id(),
         );
-        // Signed at the platform's own time, as Feishu does (tests move this clock by hand).
+        self.push_json(app_id, &json).await
+    }
+
+    /// Push any event (a JSON object, as Feishu would send it, without the Verification Token:
+    /// it is put where the event's schema keeps it), encrypted and signed like every push.
+    async fn push_event(&self, app_id: &str, event: &str) -> Result<u16, String> {
+        let app = self
+            .apps
+            .get(app_id)
+            .ok_or_else(|| format!("unknown app {app_id}"))?;
+        let json = push::with_token(event, &app.verification_token)?;
+        self.push_json(app_id, &json).await
+    }
+
+    /// Seal `json` for `app_id` (encrypted with its Encrypt Key, signed at the platform's own
+    /// time, as Feishu does; tests move this clock by hand) and POST it to the events URL.
+    async fn push_json(&self, app_id: &str, json: &str) -> Result<u16, String> {
+        let app = self
+            .apps
+            .get(app_id)
+            .ok_or_else(|| format!("unknown app {app_id}"))?;
+        let url = self
+            .events_url
+            .as_ref()
+            .ok_or("no events URL configured")?
+            .replace("{app_id}", app_id);
         let request = push::seal_at(
-            &json,
+            json,
             Seal {
                 encrypt_key: app.encrypt_key.as_ref(),
                 sign: true,
             },
-            now,
+            self.clock.now_ms(),
         );
         match push::send(&self.http, &url, &request).await {
             Ok((status, _)) if (200..300).contains(&status) => {
@@ -639,12 +659,12 @@ impl State {
             }
             Ok((status, body)) => {
                 self.pushes_failed.fetch_add(1, Ordering::SeqCst);
-                tracing::warn!(app_id, status, body = %body, "mock-feishu: ticket push was refused");
+                tracing::warn!(app_id, status, body = %body, "mock-feishu: push was refused");
                 Ok(status)
             }
             Err(e) => {
                 self.pushes_failed.fetch_add(1, Ordering::SeqCst);
-                tracing::warn!(app_id, error = %e, "mock-feishu: ticket push failed");
+                tracing::warn!(app_id, error = %e, "mock-feishu: push failed");
                 Err(e.to_string())
             }
         }
@@ -676,13 +696,33 @@ impl State {
                 );
                 reply(StatusCode::OK, Value::Object(body))
             }
-            (&Method::POST, ["mock", "push", app_id]) => match self.push_new_ticket(app_id).await {
-                Ok(status) => reply(StatusCode::OK, json!({"pushed": true, "status": status})),
-                Err(e) => reply(
-                    StatusCode::BAD_REQUEST,
-                    json!({"pushed": false, "error": e}),
-                ),
-            },
+            (&Method::POST, ["mock", "push", app_id]) => {
+                // No body: a new app_ticket. A JSON body: that event.
+                let body = match Limited::new(req.into_body(), 1024 * 1024).collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(_) => {
+                        return reply(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            json!({"pushed": false, "error": "the event is larger than 1 MiB"}),
+                        )
+                    }
+                };
+                let pushed = if body.iter().all(u8::is_ascii_whitespace) {
+                    self.push_new_ticket(app_id).await
+                } else {
+                    match std::str::from_utf8(&body) {
+                        Ok(event) => self.push_event(app_id, event).await,
+                        Err(_) => Err("the event is not UTF-8".to_string()),
+                    }
+                };
+                match pushed {
+                    Ok(status) => reply(StatusCode::OK, json!({"pushed": true, "status": status})),
+                    Err(e) => reply(
+                        StatusCode::BAD_REQUEST,
+                        json!({"pushed": false, "error": e}),
+                    ),
+                }
+            }
             (&Method::POST, ["mock", "revoke"]) => {
                 let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
                     Ok(b) => serde_json::from_slice::<Value>(&b.to_bytes()).unwrap_or(Value::Null),

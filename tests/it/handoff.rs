@@ -472,3 +472,35 @@ async fn a_slow_consumer_does_not_delay_another() {
     assert_eq!(slow.answered.load(Ordering::SeqCst), 0);
     app.stop().await;
 }
+
+/// The whole path offline: mock-feishu pushes an arbitrary event as Feishu would (encrypted,
+/// signed, with the Verification Token), lark-ticketd hands it on, the consumer gets it.
+#[tokio::test]
+async fn mock_feishu_pushes_any_event_and_it_is_handed_on() {
+    let consumer = Consumer::start().await;
+    let stack = crate::util::Stack::start(crate::util::StackOptions {
+        config: consumer_toml("bot", &consumer.url(), SECRET_A, "[\"approval.*\"]"),
+        ..Default::default()
+    })
+    .await;
+    let event = serde_json::json!({
+        "schema": "2.0",
+        "header": {"event_id": "ev-mock-0001", "create_time": now_ms().to_string(),
+                   "event_type": "approval.instance.status_changed_v4", "app_id": APP_ID},
+        "event": {"instance_code": "A1"},
+    });
+    let reply = crate::util::client()
+        .post(format!("{}/mock/push/{APP_ID}", stack.mock.base_url()))
+        .body(event.to_string())
+        .send()
+        .await
+        .unwrap();
+    let answer: serde_json::Value = reply.json().await.unwrap();
+    assert_eq!(answer["status"], 200, "{answer}");
+    eventually("the delivery", || consumer.received().len() == 1).await;
+    let got = &consumer.received()[0];
+    assert_eq!(got.header("webhook-id"), "ev-mock-0001");
+    verify_with_the_spec(SECRET_A, got);
+    assert!(!got.body.contains(TOKEN));
+    stack.stop().await;
+}
