@@ -4,8 +4,11 @@
 //! store in a temporary directory, with freshly generated credentials. The service finds no
 //! ticket and asks the platform to resend one; the platform pushes it to `/events` encrypted and
 //! signed, exactly as Feishu does; then an app token and a tenant token are fetched through the
-//! token API with a bearer key, and the tenant token is used against the fake platform. Every step
-//! is printed in plain words. Without `--once` it keeps serving and prints `curl` commands to try.
+//! token API with a bearer key, and the tenant token is used against the fake platform. Last, a
+//! small local consumer shows the event hand-off: the platform pushes a chat message event,
+//! lark-ticketd queues it and delivers it, signed, and the consumer verifies the signature. Every
+//! step is printed in plain words. Without `--once` it keeps serving and prints `curl` commands to
+//! try.
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +20,7 @@ use crate::config::Config;
 use crate::mock_feishu::{MockFeishu, MockOptions, TENANT_QUERY_PATH};
 use crate::server::{self, Listeners};
 use crate::store::Store;
+use crate::webhook::{self, WebhookSecret};
 use crate::AppState;
 
 fn random_hex(bytes: usize) -> String {
@@ -46,6 +50,9 @@ async fn run_in(dir: &std::path::Path, once: bool) -> Result<(), String> {
     let mock_listener = server::bind(loopback).map_err(|e| format!("cannot listen: {e}"))?;
     let service = service_listener.local_addr().map_err(|e| e.to_string())?;
     let mock_addr = mock_listener.local_addr().map_err(|e| e.to_string())?;
+    let consumer_listener = server::bind(loopback).map_err(|e| format!("cannot listen: {e}"))?;
+    let consumer_addr = consumer_listener.local_addr().map_err(|e| e.to_string())?;
+    let consumer_secret = WebhookSecret::random();
     let db = dir.join("lark-ticketd.db");
     let text = format!(
         r#"
@@ -64,7 +71,13 @@ name = "demo"
 key_sha256 = "{key_hash}"
 apps = ["*"]
 scopes = ["tokens", "status", "admin"]
+[[consumers]]
+name = "demo-bot"
+url = "http://{consumer_addr}/feishu"
+secret = "{consumer_secret}"
+events = ["im.message.*"]
 "#,
+        consumer_secret = consumer_secret.to_config_value().expose(),
         db = db.display().to_string(),
         secret = random_hex(16),
         encrypt_key = random_hex(16),
@@ -196,6 +209,34 @@ scopes = ["tokens", "status", "admin"]
         mock.calls(crate::mock_feishu::Endpoint::AppTicketResend),
     );
 
+    step(
+        7,
+        &format!(
+            "The app's other events are handed on: a local consumer (demo-bot, http://{consumer_addr})\n   \
+             wants im.message.*. The platform pushes a chat message event to lark-ticketd…"
+        ),
+    );
+    let (delivered_tx, mut delivered_rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(consume(consumer_listener, consumer_secret, delivered_tx));
+    let message = serde_json::json!({
+        "schema": "2.0",
+        "header": {"event_id": crate::push::random_event_id(), "event_type": "im.message.receive_v1",
+                   "create_time": clock::SystemClock.now_ms().to_string(), "tenant_key": tenant_key,
+                   "app_id": app_id},
+        "event": {"message": {"message_type": "text", "content": "{\"text\":\"hello from the demo\"}"}},
+    });
+    let status = mock.push_event(&app_id, &message.to_string()).await?;
+    let delivery = tokio::time::timeout(Duration::from_secs(10), delivered_rx.recv())
+        .await
+        .map_err(|_| "the consumer got nothing within 10 s".to_string())?
+        .ok_or("the consumer stopped")?;
+    println!(
+        "   lark-ticketd answered {status} once the event was queued on disk, then POSTed it to the\n   \
+         consumer with Standard Webhooks headers (webhook-id {}, the Feishu event id) and without\n   \
+         the Verification Token. The consumer checked the signature with its secret: {}.",
+        delivery.0, delivery.1
+    );
+
     if once {
         let _ = stop_tx.send(());
         let _ = server_task.await;
@@ -215,6 +256,62 @@ scopes = ["tokens", "status", "admin"]
     let _ = stop_tx.send(());
     let _ = server_task.await;
     Ok(())
+}
+
+/// The demo's consumer: verify each delivery's signature and report (event id, verdict).
+async fn consume(
+    listener: tokio::net::TcpListener,
+    secret: WebhookSecret,
+    report: tokio::sync::mpsc::Sender<(String, String)>,
+) {
+    use http_body_util::BodyExt;
+    let secret = std::sync::Arc::new(secret);
+    while let Ok((stream, _)) = listener.accept().await {
+        let (secret, report) = (std::sync::Arc::clone(&secret), report.clone());
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (secret, report) = (std::sync::Arc::clone(&secret), report.clone());
+                    async move {
+                        let header = |name: &str| {
+                            req.headers()
+                                .get(name)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_string()
+                        };
+                        let (id, timestamp, signature) = (
+                            header("webhook-id"),
+                            header("webhook-timestamp"),
+                            header("webhook-signature"),
+                        );
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                        let verdict = match body {
+                            Ok(body) => match webhook::verify(
+                                &secret,
+                                &id,
+                                &timestamp,
+                                &signature,
+                                &body,
+                                clock::SystemClock.now_ms() / 1000,
+                                Duration::from_secs(300),
+                            ) {
+                                Ok(()) => "valid".to_string(),
+                                Err(e) => format!("INVALID ({e})"),
+                            },
+                            Err(e) => format!("unreadable ({e})"),
+                        };
+                        let _ = report.send((id, verdict)).await;
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                        ))
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
 }
 
 async fn get_json(

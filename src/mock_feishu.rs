@@ -286,6 +286,12 @@ impl MockFeishu {
         self.state.push_new_ticket(app_id).await
     }
 
+    /// Push any event (a JSON object without the Verification Token) as Feishu would; returns
+    /// the HTTP status of the push.
+    pub async fn push_event(&self, app_id: &str, event: &str) -> Result<u16, String> {
+        self.state.push_event(app_id, event).await
+    }
+
     /// Make a token invalid from now on (as when Feishu revokes it).
     pub fn revoke(&self, token: &str) {
         self.state.data().revoked.insert(token.to_string());

@@ -226,4 +226,9 @@ fn demo_once_prints_a_tenant_token_fetched_through_the_api() {
         stdout.contains("app_access_token 1, tenant_access_token 1, app_ticket/resend 1"),
         "{stdout}"
     );
+    // The hand-off: a pushed chat message reached the demo's consumer, signature verified.
+    assert!(
+        stdout.contains("checked the signature with its secret: valid"),
+        "{stdout}"
+    );
 }
