@@ -23,6 +23,14 @@
 //! (default 200) mixing signed app_ticket pushes, signed v2 events, tenant token fetches over 2,000
 //! tenants and app token fetches, with the server's RSS and open file descriptors sampled every
 //! 10 s. It reports start, end and peak figures and every error; RSS and fds must stay flat.
+//!
+//! `cargo bench --bench load -- --handoff [--backlog N]` runs the event hand-off's cases instead
+//! (issue 9), each on the embedded store with one consumer: (g) signed ~1 KB v2 events with new
+//! ids, durably queued for a consumer (a bare hyper sink, pinned with the server), acknowledged
+//! throughput against bare hyper in the same run; (h) 1,000 events/s offered open-loop for 10 s,
+//! latency from our POST to the consumer receiving it; (i) a backlog of N events (default
+//! 1,000,000) built with the consumer down — RSS and bytes on disk per event — then the time to
+//! drain it once the consumer is up.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -452,6 +460,17 @@ fn main() {
     }
     let o = options();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if args.iter().any(|a| a == "--handoff") {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(handoff(
+            o,
+            arg_value(&args, "--backlog").unwrap_or(1_000_000.0) as usize,
+        ));
+        return;
+    }
     if let Some(seconds) = arg_value(&args, "--soak") {
         let rate = arg_value(&args, "--rate").unwrap_or(200.0);
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -969,4 +988,277 @@ async fn soak(seconds: f64, rate: f64) {
     for f in failures {
         println!("error: {f}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The hand-off (issue 9).
+
+static NEXT_EVENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A signed ~1 KB v2 event with a new id every time (sealed on the fly).
+fn fresh_v2_event() -> Prepared {
+    v2_event_numbered(NEXT_EVENT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A signed ~1 KB v2 event whose id is `i` in 32 hex digits.
+fn v2_event_numbered(i: u64) -> Prepared {
+    let json = serde_json::json!({
+        "schema": "2.0",
+        "header": {"event_id": format!("{i:032x}"), "token": TOKEN,
+                   "create_time": now_ms().to_string(), "event_type": "im.message.receive_v1",
+                   "tenant_key": "2ed263bf32cf1651", "app_id": APP_ID},
+        "event": {"message": {"message_id": format!("om_{i:030}"), "chat_type": "p2p",
+                              "message_type": "text",
+                              "content": format!("{{\"text\":\"{}\"}}", "x".repeat(560))}},
+    })
+    .to_string();
+    sealed(&json, true)
+}
+
+fn handoff_store(db: &Path, consumer_port: u16) -> String {
+    format!(
+        "[store]\nkind = \"embedded\"\npath = {:?}\n[forwarding]\nretry_schedule = [\"200ms\"]\n\
+         [[consumers]]\nname = \"sink\"\nurl = \"http://127.0.0.1:{consumer_port}/sink\"\n\
+         secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n",
+        db.display().to_string()
+    )
+}
+
+/// A consumer in this process that records when each `webhook-id` arrived.
+async fn timing_sink(
+    listener: TcpListener,
+    arrived: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>>,
+) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let arrived = Arc::clone(&arrived);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let arrived = Arc::clone(&arrived);
+                async move {
+                    let id = req
+                        .headers()
+                        .get("webhook-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
+                    let _ = req.into_body().collect().await;
+                    arrived
+                        .lock()
+                        .unwrap()
+                        .entry(id)
+                        .or_insert_with(Instant::now);
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                        Bytes::from_static(b"ok"),
+                    )))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn consumer_figures(ours: SocketAddr) -> serde_json::Value {
+    let (_, c) = http_get(ours, "/v1/consumers", true).await;
+    c["consumers"][0].clone()
+}
+
+async fn handoff(o: Options, backlog: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pinned = o.pin && cores >= 2;
+    let (server_cpu, client_cpu) = if pinned {
+        (Some("0"), Some("1"))
+    } else {
+        (None, None)
+    };
+    if pinned {
+        let _ = Command::new("taskset")
+            .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
+            .stdout(Stdio::null())
+            .status();
+    }
+    eprintln!(
+        "lark-ticketd hand-off benchmark: {}",
+        machine(cores, pinned.then_some(PINNING))
+    );
+
+    // (g): acknowledged throughput, events durably queued for a bare hyper sink.
+    let bare = start_bare(server_cpu);
+    let sink = start_bare(server_cpu);
+    let db = dir.path().join("g.db");
+    let (ours, _) = start_ticketd_on(
+        server_cpu,
+        dir.path(),
+        "g",
+        free_port(),
+        1,
+        &handoff_store(&db, sink.addr.port()),
+    );
+    let source: Source = Arc::new(|_| fresh_v2_event());
+    let g = compare(
+        "g. signed 1 KB v2 event, queued",
+        bare.addr,
+        ours.addr,
+        source,
+        &o,
+    )
+    .await;
+    let g_figures = consumer_figures(ours.addr).await;
+    drop(ours);
+    drop(sink);
+    drop(bare);
+
+    // (h): 1,000 events/s offered for 10 s; POST → consumer latency.
+    let sink_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink_port = sink_listener.local_addr().unwrap().port();
+    let arrived = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let sink_task = tokio::spawn(timing_sink(sink_listener, Arc::clone(&arrived)));
+    let db = dir.path().join("h.db");
+    let (ours, _) = start_ticketd_on(
+        server_cpu,
+        dir.path(),
+        "h",
+        free_port(),
+        1,
+        &handoff_store(&db, sink_port),
+    );
+    let sent = Arc::new(std::sync::Mutex::new(Vec::<(String, Instant)>::new()));
+    let workers = 8usize;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (sent, stop) = (Arc::clone(&sent), Arc::clone(&stop));
+        let addr = ours.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(workers as f64 / 1000.0));
+            let mut sender = connect(addr).await;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let i = NEXT_EVENT.fetch_add(1, Ordering::Relaxed);
+                let prepared = v2_event_numbered(i);
+                let id = format!("{i:032x}");
+                let started = Instant::now();
+                if sender.ready().await.is_err() {
+                    sender = connect(addr).await;
+                    continue;
+                }
+                if let Ok(resp) = sender.send_request(prepared.request()).await {
+                    let ok = resp.status().is_success();
+                    let _ = resp.into_body().collect().await;
+                    if ok {
+                        sent.lock().unwrap().push((id, started));
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut latencies: Vec<f64> = {
+        let sent = sent.lock().unwrap();
+        let arrived = arrived.lock().unwrap();
+        sent.iter()
+            .filter_map(|(id, at)| {
+                arrived
+                    .get(id)
+                    .map(|a| a.duration_since(*at).as_secs_f64() * 1000.0)
+            })
+            .collect()
+    };
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len().max(1) - 1) as f64 * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let h_sent = sent.lock().unwrap().len();
+    let h = (h_sent, latencies.len(), pct(0.5), pct(0.99));
+    drop(ours);
+    sink_task.abort();
+
+    // (i): a backlog with the consumer down, then the drain.
+    let down_port = free_port();
+    let db = dir.path().join("i.db");
+    let (ours, _) = start_ticketd_on(
+        server_cpu,
+        dir.path(),
+        "i",
+        free_port(),
+        1,
+        &handoff_store(&db, down_port),
+    );
+    let built = Instant::now();
+    let requests: Vec<Prepared> = (0..backlog).map(|_| fresh_v2_event()).collect();
+    fill(ours.addr, requests, 64).await;
+    let build_s = built.elapsed().as_secs_f64();
+    let (rss_backlog, hwm_backlog) = ours.rss_kib();
+    let db_bytes = std::fs::metadata(&db).map_or(0, |m| m.len());
+    let pending = consumer_figures(ours.addr).await["pending"]
+        .as_u64()
+        .unwrap_or(0);
+    // The consumer comes up on the port the deliveries go to.
+    let mut sink = command(client_cpu, &std::env::current_exe().unwrap());
+    sink.args(["--role", "bare", "--port", &down_port.to_string()]);
+    let drain_started = Instant::now();
+    let (sink, _) = spawn_ready(sink, down_port, "/");
+    loop {
+        let left = consumer_figures(ours.addr).await["pending"]
+            .as_u64()
+            .unwrap_or(u64::MAX);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            drain_started.elapsed() < Duration::from_secs(900),
+            "{left} still pending"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let drain_s = drain_started.elapsed().as_secs_f64();
+    let (_, hwm_after) = ours.rss_kib();
+    drop(sink);
+    drop(ours);
+
+    println!();
+    println!(
+        "lark-ticketd hand-off benchmark — {}",
+        machine(cores, pinned.then_some(PINNING))
+    );
+    println!(
+        "| case | bare hyper req/s | lark-ticketd req/s | ratio | bare p50 / p99 ms | lark-ticketd p50 / p99 ms | errors |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {} | {:.0} | {:.0} | {:.3} | {:.2} / {:.2} | {:.2} / {:.2} | {} |",
+        g.case,
+        g.bare.rate(),
+        g.ours.rate(),
+        g.ours.rate() / g.bare.rate(),
+        g.bare.percentile_ms(0.5),
+        g.bare.percentile_ms(0.99),
+        g.ours.percentile_ms(0.5),
+        g.ours.percentile_ms(0.99),
+        g.ours.errors
+    );
+    println!("  (g: consumer afterwards: {g_figures})");
+    println!(
+        "h. 1,000 events/s offered for 10 s: {} acknowledged, {} delivered; POST → consumer latency p50 {:.2} ms, p99 {:.2} ms",
+        h.0, h.1, h.2, h.3
+    );
+    println!(
+        "i. backlog of {backlog} events built in {build_s:.0} s with the consumer down ({pending} pending): RSS {:.1} MiB (peak {:.1}), store file {:.0} MiB = {:.0} bytes/event; drained in {drain_s:.1} s = {:.0} events/s (peak RSS over the run {:.1} MiB)",
+        rss_backlog as f64 / 1024.0,
+        hwm_backlog as f64 / 1024.0,
+        db_bytes as f64 / (1024.0 * 1024.0),
+        db_bytes as f64 / backlog.max(1) as f64,
+        backlog as f64 / drain_s,
+        hwm_after as f64 / 1024.0,
+    );
 }
