@@ -412,6 +412,28 @@ struct Row {
     ours: RunResult,
 }
 
+/// The comparison table, one row per case.
+fn print_rows(rows: &[Row]) {
+    println!(
+        "| case | bare hyper req/s | lark-ticketd req/s | ratio | bare p50 / p99 ms | lark-ticketd p50 / p99 ms | errors |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} | {:.0} | {:.0} | {:.3} | {:.2} / {:.2} | {:.2} / {:.2} | {} |",
+            r.case,
+            r.bare.rate(),
+            r.ours.rate(),
+            r.ours.rate() / r.bare.rate(),
+            r.bare.percentile_ms(0.5),
+            r.bare.percentile_ms(0.99),
+            r.ours.percentile_ms(0.5),
+            r.ours.percentile_ms(0.99),
+            r.ours.errors
+        );
+    }
+}
+
 fn median_run(mut runs: Vec<RunResult>) -> RunResult {
     runs.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
     runs.swap_remove(runs.len() / 2)
@@ -673,25 +695,8 @@ async fn bench(
         o.connections, o.seconds, o.warmup, o.rounds
     );
     println!();
-    println!(
-        "| case | bare hyper req/s | lark-ticketd req/s | ratio | bare p50 / p99 ms | lark-ticketd p50 / p99 ms | errors |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
     rows.sort_by_key(|r| r.case);
-    for r in &rows {
-        println!(
-            "| {} | {:.0} | {:.0} | {:.3} | {:.2} / {:.2} | {:.2} / {:.2} | {} |",
-            r.case,
-            r.bare.rate(),
-            r.ours.rate(),
-            r.ours.rate() / r.bare.rate(),
-            r.bare.percentile_ms(0.5),
-            r.bare.percentile_ms(0.99),
-            r.ours.percentile_ms(0.5),
-            r.ours.percentile_ms(0.99),
-            r.ours.errors
-        );
-    }
+    print_rows(&rows);
     println!();
     println!(
         "e. cold start, 1,000 concurrent requests for 100 tenants, platform latency 50 ms: {} ms total, {}/1000 ok, upstream calls: {} app_access_token + {} tenant_access_token",
@@ -1249,22 +1254,7 @@ async fn handoff(o: Options, backlog: usize) {
         "lark-ticketd hand-off benchmark — {}",
         machine(cores, pinned.then_some(PINNING))
     );
-    println!(
-        "| case | bare hyper req/s | lark-ticketd req/s | ratio | bare p50 / p99 ms | lark-ticketd p50 / p99 ms | errors |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
-    println!(
-        "| {} | {:.0} | {:.0} | {:.3} | {:.2} / {:.2} | {:.2} / {:.2} | {} |",
-        g.case,
-        g.bare.rate(),
-        g.ours.rate(),
-        g.ours.rate() / g.bare.rate(),
-        g.bare.percentile_ms(0.5),
-        g.bare.percentile_ms(0.99),
-        g.ours.percentile_ms(0.5),
-        g.ours.percentile_ms(0.99),
-        g.ours.errors
-    );
+    print_rows(std::slice::from_ref(&g));
     println!("  (g: consumer afterwards: {g_figures})");
     println!(
         "h. 1,000 events/s offered for 10 s: {} acknowledged, {} delivered; POST → consumer latency p50 {:.2} ms, p99 {:.2} ms",

@@ -129,6 +129,16 @@ impl Consumer {
     }
 }
 
+/// A loopback port nobody listens on (yet): connections to it are refused.
+async fn refused_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 fn consumer_toml(name: &str, url: &str, secret: &str, events: &str) -> String {
     format!(
         "[[consumers]]\nname = \"{name}\"\nurl = \"{url}\"\nsecret = \"{secret}\"\nevents = {events}\n"
@@ -408,12 +418,7 @@ async fn each_consumer_gets_exactly_the_events_its_filter_names() {
 #[tokio::test]
 async fn a_consumer_that_is_down_gets_the_event_when_it_comes_back() {
     // A port nobody listens on yet: connections are refused.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = refused_port().await;
     let url = format!("http://127.0.0.1:{port}/feishu");
     // Retries every 50 ms for 20 s: far longer than the test takes to bring the consumer up.
     let schedule = format!("[{}]", vec!["\"50ms\""; 400].join(", "));
@@ -510,12 +515,7 @@ async fn mock_feishu_pushes_any_event_and_it_is_handed_on() {
 #[tokio::test]
 async fn acknowledged_events_survive_sigkill_and_are_delivered_after_a_restart() {
     const EVENTS: usize = 200;
-    let port = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = refused_port().await;
     let url = format!("http://127.0.0.1:{port}/feishu");
     let schedule = format!("[{}]", vec!["\"100ms\""; 600].join(", "));
     let config = crate::util::TempConfig::embedded(&format!(
