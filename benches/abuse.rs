@@ -32,7 +32,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -50,8 +49,8 @@ use lark_ticketd::secret::Secret;
 mod common;
 
 use common::{
-    command, free_port, machine, now_us, rss_kib, spawn_ready, ticketd_binary, Proc, APP_ID, KEY,
-    TOKEN,
+    command, embedded_store, free_port, machine, now_us, pin_self_to_core_1, rss_kib, spawn_ready,
+    ticketd_binary, Proc, APP_ID, KEY, TOKEN,
 };
 
 /// The app the legitimate client pushes tickets to (tokens come from the other one's ticket).
@@ -116,9 +115,9 @@ fn config_text(port: u16, ops_port: u16, mock_port: u16, db: &Path) -> String {
     };
     format!(
         "listen = \"127.0.0.1:{port}\"\nops_listen = \"127.0.0.1:{ops_port}\"\n\
-         [store]\nkind = \"embedded\"\npath = {:?}\n{}{}\
+         {}{}{}\
          [[clients]]\nname = \"bench\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"tokens\", \"status\"]\n",
-        db.display().to_string(),
+        embedded_store(db),
         app(APP_ID),
         app(PUSH_APP),
         lark_ticketd::auth::key_sha256_hex(BEARER)
@@ -622,13 +621,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10.0);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let pin = !args.iter().any(|a| a == "--no-pin")
-        && cores >= 2
-        && Command::new("taskset")
-            .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
+    let pin = pin_self_to_core_1(cores, !args.iter().any(|a| a == "--no-pin"));
     let pins = if pin {
         (Some("0"), Some("1"))
     } else {

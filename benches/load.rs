@@ -36,7 +36,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,8 +52,8 @@ use lark_ticketd::secret::Secret;
 mod common;
 
 use common::{
-    command, free_port, machine, now_ms, now_us, spawn_ready, ticketd_binary, Proc, APP_ID, KEY,
-    TOKEN,
+    command, embedded_store, free_port, machine, now_ms, now_us, pin_self_to_core_1, spawn_ready,
+    ticketd_binary, Proc, APP_ID, KEY, TOKEN,
 };
 
 const SECRET: &str = "load-bench-app-secret";
@@ -506,13 +505,7 @@ fn main() {
         smoke();
         return;
     }
-    let can_pin = o.pin
-        && cores >= 2
-        && Command::new("taskset")
-            .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
+    let can_pin = pin_self_to_core_1(cores, o.pin);
     let server_cpu = can_pin.then_some("0");
     let client_cpu = can_pin.then_some("1");
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -587,10 +580,7 @@ async fn bench(
 
     // (c): the embedded store, every 200 durable (no platform needed: port 1 is closed).
     let db = dir.path().join("c.db");
-    let store = format!(
-        "[store]\nkind = \"embedded\"\npath = {:?}",
-        db.display().to_string()
-    );
+    let store = embedded_store(&db);
     let (ours, _) = start_ticketd_on(server_cpu, dir.path(), "embedded", free_port(), 1, &store);
     rows.push(
         compare(
@@ -647,10 +637,7 @@ async fn bench(
     let mut startups = Vec::new();
     for i in 0..5 {
         let db = dir.path().join(format!("start-{i}.db"));
-        let store = format!(
-            "[store]\nkind = \"embedded\"\npath = {:?}",
-            db.display().to_string()
-        );
+        let store = embedded_store(&db);
         let name = format!("start-{i}");
         let (p, first) = start_ticketd_on(server_cpu, dir.path(), &name, free_port(), 1, &store);
         startups.push(first);
@@ -661,10 +648,7 @@ async fn bench(
     let ours_port = free_port();
     let mock = start_mock_on(client_cpu, dir.path(), ours_port, mock_port, "0ms");
     let db = dir.path().join("rss.db");
-    let store = format!(
-        "[store]\nkind = \"embedded\"\npath = {:?}",
-        db.display().to_string()
-    );
+    let store = embedded_store(&db);
     let (ours, _) = start_ticketd_on(server_cpu, dir.path(), "rss", ours_port, mock_port, &store);
     wait_for_ticket(ours.addr).await;
     let idle = ours.rss_kib();
@@ -857,10 +841,7 @@ async fn soak(seconds: f64, rate: f64) {
     let (mock_port, ours_port) = (free_port(), free_port());
     let mock = start_mock_on(None, dir.path(), ours_port, mock_port, "0ms");
     let db = dir.path().join("soak.db");
-    let store = format!(
-        "[store]\nkind = \"embedded\"\npath = {:?}",
-        db.display().to_string()
-    );
+    let store = embedded_store(&db);
     let (ours, _) = start_ticketd_on(None, dir.path(), "soak", ours_port, mock_port, &store);
     wait_for_ticket(ours.addr).await;
     let pid = ours.pid();
@@ -1022,10 +1003,10 @@ fn v2_event_numbered(i: u64) -> Prepared {
 
 fn handoff_store(db: &Path, consumer_port: u16, retry_schedule: &str) -> String {
     format!(
-        "[store]\nkind = \"embedded\"\npath = {:?}\n[forwarding]\nretry_schedule = {retry_schedule}\n\
+        "{}[forwarding]\nretry_schedule = {retry_schedule}\n\
          [[consumers]]\nname = \"sink\"\nurl = \"http://127.0.0.1:{consumer_port}/sink\"\n\
          secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n",
-        db.display().to_string()
+        embedded_store(db)
     )
 }
 
@@ -1072,18 +1053,8 @@ async fn consumer_figures(ours: SocketAddr) -> serde_json::Value {
 async fn handoff(o: Options, backlog: usize) {
     let dir = tempfile::tempdir().unwrap();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let pinned = o.pin && cores >= 2;
-    let (server_cpu, client_cpu) = if pinned {
-        (Some("0"), Some("1"))
-    } else {
-        (None, None)
-    };
-    if pinned {
-        let _ = Command::new("taskset")
-            .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
-            .stdout(Stdio::null())
-            .status();
-    }
+    let pinned = pin_self_to_core_1(cores, o.pin);
+    let (server_cpu, client_cpu) = (pinned.then_some("0"), pinned.then_some("1"));
     eprintln!(
         "lark-ticketd hand-off benchmark: {}",
         machine(cores, pinned.then_some(PINNING))

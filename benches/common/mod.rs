@@ -119,6 +119,26 @@ pub fn now_ms() -> u64 {
     (now_us() / 1000) as u64
 }
 
+/// Pin this process (the load generator) to core 1 so the servers can have core 0: only with
+/// two or more cores, when `wanted`, and when `taskset` works. Returns whether it is pinned.
+pub fn pin_self_to_core_1(cores: usize, wanted: bool) -> bool {
+    wanted
+        && cores >= 2
+        && Command::new("taskset")
+            .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+}
+
+/// The `[store]` table of an embedded store at `db`.
+pub fn embedded_store(db: &Path) -> String {
+    format!(
+        "[store]\nkind = \"embedded\"\npath = {:?}\n",
+        db.display().to_string()
+    )
+}
+
 /// "2 cores (CPU model); `pinning`".
 pub fn machine(cores: usize, pinning: Option<&str>) -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
