@@ -269,7 +269,7 @@ impl Forwarder {
                 self.0
                     .metrics
                     .delivery(&consumer.name, "delivered", Some(latency_s));
-                self.0.store.delivered(&consumer.name, app, id, now).await
+                self.0.store.delivered(&delivery, now).await
             }
             Attempt::Failed { error, retry_after } => {
                 match next_step(
@@ -280,10 +280,7 @@ impl Forwarder {
                     Some(wait) => {
                         self.0.metrics.delivery(&consumer.name, "retry", None);
                         let next = now.saturating_add(wait.as_millis() as u64);
-                        self.0
-                            .store
-                            .retry_later(&consumer.name, app, id, next, error)
-                            .await
+                        self.0.store.retry_later(&delivery, next, error).await
                     }
                     None => {
                         self.0.metrics.delivery(&consumer.name, "dead", None);
@@ -295,7 +292,7 @@ impl Forwarder {
                             error = %error,
                             "delivery failed for the last time: a dead letter"
                         );
-                        self.0.store.dead(&consumer.name, app, id, now, error).await
+                        self.0.store.dead(&delivery, now, error).await
                     }
                 }
             }

@@ -79,11 +79,12 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use super::queue::Outcome;
 use super::queue::{ConsumerStats, DeadLetter, Delivery, Enqueue, NewEvent, Selector};
-use super::queue_embedded::{self, Outcome};
+use super::queue_embedded;
 use super::{
-    apply_tenant_event, demote_ticket, merge_ticket, StoreError, TenantEvent, TenantRecord,
-    TicketRecord, TicketWrite, TokenRecord,
+    apply_tenant_event, coordination, demote_ticket, merge_ticket, StoreError, TenantEvent,
+    TenantRecord, TicketRecord, TicketWrite, TokenRecord,
 };
 use crate::secret::Secret;
 
@@ -345,6 +346,7 @@ impl Releases {
 #[derive(Clone)]
 pub struct EmbeddedStore {
     shared: Arc<Shared>,
+    local: coordination::Local,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -820,6 +822,10 @@ fn create_file(path: &Path) -> Result<(), StoreError> {
 }
 
 impl EmbeddedStore {
+    pub(super) fn local(&self) -> &coordination::Local {
+        &self.local
+    }
+
     /// Open (or create) the database file, its directory, and every table, and start the
     /// writer. Blocking. Refuses a damaged or empty file with an error naming it.
     pub fn open(path: &Path) -> Result<EmbeddedStore, StoreError> {
@@ -869,6 +875,7 @@ impl EmbeddedStore {
                 queue: Mutex::new(Some(queue)),
                 writer: Mutex::new(Some(writer)),
             }),
+            local: coordination::Local::default(),
         })
     }
 
@@ -1094,21 +1101,21 @@ impl EmbeddedStore {
 
     pub(super) async fn outcome(
         &self,
-        consumer: &str,
-        app_id: &str,
-        event_id: &str,
+        claimed: &Delivery,
         outcome: Outcome,
     ) -> Result<bool, StoreError> {
         let (consumer, app_id, event_id) = (
-            consumer.to_string(),
-            app_id.to_string(),
-            event_id.to_string(),
+            claimed.consumer.clone(),
+            claimed.app_id.clone(),
+            claimed.event_id.clone(),
         );
+        let lease_until_ms = claimed.lease_until_ms;
         self.write(|reply| {
             WriteOp::Queue(queue_embedded::Op::Outcome {
                 consumer,
                 app_id,
                 event_id,
+                lease_until_ms,
                 outcome,
                 reply,
             })
@@ -1696,10 +1703,7 @@ mod tests {
                     .map(|d| {
                         let store = store.clone();
                         tokio::spawn(async move {
-                            assert!(store
-                                .delivered(&d.consumer, &d.app_id, &d.event_id, now_ms)
-                                .await
-                                .unwrap());
+                            assert!(store.delivered(&d, now_ms).await.unwrap());
                         })
                     })
                     .collect();
@@ -1812,22 +1816,13 @@ mod tests {
             assert_eq!(claimed.len(), n + 2);
             // Fewer than MAX_NON_DURABLE_COMMITS commits (after that one is durable anyway).
             for d in &claimed[..25] {
-                store
-                    .delivered("c", &d.app_id, &d.event_id, 20)
-                    .await
-                    .unwrap();
+                store.delivered(d, 20).await.unwrap();
             }
             for d in &claimed[25..50] {
-                store
-                    .retry_later("c", &d.app_id, &d.event_id, 30, "HTTP 503")
-                    .await
-                    .unwrap();
+                store.retry_later(d, 30, "HTTP 503").await.unwrap();
             }
             let last = &claimed[60];
-            assert!(store
-                .dead("c", &last.app_id, &last.event_id, 40, "gave up")
-                .await
-                .unwrap());
+            assert!(store.dead(last, 40, "gave up").await.unwrap());
             assert_eq!(faults.syncs(), quiet, "claims or outcomes fsynced");
             // Redelivery is an operator's request: durable.
             assert_eq!(store.redeliver("c", Selector::Dead, 50).await.unwrap(), 1);

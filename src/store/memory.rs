@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::coordination::Local;
 use super::queue_memory::MemoryQueue;
 use super::{
     apply_tenant_event, demote_ticket, merge_ticket, StoreError, TenantEvent, TenantRecord,
@@ -27,9 +28,14 @@ pub struct MemoryStore {
     tables: Arc<Mutex<Tables>>,
     /// Fault injection: when set, every operation fails as a broken disk would.
     unavailable: Arc<AtomicBool>,
+    local: Local,
 }
 
 impl MemoryStore {
+    pub(super) fn local(&self) -> &Local {
+        &self.local
+    }
+
     /// Make every operation fail (or work again): for tests of what callers see when storage
     /// breaks.
     pub fn set_unavailable(&self, unavailable: bool) {

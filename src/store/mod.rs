@@ -25,6 +25,7 @@
 //! * every per-tenant field follows the newest event of its kind by event time
 //!   ([`apply_tenant_event`]), so a replayed or late event never rolls a tenant back.
 
+pub mod coordination;
 pub mod embedded;
 pub mod memory;
 pub mod queue;
@@ -40,6 +41,7 @@ use crate::error::Error;
 use crate::model::{Order, TenantChange};
 use crate::secret::Secret;
 
+pub use coordination::Change;
 pub use queue::{ConsumerStats, DeadLetter, Delivery, Enqueue, NewEvent, Selector};
 
 /// How a ticket arrived.
@@ -395,66 +397,54 @@ impl Store {
         }
     }
 
-    /// The delivery succeeded. Not fsynced (a lost mark means one duplicate delivery after the
-    /// lease). Returns whether a pending delivery changed (`false`: unknown, or already
-    /// delivered/dead — a late outcome changes nothing).
-    pub async fn delivered(
-        &self,
-        consumer: &str,
-        app_id: &str,
-        event_id: &str,
-        now_ms: u64,
-    ) -> Result<bool, StoreError> {
-        match self {
-            Store::Memory(m) => m.queue(|q| q.delivered(consumer, app_id, event_id, now_ms)),
-            Store::Embedded(e) => {
-                let outcome = queue_embedded::Outcome::Delivered { now_ms };
-                e.outcome(consumer, app_id, event_id, outcome).await
-            }
-        }
+    /// The attempt `claimed` succeeded. Not fsynced (a lost mark means one duplicate delivery
+    /// after the lease). Applies only while `claimed`'s lease is the delivery's current one: an
+    /// outcome that arrives after the lease ran out and the delivery was claimed again, or was
+    /// redelivered by an operator, changes nothing (a fencing token, so a stale attempt never
+    /// overwrites a newer one). Returns whether the delivery changed.
+    pub async fn delivered(&self, claimed: &Delivery, now_ms: u64) -> Result<bool, StoreError> {
+        let outcome = queue::Outcome::Delivered { now_ms };
+        self.outcome(claimed, outcome).await
     }
 
-    /// The attempt failed: due again at `next_attempt_ms`. Not fsynced.
+    /// The attempt `claimed` failed: due again at `next_attempt_ms`. Not fsynced; fenced by the
+    /// lease like [`Store::delivered`].
     pub async fn retry_later(
         &self,
-        consumer: &str,
-        app_id: &str,
-        event_id: &str,
+        claimed: &Delivery,
         next_attempt_ms: u64,
         last_error: &str,
     ) -> Result<bool, StoreError> {
-        match self {
-            Store::Memory(m) => {
-                m.queue(|q| q.retry_later(consumer, app_id, event_id, next_attempt_ms, last_error))
-            }
-            Store::Embedded(e) => {
-                let outcome = queue_embedded::Outcome::Retry {
-                    next_ms: next_attempt_ms,
-                    error: last_error.to_string(),
-                };
-                e.outcome(consumer, app_id, event_id, outcome).await
-            }
-        }
+        let outcome = queue::Outcome::Retry {
+            next_ms: next_attempt_ms,
+            error: last_error.to_string(),
+        };
+        self.outcome(claimed, outcome).await
     }
 
-    /// The last attempt failed: a dead letter, kept for `retention`. Not fsynced.
+    /// The last attempt `claimed` failed: a dead letter, kept for `retention`. Not fsynced;
+    /// fenced by the lease like [`Store::delivered`].
     pub async fn dead(
         &self,
-        consumer: &str,
-        app_id: &str,
-        event_id: &str,
+        claimed: &Delivery,
         now_ms: u64,
         last_error: &str,
     ) -> Result<bool, StoreError> {
+        let outcome = queue::Outcome::Dead {
+            now_ms,
+            error: last_error.to_string(),
+        };
+        self.outcome(claimed, outcome).await
+    }
+
+    async fn outcome(
+        &self,
+        claimed: &Delivery,
+        outcome: queue::Outcome,
+    ) -> Result<bool, StoreError> {
         match self {
-            Store::Memory(m) => m.queue(|q| q.dead(consumer, app_id, event_id, now_ms, last_error)),
-            Store::Embedded(e) => {
-                let outcome = queue_embedded::Outcome::Dead {
-                    now_ms,
-                    error: last_error.to_string(),
-                };
-                e.outcome(consumer, app_id, event_id, outcome).await
-            }
+            Store::Memory(m) => m.queue(|q| q.outcome(claimed, outcome)),
+            Store::Embedded(e) => e.outcome(claimed, outcome).await,
         }
     }
 
@@ -796,6 +786,10 @@ pub(crate) mod contract {
             claimed.iter().map(|d| d.event_id.as_str()).collect()
         }
 
+        fn find<'a>(claimed: &'a [Delivery], id: &str) -> &'a Delivery {
+            claimed.iter().find(|d| d.event_id == id).unwrap()
+        }
+
         pub async fn run(store: &Store) {
             dedupe(store).await;
             claims_and_leases(store).await;
@@ -867,7 +861,7 @@ pub(crate) mod contract {
                 Enqueue::Duplicate
             );
             // …then the id is new again: delivered afresh (attempts start over).
-            assert!(store.delivered("dd", "cli_q", "e1", 20_001).await.unwrap());
+            assert!(store.delivered(first, 20_001).await.unwrap());
             assert_eq!(
                 q(event("cli_q", "e1", 11_000), &["dd"]).await,
                 Enqueue::Queued
@@ -931,18 +925,16 @@ pub(crate) mod contract {
                     .await
                     .unwrap();
             }
-            assert_eq!(store.claim_due(c, 1_000, 100, 10).await.unwrap().len(), 4);
+            let first = store.claim_due(c, 1_000, 100, 10).await.unwrap();
+            assert_eq!(first.len(), 4);
             // Retry: due again at the time given, not before.
             assert!(store
-                .retry_later(c, "cli_o", "a", 5_000, "HTTP 500")
+                .retry_later(find(&first, "a"), 5_000, "HTTP 500")
                 .await
                 .unwrap());
-            assert!(store
-                .claim_due(c, 4_999, 10_000, 10)
-                .await
-                .unwrap()
-                .iter()
-                .all(|d| d.event_id != "a"));
+            // b, c and d are claimed again (their leases ended at 1_100), "a" is not due yet.
+            let others = store.claim_due(c, 4_999, 10_000, 10).await.unwrap();
+            assert_eq!(ids(&others), ["b", "c", "d"]);
             let stats = store.consumer_stats(c).await.unwrap();
             assert_eq!(stats.last_error.as_deref(), Some("HTTP 500"));
             let retried = store.claim_due(c, 5_000, 10_000, 10).await.unwrap();
@@ -950,23 +942,30 @@ pub(crate) mod contract {
                 retried.iter().any(|d| d.event_id == "a" && d.attempt == 2),
                 "{retried:?}"
             );
+            // The lease is a fence: the first attempt at "a" was claimed again since, so its
+            // late outcome changes nothing (nor does one for "c", whose lease ran out at 1_100
+            // and which was claimed again at 4_999).
+            assert!(!store.delivered(find(&first, "a"), 5_050).await.unwrap());
+            assert!(!store.dead(find(&first, "c"), 5_050, "late").await.unwrap());
             // Delivered: once; a late outcome for it changes nothing.
-            assert!(store.delivered(c, "cli_o", "b", 5_100).await.unwrap());
-            assert!(!store.delivered(c, "cli_o", "b", 5_200).await.unwrap());
-            assert!(!store
-                .retry_later(c, "cli_o", "b", 9_000, "late")
-                .await
-                .unwrap());
-            assert!(!store.dead(c, "cli_o", "b", 9_000, "late").await.unwrap());
-            assert!(!store.delivered(c, "cli_o", "zz", 5_200).await.unwrap());
-            assert!(!store.delivered(c, "cli_other", "b", 5_200).await.unwrap());
+            let b = find(&others, "b");
+            assert!(store.delivered(b, 5_100).await.unwrap());
+            assert!(!store.delivered(b, 5_200).await.unwrap());
+            assert!(!store.retry_later(b, 9_000, "late").await.unwrap());
+            assert!(!store.dead(b, 9_000, "late").await.unwrap());
+            let mut unknown = b.clone();
+            unknown.event_id = "zz".into();
+            assert!(!store.delivered(&unknown, 5_200).await.unwrap());
+            unknown.event_id = "b".into();
+            unknown.app_id = "cli_other".into();
+            assert!(!store.delivered(&unknown, 5_200).await.unwrap());
             // Dead letters, newest first.
             assert!(store
-                .dead(c, "cli_o", "a", 6_000, "gave up on a")
+                .dead(find(&retried, "a"), 6_000, "gave up on a")
                 .await
                 .unwrap());
             assert!(store
-                .dead(c, "cli_o", "c", 7_000, "gave up on c")
+                .dead(find(&others, "c"), 7_000, "gave up on c")
                 .await
                 .unwrap());
             let dead = store.dead_letters(c, 10).await.unwrap();
@@ -1009,13 +1008,11 @@ pub(crate) mod contract {
             // By ids (a delivered one named twice, an unknown one).
             let ids_selector = Selector::Ids(vec!["b".into(), "nope".into(), "b".into()]);
             assert_eq!(store.redeliver(c, ids_selector, 8_100).await.unwrap(), 1);
-            assert_eq!(
-                ids(&store.claim_due(c, 8_100, 100_000, 10).await.unwrap()),
-                ["b"]
-            );
+            let b_again = store.claim_due(c, 8_100, 100_000, 10).await.unwrap();
+            assert_eq!(ids(&b_again), ["b"]);
             // A window of received times (inclusive), whatever the state.
-            for id in ["a", "b", "c", "d"] {
-                store.delivered(c, "cli_o", id, 9_000).await.unwrap();
+            for d in back.iter().chain(&b_again).chain([find(&others, "d")]) {
+                assert!(store.delivered(d, 9_000).await.unwrap(), "{d:?}");
             }
             let window = Selector::Window {
                 since_ms: 200,
@@ -1053,19 +1050,11 @@ pub(crate) mod contract {
                     .await
                     .unwrap();
             }
-            store.claim_due(c, base + 100, 10, 10).await.unwrap();
-            store
-                .delivered(c, "cli_p", "old", base + 100)
-                .await
-                .unwrap();
-            store
-                .delivered(c, "cli_p", "new", base + 500)
-                .await
-                .unwrap();
-            store
-                .dead(c, "cli_p", "dead", base + 200, "x")
-                .await
-                .unwrap();
+            let claimed = store.claim_due(c, base + 100, 10, 10).await.unwrap();
+            let outcome = |id| find(&claimed, id);
+            assert!(store.delivered(outcome("old"), base + 100).await.unwrap());
+            assert!(store.delivered(outcome("new"), base + 500).await.unwrap());
+            assert!(store.dead(outcome("dead"), base + 200, "x").await.unwrap());
             // Retention 300: finished at or before base + 200 goes; the dedupe marks
             // (received + 1000) are still live at base + 500.
             store.purge_forwarding(base + 500, 300).await.unwrap();

@@ -138,6 +138,13 @@ pub enum Selector {
     Ids(Vec<String>),
 }
 
+/// An attempt's outcome, as the deliverer reports it.
+pub(crate) enum Outcome {
+    Delivered { now_ms: u64 },
+    Retry { next_ms: u64, error: String },
+    Dead { now_ms: u64, error: String },
+}
+
 /// A delivery's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum State {

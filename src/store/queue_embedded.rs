@@ -31,7 +31,7 @@ use tokio::sync::oneshot;
 
 use super::queue::{
     short_error, ConsumerStats, Counters, DeadLetter, Delivery, DeliveryRow, Enqueue, EventRow,
-    NewEvent, Selector, State,
+    NewEvent, Outcome, Selector, State,
 };
 use super::StoreError;
 
@@ -80,13 +80,6 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), redb::TableErr
     Ok(())
 }
 
-/// What a delivery's outcome is.
-pub(super) enum Outcome {
-    Delivered { now_ms: u64 },
-    Retry { next_ms: u64, error: String },
-    Dead { now_ms: u64, error: String },
-}
-
 /// One chunk of a purge or a redeliver.
 pub(super) struct Chunk {
     pub done: usize,
@@ -113,6 +106,7 @@ pub(super) enum Op {
         consumer: String,
         app_id: String,
         event_id: String,
+        lease_until_ms: u64,
         outcome: Outcome,
         reply: oneshot::Sender<Result<bool, StoreError>>,
     },
@@ -188,9 +182,13 @@ impl Op {
                 consumer,
                 app_id,
                 event_id,
+                lease_until_ms,
                 outcome,
                 reply,
-            } => answer(reply, t.outcome(&consumer, &app_id, &event_id, outcome)),
+            } => answer(
+                reply,
+                t.outcome(&consumer, &app_id, &event_id, lease_until_ms, outcome),
+            ),
             Op::Redeliver {
                 consumer,
                 selector,
@@ -485,12 +483,14 @@ impl<'t> Tables<'t> {
         c: &str,
         app: &str,
         id: &str,
+        lease_until_ms: u64,
         outcome: Outcome,
     ) -> Result<bool, StoreError> {
         let Some(old) = self.delivery(c, id, app)? else {
             return Ok(false);
         };
-        if old.state != State::Pending {
+        // The fence: a pending delivery's due time is its current lease's end while claimed.
+        if old.state != State::Pending || old.due_ms != lease_until_ms {
             return Ok(false);
         }
         let mut counters = self.counters(c)?;

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::queue::{
     short_error, ConsumerStats, DeadLetter, Delivery, DeliveryRow, Enqueue, EventRow, NewEvent,
-    Selector, State,
+    Outcome, Selector, State,
 };
 
 /// (consumer, event_id, app_id)
@@ -110,43 +110,39 @@ impl MemoryQueue {
         out
     }
 
-    fn pending_row(&self, c: &str, app: &str, id: &str) -> Option<(Key, DeliveryRow)> {
-        let key = (c.to_string(), id.to_string(), app.to_string());
-        let row = self.deliveries.get(&key)?.clone();
-        (row.state == State::Pending).then_some((key, row))
-    }
-
-    pub fn delivered(&mut self, c: &str, app: &str, id: &str, now_ms: u64) -> bool {
-        let Some((key, mut row)) = self.pending_row(c, app, id) else {
+    /// Apply an attempt's outcome while its lease is the delivery's current one.
+    pub fn outcome(&mut self, claimed: &Delivery, outcome: Outcome) -> bool {
+        let key = (
+            claimed.consumer.clone(),
+            claimed.event_id.clone(),
+            claimed.app_id.clone(),
+        );
+        let Some(mut row) = self.deliveries.get(&key).cloned() else {
             return false;
         };
-        row.state = State::Delivered;
-        row.finished_ms = now_ms;
-        let last = self.last.entry(c.to_string()).or_default();
-        last.0 = last.0.max(now_ms);
-        self.set(&key, row);
-        true
-    }
-
-    pub fn retry_later(&mut self, c: &str, app: &str, id: &str, next_ms: u64, error: &str) -> bool {
-        let Some((key, mut row)) = self.pending_row(c, app, id) else {
+        if row.state != State::Pending || row.due_ms != claimed.lease_until_ms {
             return false;
-        };
-        row.due_ms = next_ms;
-        row.last_error = short_error(error);
-        self.last.entry(c.to_string()).or_default().1 = row.last_error.clone();
-        self.set(&key, row);
-        true
-    }
-
-    pub fn dead(&mut self, c: &str, app: &str, id: &str, now_ms: u64, error: &str) -> bool {
-        let Some((key, mut row)) = self.pending_row(c, app, id) else {
-            return false;
-        };
-        row.state = State::Dead;
-        row.finished_ms = now_ms;
-        row.last_error = short_error(error);
-        self.last.entry(c.to_string()).or_default().1 = row.last_error.clone();
+        }
+        let c = key.0.as_str();
+        match outcome {
+            Outcome::Delivered { now_ms } => {
+                row.state = State::Delivered;
+                row.finished_ms = now_ms;
+                let last = self.last.entry(c.to_string()).or_default();
+                last.0 = last.0.max(now_ms);
+            }
+            Outcome::Retry { next_ms, error } => {
+                row.due_ms = next_ms;
+                row.last_error = short_error(&error);
+                self.last.entry(c.to_string()).or_default().1 = row.last_error.clone();
+            }
+            Outcome::Dead { now_ms, error } => {
+                row.state = State::Dead;
+                row.finished_ms = now_ms;
+                row.last_error = short_error(&error);
+                self.last.entry(c.to_string()).or_default().1 = row.last_error.clone();
+            }
+        }
         self.set(&key, row);
         true
     }

@@ -1,0 +1,150 @@
+//! What several processes sharing one store must agree on: leases and change notices.
+//!
+//! With the embedded or memory backend one process owns the store, and these are that process's
+//! own bookkeeping (a lease table and a broadcast channel nobody else writes to). With Redis
+//! every replica shares them, and they are what makes a fleet act as one service:
+//!
+//! * **Leases** ([`Store::try_lease`]): a named lease with a random owner and a time to live —
+//!   `SET NX PX` and compare-and-delete in Redis. One token fetch per token across the fleet (the
+//!   others wait for the winner's result), at most one ticket resend per app per interval (take a
+//!   lease for the interval and never release it), one background refresh per token.
+//! * **Change notices** ([`Store::changes`]): a ticket stored, a token stored or invalidated, by
+//!   *any* process (pub/sub in Redis). Waiters on this replica wake when a ticket lands on
+//!   another; a near-cache drops a token that another replica invalidated. Local backends have no
+//!   other writers, so nothing arrives there: a process already knows what it wrote itself.
+//!   [`Change::Resynced`] says notices may have been missed (the subscription was re-made), so a
+//!   near-cache must revalidate everything; `lost_data` says the store came back empty (a Redis
+//!   restarted without persistence) and the tickets must be asked for again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::broadcast;
+
+use super::{Store, StoreError};
+
+/// Something another process changed in the shared store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A newer ticket was stored for this app.
+    TicketStored { app_id: String },
+    /// A token was stored under this broker key.
+    TokenStored { key: String },
+    /// The token under this broker key was invalidated (compare-and-delete).
+    TokenInvalidated { key: String },
+    /// Notices may have been missed: revalidate every cached entry. `lost_data`: the store came
+    /// back without its data.
+    Resynced { lost_data: bool },
+}
+
+/// Change notices kept before a slow subscriber misses some (it then sees `Lagged` and must
+/// act as on [`Change::Resynced`]).
+pub const CHANGE_BACKLOG: usize = 1024;
+
+/// The lease table and notice channel of a store that one process owns.
+#[derive(Debug, Clone)]
+pub(super) struct Local {
+    /// lease name → (owner, held until).
+    leases: Arc<Mutex<HashMap<String, (String, Instant)>>>,
+    changes: broadcast::Sender<Change>,
+}
+
+impl Default for Local {
+    fn default() -> Self {
+        Local {
+            leases: Arc::default(),
+            changes: broadcast::channel(CHANGE_BACKLOG).0,
+        }
+    }
+}
+
+impl Local {
+    pub(super) fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> bool {
+        let now = Instant::now();
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        // Expired leases go on every call, so the table holds live leases only.
+        leases.retain(|_, (_, until)| *until > now);
+        if leases.contains_key(name) {
+            return false;
+        }
+        leases.insert(name.to_string(), (owner.to_string(), now + ttl));
+        true
+    }
+
+    pub(super) fn release_lease(&self, name: &str, owner: &str) -> bool {
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match leases.get(name) {
+            Some((held_by, until)) if held_by == owner && *until > now => {
+                leases.remove(name);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(super) fn changes(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+}
+
+impl Store {
+    /// Take the lease `name` for `ttl` unless a live lease of that name exists (whoever holds
+    /// it, `owner` included). Returns whether it was taken.
+    pub async fn try_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(m) => m.check().map(|()| m.local().try_lease(name, owner, ttl)),
+            Store::Embedded(e) => Ok(e.local().try_lease(name, owner, ttl)),
+        }
+    }
+
+    /// Give the lease `name` back if `owner` still holds it (compare-and-delete: a lease that
+    /// expired and was taken by another owner is left alone). Returns whether it was released.
+    pub async fn release_lease(&self, name: &str, owner: &str) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(m) => m.check().map(|()| m.local().release_lease(name, owner)),
+            Store::Embedded(e) => Ok(e.local().release_lease(name, owner)),
+        }
+    }
+
+    /// Notices of what other processes change in the store (see the module docs).
+    pub fn changes(&self) -> broadcast::Receiver<Change> {
+        match self {
+            Store::Memory(m) => m.local().changes(),
+            Store::Embedded(e) => e.local().changes(),
+        }
+    }
+
+    /// Whether other processes may write to this store too (a fleet on Redis).
+    pub fn is_shared(&self) -> bool {
+        match self {
+            Store::Memory(_) | Store::Embedded(_) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_is_held_until_released_or_expired() {
+        let local = Local::default();
+        assert!(local.try_lease("fetch", "a", Duration::from_secs(60)));
+        assert!(!local.try_lease("fetch", "b", Duration::from_secs(60)));
+        assert!(!local.try_lease("fetch", "a", Duration::from_secs(60)));
+        // Only the owner releases it.
+        assert!(!local.release_lease("fetch", "b"));
+        assert!(local.release_lease("fetch", "a"));
+        assert!(local.try_lease("fetch", "b", Duration::from_millis(0)));
+        // An expired lease is free, and its old owner cannot release the new one.
+        assert!(local.try_lease("fetch", "c", Duration::from_secs(60)));
+        assert!(!local.release_lease("fetch", "b"));
+    }
+}
