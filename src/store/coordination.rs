@@ -9,9 +9,11 @@
 //!   others wait for the winner's result), at most one ticket resend per app per interval (take a
 //!   lease for the interval and never release it), one background refresh per token.
 //! * **Change notices** ([`Store::changes`]): a ticket stored, a token stored or invalidated, by
-//!   *any* process (pub/sub in Redis). Waiters on this replica wake when a ticket lands on
-//!   another; a near-cache drops a token that another replica invalidated. Local backends have no
-//!   other writers, so nothing arrives there: a process already knows what it wrote itself.
+//!   *any* process, this one included (pub/sub in Redis; a broadcast channel locally), so a
+//!   subscriber must treat a notice of its own write as a no-op. Waiters on this replica wake
+//!   when a ticket lands on another; a near-cache drops a token that another replica
+//!   invalidated. Two brokers over one memory store see each other's notices like two replicas
+//!   on Redis, which is how the fleet logic is unit-tested.
 //!   [`Change::Resynced`] says notices may have been missed (the subscription was re-made), so a
 //!   near-cache must revalidate everything; `lost_data` says the store came back empty (a Redis
 //!   restarted without persistence) and the tickets must be asked for again.
@@ -87,6 +89,11 @@ impl Local {
     pub(super) fn changes(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
     }
+
+    pub(super) fn notify(&self, change: Change) {
+        // No subscriber is fine: nobody is waiting.
+        let _ = self.changes.send(change);
+    }
 }
 
 impl Store {
@@ -121,6 +128,14 @@ impl Store {
         }
     }
 
+    /// Tell every subscriber (local backends; Redis publishes inside its writes).
+    pub(super) fn notify(&self, change: Change) {
+        match self {
+            Store::Memory(m) => m.local().notify(change),
+            Store::Embedded(e) => e.local().notify(change),
+        }
+    }
+
     /// Whether other processes may write to this store too (a fleet on Redis).
     pub fn is_shared(&self) -> bool {
         match self {
@@ -146,5 +161,41 @@ mod tests {
         // An expired lease is free, and its old owner cannot release the new one.
         assert!(local.try_lease("fetch", "c", Duration::from_secs(60)));
         assert!(!local.release_lease("fetch", "b"));
+    }
+
+    #[tokio::test]
+    async fn every_write_is_announced_to_every_handle() {
+        let store = Store::Memory(crate::store::memory::MemoryStore::default());
+        let other_replica = store.clone();
+        let mut changes = other_replica.changes();
+        let ticket = crate::store::contract::ticket("t-1", 1);
+        store.put_ticket("cli_a", ticket.clone()).await.unwrap();
+        // A redelivery of the stored ticket changes nothing and announces nothing.
+        store.put_ticket("cli_a", ticket).await.unwrap();
+        let record = crate::store::TokenRecord {
+            token: crate::secret::Secret::new("tok"),
+            expires_at_ms: 10,
+            fetched_at_ms: 1,
+        };
+        store.put_token("app/cli_a", record).await.unwrap();
+        store
+            .delete_token("app/cli_a", &crate::secret::Secret::new("tok"))
+            .await
+            .unwrap();
+        let app_id = "cli_a".to_string();
+        let key = "app/cli_a".to_string();
+        assert_eq!(
+            changes.recv().await.unwrap(),
+            Change::TicketStored { app_id }
+        );
+        assert_eq!(
+            changes.recv().await.unwrap(),
+            Change::TokenStored { key: key.clone() }
+        );
+        assert_eq!(
+            changes.recv().await.unwrap(),
+            Change::TokenInvalidated { key }
+        );
+        assert!(changes.try_recv().is_err());
     }
 }

@@ -289,10 +289,16 @@ impl Store {
         app_id: &str,
         incoming: TicketRecord,
     ) -> Result<TicketWrite, StoreError> {
-        match self {
+        let written = match self {
             Store::Memory(m) => m.check().map(|()| m.put_ticket(app_id, incoming)),
             Store::Embedded(e) => e.put_ticket(app_id, incoming).await,
+        }?;
+        if written == TicketWrite::Stored {
+            self.notify(Change::TicketStored {
+                app_id: app_id.to_string(),
+            });
         }
+        Ok(written)
     }
 
     pub async fn ticket(&self, app_id: &str) -> Result<Option<TicketRecord>, StoreError> {
@@ -337,7 +343,11 @@ impl Store {
         match self {
             Store::Memory(m) => m.check().map(|()| m.put_token(key, record)),
             Store::Embedded(e) => e.put_token(key, record).await,
-        }
+        }?;
+        self.notify(Change::TokenStored {
+            key: key.to_string(),
+        });
+        Ok(())
     }
 
     pub async fn token(&self, key: &str) -> Result<Option<TokenRecord>, StoreError> {
@@ -352,7 +362,11 @@ impl Store {
         match self {
             Store::Memory(m) => m.check().map(|()| m.delete_token(key, token)),
             Store::Embedded(e) => e.delete_token(key, token).await,
-        }
+        }?;
+        self.notify(Change::TokenInvalidated {
+            key: key.to_string(),
+        });
+        Ok(())
     }
 
     /// Delete every token that expired at or before `now_ms` (a bounded store: tenant tokens
