@@ -31,8 +31,9 @@ use super::{Store, StoreError};
 pub enum Change {
     /// A newer ticket was stored for this app.
     TicketStored { app_id: String },
-    /// A token was stored under this broker key.
-    TokenStored { key: String },
+    /// A token was stored under this broker key, valid until `expires_at_ms` (a near-cache
+    /// holding a token that expires earlier reloads; one holding this token ignores it).
+    TokenStored { key: String, expires_at_ms: u64 },
     /// The token under this broker key was invalidated (compare-and-delete).
     TokenInvalidated { key: String },
     /// Notices may have been missed: revalidate every cached entry. `lost_data`: the store came
@@ -190,7 +191,10 @@ mod tests {
         );
         assert_eq!(
             changes.recv().await.unwrap(),
-            Change::TokenStored { key: key.clone() }
+            Change::TokenStored {
+                key: key.clone(),
+                expires_at_ms: 10
+            }
         );
         assert_eq!(
             changes.recv().await.unwrap(),

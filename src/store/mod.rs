@@ -340,12 +340,14 @@ impl Store {
 
     /// Persist a token under `key` (the broker's key: `app/{app_id}` or `tenant/{app_id}/{tenant_key}`).
     pub async fn put_token(&self, key: &str, record: TokenRecord) -> Result<(), StoreError> {
+        let expires_at_ms = record.expires_at_ms;
         match self {
             Store::Memory(m) => m.check().map(|()| m.put_token(key, record)),
             Store::Embedded(e) => e.put_token(key, record).await,
         }?;
         self.notify(Change::TokenStored {
             key: key.to_string(),
+            expires_at_ms,
         });
         Ok(())
     }
