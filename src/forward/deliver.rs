@@ -3,9 +3,10 @@
 //! One loop per consumer, so a consumer that is down or slow never delays another. A loop
 //! claims up to [`CONCURRENCY`] due deliveries at once (the store leases each claim for the
 //! attempt's timeout plus [`LEASE_SLACK`]: an attempt cut short by a crash comes back by itself
-//! after a restart, without any bookkeeping here), sends them concurrently, records each outcome,
-//! and claims again. With nothing due it sleeps until intake queues something for this consumer
-//! ([`Forwarder::enqueue`] wakes it) or [`IDLE_POLL`] passes (a retry falling due).
+//! after a restart, without any bookkeeping here), sends them concurrently and records each
+//! outcome. With nothing due it sleeps until intake queues something for this consumer
+//! ([`Forwarder::enqueue`] wakes it) or [`IDLE_POLL`] passes (a retry falling due). There is no
+//! batch barrier: once a quarter of the slots are free again, the loop claims again.
 //!
 //! One attempt is a small pure step plus one request (Svix's worker, STYLE.md): build the body
 //! without the Verification Token and sign it (Standard Webhooks, a fresh `webhook-timestamp`
@@ -226,12 +227,21 @@ impl Forwarder {
     async fn consumer_loop(self, index: usize) {
         let consumer = &self.0.consumers[index];
         let lease_ms = (self.0.settings.delivery_timeout + LEASE_SLACK).as_millis() as u64;
+        // No batch barrier: once a quarter of the slots are free the loop claims again, so one
+        // slow delivery never holds up the others, and claims stay batched under load.
+        let mut attempts = JoinSet::new();
         loop {
+            while attempts.try_join_next().is_some() {}
+            if attempts.len() > CONCURRENCY - CONCURRENCY / 4 {
+                attempts.join_next().await;
+                continue;
+            }
+            let free = CONCURRENCY - attempts.len();
             let now = self.0.clock.now_ms();
             let claimed = match self
                 .0
                 .store
-                .claim_due(&consumer.name, now, lease_ms, CONCURRENCY)
+                .claim_due(&consumer.name, now, lease_ms, free)
                 .await
             {
                 Ok(claimed) => claimed,
@@ -242,18 +252,19 @@ impl Forwarder {
                 }
             };
             if claimed.is_empty() {
+                // Woken by intake, a retry falling due, or an attempt ending (its delivery may
+                // have been retried at once).
                 tokio::select! {
                     () = consumer.wake.notified() => {}
                     () = tokio::time::sleep(IDLE_POLL) => {}
+                    Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
                 }
                 continue;
             }
-            let mut attempts = JoinSet::new();
             for delivery in claimed {
                 let this = self.clone();
                 attempts.spawn(async move { this.attempt(index, delivery).await });
             }
-            while attempts.join_next().await.is_some() {}
         }
     }
 

@@ -51,6 +51,8 @@ struct Consumer {
     delay_ms: Arc<AtomicU64>,
     /// Answers sent.
     answered: Arc<AtomicU64>,
+    /// When set, only the delivery with this `webhook-id` waits `delay_ms`.
+    slow_only: Arc<Mutex<Option<String>>>,
 }
 
 impl Consumer {
@@ -68,11 +70,13 @@ impl Consumer {
         let status = Arc::new(AtomicU16::new(200));
         let delay_ms = Arc::new(AtomicU64::new(0));
         let answered = Arc::new(AtomicU64::new(0));
+        let slow_only: Arc<Mutex<Option<String>>> = Arc::default();
         let shared = (
             Arc::clone(&received),
             Arc::clone(&status),
             Arc::clone(&delay_ms),
             Arc::clone(&answered),
+            Arc::clone(&slow_only),
         );
         tokio::spawn(async move {
             loop {
@@ -82,7 +86,7 @@ impl Consumer {
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let (r, s, delay, answered) = shared.clone();
+                        let (r, s, delay, answered, slow_only) = shared.clone();
                         async move {
                             let headers = req
                                 .headers()
@@ -93,8 +97,17 @@ impl Consumer {
                                 .collect();
                             let body = req.into_body().collect().await.unwrap().to_bytes();
                             let body = String::from_utf8(body.to_vec()).unwrap();
-                            r.lock().unwrap().push(Received { headers, body });
-                            let wait = delay.load(Ordering::SeqCst);
+                            let received = Received { headers, body };
+                            let slow =
+                                slow_only.lock().unwrap().as_ref().is_none_or(|only| {
+                                    received.header("webhook-id") == only.as_str()
+                                });
+                            r.lock().unwrap().push(received);
+                            let wait = if slow {
+                                delay.load(Ordering::SeqCst)
+                            } else {
+                                0
+                            };
                             if wait > 0 {
                                 tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
                             }
@@ -117,6 +130,7 @@ impl Consumer {
             status,
             delay_ms,
             answered,
+            slow_only,
         }
     }
 
@@ -475,6 +489,39 @@ async fn a_slow_consumer_does_not_delay_another() {
     })
     .await;
     assert_eq!(slow.answered.load(Ordering::SeqCst), 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_delivery_does_not_hold_up_the_next_ones_to_the_same_consumer() {
+    let consumer = Consumer::start().await;
+    // One event's answer takes longer than the test; the others are answered at once.
+    consumer.delay_ms.store(60_000, Ordering::SeqCst);
+    *consumer.slow_only.lock().unwrap() = Some("ev-stuck-first".into());
+    let consumers = consumer_toml("one", &consumer.url(), SECRET_A, "[\"*\"]");
+    let app = service_with(&consumers, "[\"1s\"]", "60s").await;
+    assert_eq!(
+        push(&app, &event_v2("ev-stuck-first", "im.message.receive_v1")).await,
+        200
+    );
+    eventually("the slow delivery is in flight", || {
+        consumer.received().len() == 1
+    })
+    .await;
+    for i in 0..5 {
+        let id = format!("ev-after-{i}");
+        assert_eq!(
+            push(&app, &event_v2(&id, "im.message.receive_v1")).await,
+            200
+        );
+    }
+    // The five after it arrive while the first is still unanswered (a deliverer that waited
+    // for its whole claim to finish would hold them for the 60 s timeout).
+    eventually("five deliveries behind the slow one", || {
+        consumer.received().len() == 6
+    })
+    .await;
+    assert_eq!(consumer.answered.load(Ordering::SeqCst), 5);
     app.stop().await;
 }
 
