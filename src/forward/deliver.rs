@@ -18,6 +18,7 @@
 //! What this never does: hold an event in memory beyond the attempts in flight (the backlog
 //! lives in the store), or log a body, a secret or a consumer's answer body.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +45,14 @@ pub const LEASE_SLACK: Duration = Duration::from_secs(5);
 pub const IDLE_POLL: Duration = Duration::from_millis(500);
 /// How often retained deliveries and expired dedupe marks are purged.
 pub const PURGE_INTERVAL: Duration = Duration::from_secs(600);
+/// Failed attempts in a row after which a consumer counts as down: its loop lets the attempts
+/// in flight end, then sends one delivery at a time, [`BACK_OFF_MIN`] apart and doubling to
+/// [`BACK_OFF_MAX`], until one succeeds (a circuit breaker, as Svix and Convoy have). A consumer
+/// that is down for an hour then costs a probe a minute instead of an attempt per queued event,
+/// and the events it was not sent keep their retry steps for when it is back.
+pub const BACK_OFF_AFTER: u32 = 5;
+pub const BACK_OFF_MIN: Duration = Duration::from_secs(1);
+pub const BACK_OFF_MAX: Duration = Duration::from_secs(60);
 /// Longest error text kept with a delivery (no consumer answer body is ever kept).
 const MAX_ERROR_CHARS: usize = 200;
 
@@ -55,6 +64,10 @@ struct Consumer {
     filter: ConsumerFilter,
     /// Woken when intake queues an event for this consumer.
     wake: Notify,
+    /// Failed attempts in a row (0 after any success).
+    failing: AtomicU32,
+    /// Woken by an operator's redeliver: probe a consumer that is down at once.
+    retry_now: Notify,
 }
 
 /// The hand-off: matching, queueing and delivering. Cheap to clone.
@@ -79,6 +92,18 @@ pub enum Attempt {
         error: String,
         retry_after: Option<Duration>,
     },
+}
+
+/// Whether a consumer that failed `failing` attempts in a row counts as down.
+pub fn is_down(failing: u32) -> bool {
+    failing >= BACK_OFF_AFTER
+}
+
+/// How long a consumer that is down is left alone before probe number `probe` (0-based).
+pub fn back_off(probe: u32) -> Duration {
+    BACK_OFF_MIN
+        .saturating_mul(1u32 << probe.min(16))
+        .min(BACK_OFF_MAX)
 }
 
 /// Classify a consumer's answer: any 2xx is delivered, anything else failed.
@@ -131,6 +156,8 @@ impl Forwarder {
                     secret,
                     filter,
                     wake: Notify::new(),
+                    failing: AtomicU32::new(0),
+                    retry_now: Notify::new(),
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -202,9 +229,20 @@ impl Forwarder {
         Ok(outcome)
     }
 
-    /// Wake a consumer's loop (after a redeliver).
+    /// Failed attempts in a row at this consumer, and whether it counts as down (its loop sends
+    /// one probe at a time until one succeeds).
+    pub fn failing(&self, name: &str) -> Option<(u32, bool)> {
+        let failing = self.consumer(name)?.failing.load(Ordering::Relaxed);
+        Some((failing, is_down(failing)))
+    }
+
+    /// Wake a consumer's loop after an operator's redeliver: "try now", so a consumer counted
+    /// as down is tried again at once (if it is still down, it is counted as down again after
+    /// [`BACK_OFF_AFTER`] failures).
     pub fn wake(&self, name: &str) {
         if let Some(c) = self.consumer(name) {
+            c.failing.store(0, Ordering::Relaxed);
+            c.retry_now.notify_one();
             c.wake.notify_one();
         }
     }
@@ -230,13 +268,34 @@ impl Forwarder {
         // No batch barrier: once a quarter of the slots are free the loop claims again, so one
         // slow delivery never holds up the others, and claims stay batched under load.
         let mut attempts = JoinSet::new();
+        // Probes sent since the consumer was last counted as down.
+        let mut probes = 0u32;
         loop {
             while attempts.try_join_next().is_some() {}
             if attempts.len() > CONCURRENCY - CONCURRENCY / 4 {
                 attempts.join_next().await;
                 continue;
             }
-            let free = CONCURRENCY - attempts.len();
+            let mut free = CONCURRENCY - attempts.len();
+            if !is_down(consumer.failing.load(Ordering::Relaxed)) {
+                probes = 0;
+            } else if !attempts.is_empty() {
+                // Down: let what is in flight end first (it may succeed)…
+                attempts.join_next().await;
+                continue;
+            } else {
+                // …then wait, and probe with one delivery. An operator's redeliver cuts the
+                // wait short ([`Forwarder::wake`]); new events do not.
+                tokio::select! {
+                    () = tokio::time::sleep(back_off(probes)) => {}
+                    () = consumer.retry_now.notified() => {}
+                }
+                probes = probes.saturating_add(1);
+                if !is_down(consumer.failing.load(Ordering::Relaxed)) {
+                    continue;
+                }
+                free = 1;
+            }
             let now = self.0.clock.now_ms();
             let claimed = match self
                 .0
@@ -272,6 +331,18 @@ impl Forwarder {
     async fn attempt(self, index: usize, delivery: Delivery) {
         let consumer = &self.0.consumers[index];
         let outcome = self.send(consumer, &delivery).await;
+        match &outcome {
+            Attempt::Delivered => {
+                if consumer.failing.swap(0, Ordering::Relaxed) >= BACK_OFF_AFTER {
+                    tracing::info!(consumer = %consumer.name, "consumer is back: delivering again");
+                }
+            }
+            Attempt::Failed { error, .. } => {
+                if consumer.failing.fetch_add(1, Ordering::Relaxed) + 1 == BACK_OFF_AFTER {
+                    tracing::warn!(consumer = %consumer.name, error = %error, failed_in_a_row = BACK_OFF_AFTER, "consumer looks down: sending one delivery at a time until one succeeds");
+                }
+            }
+        }
         let now = self.0.clock.now_ms();
         let (app, id) = (delivery.app_id.as_str(), delivery.event_id.as_str());
         let recorded = match &outcome {
@@ -409,6 +480,16 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_consumer_is_left_alone_longer_the_longer_it_stays_down() {
+        assert!(!is_down(BACK_OFF_AFTER - 1));
+        assert!(is_down(BACK_OFF_AFTER));
+        assert_eq!(back_off(0), BACK_OFF_MIN);
+        assert_eq!(back_off(1), BACK_OFF_MIN * 2);
+        assert_eq!(back_off(40), BACK_OFF_MAX);
+        assert_eq!(back_off(u32::MAX), BACK_OFF_MAX);
     }
 
     #[test]

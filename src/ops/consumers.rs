@@ -23,6 +23,10 @@ pub struct ConsumerStatus {
     pub oldest_pending_age_seconds: Option<u64>,
     pub last_delivery_at: Option<u64>,
     pub last_error: Option<String>,
+    /// Failed attempts in a row.
+    pub failing_attempts: u32,
+    /// Counted as down: one probe at a time until a delivery succeeds.
+    pub backing_off: bool,
 }
 
 /// Every configured consumer's figures, in config order.
@@ -32,6 +36,7 @@ pub async fn list(state: &AppState) -> Result<Vec<ConsumerStatus>, Error> {
     let mut out = Vec::new();
     for name in forwarder.consumer_names() {
         let stats = state.store().consumer_stats(name).await?;
+        let (failing_attempts, backing_off) = forwarder.failing(name).unwrap_or_default();
         out.push(ConsumerStatus {
             name: name.to_string(),
             url: forwarder.consumer_url(name).unwrap_or_default().to_string(),
@@ -43,6 +48,8 @@ pub async fn list(state: &AppState) -> Result<Vec<ConsumerStatus>, Error> {
                 .map(|at| now_ms.saturating_sub(at) / 1000),
             last_delivery_at: stats.last_delivery_at_ms.map(|ms| ms / 1000),
             last_error: stats.last_error,
+            failing_attempts,
+            backing_off,
         });
     }
     Ok(out)

@@ -525,6 +525,61 @@ async fn a_slow_delivery_does_not_hold_up_the_next_ones_to_the_same_consumer() {
     app.stop().await;
 }
 
+#[tokio::test]
+async fn a_consumer_that_keeps_failing_is_probed_one_delivery_at_a_time() {
+    let consumer = Consumer::start().await;
+    consumer.status.store(503, Ordering::SeqCst);
+    let consumers = consumer_toml("down", &consumer.url(), SECRET_A, "[\"*\"]");
+    // Three attempts per event, milliseconds apart: without a breaker, every event would be a
+    // dead letter within moments.
+    let app = service(&consumers, "[\"10ms\", \"10ms\"]").await;
+    let n = 40;
+    for i in 0..n {
+        let id = format!("ev-breaker-{i:02}");
+        assert_eq!(
+            push(&app, &event_v2(&id, "im.message.receive_v1")).await,
+            200
+        );
+    }
+    let listed = || async {
+        let list = admin(&app, reqwest::Method::GET, "/v1/consumers", "").await;
+        list["consumers"][0].clone()
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let down = loop {
+        let c = listed().await;
+        if c["backing_off"] == true {
+            break c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never backed off: {c}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    };
+    assert!(down["failing_attempts"].as_u64().unwrap() >= 5, "{down}");
+    // The consumer is back: the next probe succeeds and the rest follow.
+    consumer.status.store(200, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let after = loop {
+        let c = listed().await;
+        if c["pending"] == 0 {
+            break c;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still pending: {c}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let (delivered, dead) = (
+        after["delivered"].as_u64().unwrap(),
+        after["dead"].as_u64().unwrap(),
+    );
+    assert_eq!(delivered + dead, n);
+    // The events the loop did not send while the consumer was down kept their retries.
+    assert!(delivered > 0 && dead < n, "{after}");
+    assert_eq!(after["backing_off"], false);
+    app.stop().await;
+}
+
 /// The whole path offline: mock-feishu pushes an arbitrary event as Feishu would (encrypted,
 /// signed, with the Verification Token), lark-ticketd hands it on, the consumer gets it.
 #[tokio::test]
