@@ -1109,12 +1109,13 @@ impl EmbeddedStore {
             claimed.app_id.clone(),
             claimed.event_id.clone(),
         );
-        let lease_until_ms = claimed.lease_until_ms;
+        let (received_at_ms, lease_until_ms) = (claimed.received_at_ms, claimed.lease_until_ms);
         self.write(|reply| {
             WriteOp::Queue(queue_embedded::Op::Outcome {
                 consumer,
                 app_id,
                 event_id,
+                received_at_ms,
                 lease_until_ms,
                 outcome,
                 reply,
@@ -1407,6 +1408,52 @@ mod tests {
             // Refusing never rewrites the operator's file.
             assert_eq!(std::fs::read(&path).unwrap(), content, "{name}");
         }
+    }
+
+    /// The queue's first layout (keyed by event id) never shipped; a file that has it opens
+    /// with those tables dropped and the ticket kept.
+    #[tokio::test]
+    async fn a_file_with_the_first_queue_layout_opens_with_an_empty_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("first-layout.db");
+        {
+            let store = EmbeddedStore::open(&path).unwrap();
+            store
+                .put_ticket("cli_m", contract::ticket("kept", 1))
+                .await
+                .unwrap();
+            store.close().await;
+        }
+        {
+            let db = Database::open(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let old: TableDefinition<(&str, &str), u64> = TableDefinition::new("fwd_dedupe");
+                txn.open_table(old)
+                    .unwrap()
+                    .insert(("cli_m", "e1"), 5)
+                    .unwrap();
+                let old: TableDefinition<(&str, &str, &str), &[u8]> =
+                    TableDefinition::new("fwd_deliveries");
+                txn.open_table(old)
+                    .unwrap()
+                    .insert(("c", "e1", "cli_m"), b"x".as_slice())
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = Store::Embedded(EmbeddedStore::open(&path).unwrap());
+        assert_eq!(
+            store.ticket("cli_m").await.unwrap().unwrap().ticket,
+            Secret::new("kept")
+        );
+        let event = contract::forwarding::event("cli_m", "e1", 10);
+        assert_eq!(
+            store.enqueue_event(event, &["c"]).await.unwrap(),
+            Enqueue::Queued
+        );
+        assert_eq!(store.claim_due("c", 10, 100, 10).await.unwrap().len(), 1);
+        store.close().await;
     }
 
     #[tokio::test]

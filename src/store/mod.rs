@@ -1095,6 +1095,9 @@ pub(crate) mod contract {
             let far = base + 10_000;
             assert!(store.purge_forwarding(far, 1_000_000_000).await.unwrap() >= 4);
             assert_eq!(store.purge_forwarding(far, 1_000_000_000).await.unwrap(), 0);
+            // A retained event is still found by id after its dedupe window.
+            let by_id = Selector::Ids(vec!["new".into()]);
+            assert_eq!(store.redeliver(c, by_id, far).await.unwrap(), 1);
             assert_eq!(
                 store
                     .enqueue_event(event("cli_p", "old", far), &[c])

@@ -2,20 +2,28 @@
 //!
 //! **Layout.** Keys are tuples (redb orders them element by element), so every question the
 //! queue asks is a point lookup or a range scan over a prefix; nothing is held per event in
-//! memory, and nothing scans the whole queue:
+//! memory, and nothing scans the whole queue. Every row a delivery writes is keyed by *time*
+//! (arrival, due, finished), never by Feishu's random event id alone: a batch of new events then
+//! appends to the right edge of each tree, and a claim or an outcome rewrites recent pages that
+//! the batch before touched, instead of one random page per event per table (the first layout,
+//! keyed by id, spent most of the writer's time copying and checksumming such pages). Only the
+//! dedupe mark is keyed by id, because that is the question it answers.
 //!
 //! | table | key → value | used by |
 //! |---|---|---|
-//! | `fwd_events` | (received ms, app, event_id) → header + body (binary, [`EventRow`]) | the body, stored once per event whatever the number of consumers; `refs` counts the deliveries still holding it. Keyed by arrival time, not by id: events are appended at the end of the tree (Feishu's ids are random, which left 1 KB rows in half-empty pages) and a backlog drains in arrival order, reading neighbouring pages |
-//! | `fwd_dedupe` | (app, event_id) → dedupe-until ms | enqueue's atomic duplicate check |
-//! | `fwd_dedupe_expiry` | (until ms, app, event_id) → () | purge: expired marks are a prefix range |
-//! | `fwd_deliveries` | (consumer, event_id, app) → state, attempts, due, times, last error ([`DeliveryRow`]) | outcomes; redeliver by ids (a prefix range) |
-//! | `fwd_due` | (consumer, due ms, event_id, app) → () | **the claim**: due entries are the range up to `now`; a lease is just a later due time |
+//! | `fwd_events` | (received ms, app, event_id) → header + body (binary, [`EventRow`]) | the body, stored once per event whatever the number of consumers; `refs` counts the deliveries still holding it |
+//! | `fwd_marks` | (event_id, app) → (dedupe-until ms, received ms) | enqueue's atomic duplicate check; finds an event's deliveries by id (redeliver by ids, a push after the window). Kept while its event is retained |
+//! | `fwd_mark_expiry` | (until ms, app, event_id) → () | purge: expired marks are a prefix range |
+//! | `fwd_delivery_rows` | (consumer, received ms, event_id, app) → state, attempts, due, times, last error ([`DeliveryRow`]) | outcomes; redeliver a time window (a range) |
+//! | `fwd_due_at` | (consumer, due ms, event_id, app) → received ms | **the claim**: due entries are the range up to `now`; a lease is just a later due time |
 //! | `fwd_pending` | (consumer, received ms, event_id, app) → () | the oldest pending event (first key) |
-//! | `fwd_received` | (consumer, received ms, event_id, app) → () | redeliver a time window |
-//! | `fwd_dead` | (consumer, dead-at ms, event_id, app) → () | dead letters newest first (reverse range), redeliver dead |
-//! | `fwd_finished` | (finished ms, consumer, event_id, app) → () | purge after retention: a prefix range |
+//! | `fwd_dead_at` | (consumer, dead-at ms, event_id, app) → received ms | dead letters newest first (reverse range), redeliver dead |
+//! | `fwd_finished_at` | (finished ms, consumer, event_id, app) → received ms | purge after retention: a prefix range |
 //! | `fwd_consumers` | consumer → counters ([`Counters`]) | stats without a scan |
+//!
+//! The index values carry the received time, so every index entry leads straight to its
+//! delivery row. Files written by the first layout (before any release) have their queue
+//! tables dropped and recreated at open ([`create_tables`]).
 //!
 //! Each operation touches a handful of rows, and each maps to one atomic script over sorted sets
 //! and hashes in Redis (the due/pending/received/dead/finished indexes are sorted sets scored by
@@ -26,7 +34,7 @@
 
 use std::ops::Bound;
 
-use redb::{ReadTransaction, ReadableTable, Table, TableDefinition, WriteTransaction};
+use redb::{ReadTransaction, ReadableTable, Table, TableDefinition, TableHandle, WriteTransaction};
 use tokio::sync::oneshot;
 
 use super::queue::{
@@ -36,22 +44,32 @@ use super::queue::{
 use super::StoreError;
 
 type Pair = (&'static str, &'static str);
-type Triple = (&'static str, &'static str, &'static str);
 type ByTime = (&'static str, u64, &'static str, &'static str);
+/// A delivery's key: (consumer, received ms, event_id, app).
+type Key<'a> = (&'a str, u64, &'a str, &'a str);
 type Finished = (u64, &'static str, &'static str, &'static str);
 
 pub(super) const EVENTS: TableDefinition<(u64, &str, &str), &[u8]> =
     TableDefinition::new("fwd_events");
-const DEDUPE: TableDefinition<Pair, u64> = TableDefinition::new("fwd_dedupe");
+/// (event_id, app) → (dedupe until, received).
+const DEDUPE: TableDefinition<Pair, (u64, u64)> = TableDefinition::new("fwd_marks");
 const DEDUPE_EXPIRY: TableDefinition<(u64, &str, &str), ()> =
-    TableDefinition::new("fwd_dedupe_expiry");
-const DELIVERIES: TableDefinition<Triple, &[u8]> = TableDefinition::new("fwd_deliveries");
-const DUE: TableDefinition<ByTime, ()> = TableDefinition::new("fwd_due");
+    TableDefinition::new("fwd_mark_expiry");
+const DELIVERIES: TableDefinition<ByTime, &[u8]> = TableDefinition::new("fwd_delivery_rows");
+const DUE: TableDefinition<ByTime, u64> = TableDefinition::new("fwd_due_at");
 const PENDING: TableDefinition<ByTime, ()> = TableDefinition::new("fwd_pending");
-const RECEIVED: TableDefinition<ByTime, ()> = TableDefinition::new("fwd_received");
-const DEAD: TableDefinition<ByTime, ()> = TableDefinition::new("fwd_dead");
-const FINISHED: TableDefinition<Finished, ()> = TableDefinition::new("fwd_finished");
+const DEAD: TableDefinition<ByTime, u64> = TableDefinition::new("fwd_dead_at");
+const FINISHED: TableDefinition<Finished, u64> = TableDefinition::new("fwd_finished_at");
 const CONSUMERS: TableDefinition<&str, &[u8]> = TableDefinition::new("fwd_consumers");
+/// The first layout's tables (keyed by event id), dropped at open: they never shipped.
+const FIRST_LAYOUT: [&str; 6] = [
+    "fwd_dedupe",
+    "fwd_dedupe_expiry",
+    "fwd_deliveries",
+    "fwd_due",
+    "fwd_received",
+    "fwd_dead",
+];
 
 /// Rows handled per purge or redeliver commit, so ticket writes and enqueues go in between.
 pub const QUEUE_CHUNK: usize = 2048;
@@ -66,15 +84,27 @@ fn after(consumer: &str) -> String {
     format!("{consumer}\0")
 }
 
-/// Create every queue table (at open, so readers never meet a missing table).
+/// Create every queue table (at open, so readers never meet a missing table). A file written
+/// by the first layout has its queue dropped first (its events and deliveries with it: that
+/// layout never shipped in a release).
 pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), redb::TableError> {
+    if txn.list_tables()?.any(|t| t.name() == FIRST_LAYOUT[0]) {
+        for name in FIRST_LAYOUT.into_iter().chain([
+            "fwd_events",
+            "fwd_finished",
+            "fwd_pending",
+            "fwd_consumers",
+        ]) {
+            txn.delete_table(TableDefinition::<&str, ()>::new(name))?;
+        }
+    }
     txn.open_table(EVENTS)?;
     txn.open_table(DEDUPE)?;
     txn.open_table(DEDUPE_EXPIRY)?;
     txn.open_table(DELIVERIES)?;
-    for t in [DUE, PENDING, RECEIVED, DEAD] {
-        txn.open_table(t)?;
-    }
+    txn.open_table(DUE)?;
+    txn.open_table(PENDING)?;
+    txn.open_table(DEAD)?;
     txn.open_table(FINISHED)?;
     txn.open_table(CONSUMERS)?;
     Ok(())
@@ -106,6 +136,7 @@ pub(super) enum Op {
         consumer: String,
         app_id: String,
         event_id: String,
+        received_at_ms: u64,
         lease_until_ms: u64,
         outcome: Outcome,
         reply: oneshot::Sender<Result<bool, StoreError>>,
@@ -182,13 +213,19 @@ impl Op {
                 consumer,
                 app_id,
                 event_id,
+                received_at_ms,
                 lease_until_ms,
                 outcome,
                 reply,
-            } => answer(
-                reply,
-                t.outcome(&consumer, &app_id, &event_id, lease_until_ms, outcome),
-            ),
+            } => {
+                let key = (
+                    consumer.as_str(),
+                    received_at_ms,
+                    event_id.as_str(),
+                    app_id.as_str(),
+                );
+                answer(reply, t.outcome(key, lease_until_ms, outcome))
+            }
             Op::Redeliver {
                 consumer,
                 selector,
@@ -208,14 +245,13 @@ impl Op {
 /// The queue's tables, open in one write transaction (opened once per batch that needs them).
 pub(super) struct Tables<'t> {
     events: Table<'t, (u64, &'static str, &'static str), &'static [u8]>,
-    dedupe: Table<'t, Pair, u64>,
+    dedupe: Table<'t, Pair, (u64, u64)>,
     dedupe_expiry: Table<'t, (u64, &'static str, &'static str), ()>,
-    deliveries: Table<'t, Triple, &'static [u8]>,
-    due: Table<'t, ByTime, ()>,
+    deliveries: Table<'t, ByTime, &'static [u8]>,
+    due: Table<'t, ByTime, u64>,
     pending: Table<'t, ByTime, ()>,
-    received: Table<'t, ByTime, ()>,
-    dead: Table<'t, ByTime, ()>,
-    finished: Table<'t, Finished, ()>,
+    dead: Table<'t, ByTime, u64>,
+    finished: Table<'t, Finished, u64>,
     consumers: Table<'t, &'static str, &'static [u8]>,
 }
 
@@ -228,15 +264,15 @@ impl<'t> Tables<'t> {
             deliveries: txn.open_table(DELIVERIES).map_err(err)?,
             due: txn.open_table(DUE).map_err(err)?,
             pending: txn.open_table(PENDING).map_err(err)?,
-            received: txn.open_table(RECEIVED).map_err(err)?,
             dead: txn.open_table(DEAD).map_err(err)?,
             finished: txn.open_table(FINISHED).map_err(err)?,
             consumers: txn.open_table(CONSUMERS).map_err(err)?,
         })
     }
 
-    fn delivery(&self, c: &str, id: &str, app: &str) -> Result<Option<DeliveryRow>, StoreError> {
-        match self.deliveries.get((c, id, app)).map_err(err)? {
+    /// A delivery by its key: (consumer, received, event_id, app).
+    fn delivery(&self, key: Key<'_>) -> Result<Option<DeliveryRow>, StoreError> {
+        match self.deliveries.get(key).map_err(err)? {
             Some(v) => DeliveryRow::decode(v.value()).map(Some),
             None => Ok(None),
         }
@@ -264,20 +300,13 @@ impl<'t> Tables<'t> {
             .map_err(err)
     }
 
-    /// Remove a delivery's state-dependent index keys (not `fwd_received`).
-    fn unindex(
-        &mut self,
-        c: &str,
-        id: &str,
-        app: &str,
-        row: &DeliveryRow,
-    ) -> Result<(), StoreError> {
+    /// Remove a delivery's state-dependent index keys (not the row).
+    fn unindex(&mut self, key: Key<'_>, row: &DeliveryRow) -> Result<(), StoreError> {
+        let (c, _, id, app) = key;
         match row.state {
             State::Pending => {
                 self.due.remove((c, row.due_ms, id, app)).map_err(err)?;
-                self.pending
-                    .remove((c, row.received_at_ms, id, app))
-                    .map_err(err)?;
+                self.pending.remove(key).map_err(err)?;
             }
             State::Delivered => {
                 self.finished
@@ -297,30 +326,31 @@ impl<'t> Tables<'t> {
     }
 
     /// Store a delivery and its state-dependent index keys.
-    fn index(&mut self, c: &str, id: &str, app: &str, row: &DeliveryRow) -> Result<(), StoreError> {
+    fn index(&mut self, key: Key<'_>, row: &DeliveryRow) -> Result<(), StoreError> {
+        let (c, received, id, app) = key;
         match row.state {
             State::Pending => {
-                self.due.insert((c, row.due_ms, id, app), ()).map_err(err)?;
-                self.pending
-                    .insert((c, row.received_at_ms, id, app), ())
+                self.due
+                    .insert((c, row.due_ms, id, app), received)
                     .map_err(err)?;
+                self.pending.insert(key, ()).map_err(err)?;
             }
             State::Delivered => {
                 self.finished
-                    .insert((row.finished_ms, c, id, app), ())
+                    .insert((row.finished_ms, c, id, app), received)
                     .map_err(err)?;
             }
             State::Dead => {
                 self.finished
-                    .insert((row.finished_ms, c, id, app), ())
+                    .insert((row.finished_ms, c, id, app), received)
                     .map_err(err)?;
                 self.dead
-                    .insert((c, row.finished_ms, id, app), ())
+                    .insert((c, row.finished_ms, id, app), received)
                     .map_err(err)?;
             }
         }
         self.deliveries
-            .insert((c, id, app), row.encode().as_slice())
+            .insert(key, row.encode().as_slice())
             .map_err(err)?;
         Ok(())
     }
@@ -332,42 +362,34 @@ impl<'t> Tables<'t> {
             return Ok(Enqueue::Queued);
         }
         let (app, id, now) = (ev.app_id.as_str(), ev.event_id.as_str(), ev.received_at_ms);
-        let mark = self.dedupe.get((app, id)).map_err(err)?.map(|v| v.value());
-        if mark.is_some_and(|until| until > now) {
+        let mark = self.dedupe.get((id, app)).map_err(err)?.map(|v| v.value());
+        if mark.is_some_and(|(until, _)| until > now) {
             return Ok(Enqueue::Duplicate);
         }
-        // Reads first. An event still retained from an earlier push (its dedupe mark expired)
-        // is queued again: its deliveries start over.
-        // Each delivery refers to the event row of its `received_at`; a requeued delivery moves
-        // to the new row, and an old row no delivery refers to any more goes.
+        // Reads first. An event still retained from an earlier push (its dedupe window is over,
+        // its mark is kept while the event is) is queued again: its deliveries start over, and
+        // move from the earlier push's rows to this one's.
+        let earlier = mark.map(|(_, received)| received).filter(|r| *r != now);
         let stored = self.event(now, app, id)?;
         let mut plan = Vec::with_capacity(consumers.len());
         for c in &consumers {
-            plan.push((self.delivery(c, id, app)?, self.counters(c)?));
+            let same = self.delivery((c, now, id, app))?;
+            let moved = match (&same, earlier) {
+                (None, Some(received)) => self
+                    .delivery((c, received, id, app))?
+                    .map(|row| (received, row)),
+                _ => None,
+            };
+            plan.push((same, moved, self.counters(c)?));
         }
-        let mut moved: Vec<(u64, u32)> = Vec::new();
-        let mut fresh = 0u32;
-        for (old, _) in &plan {
-            match old {
-                Some(old) if old.received_at_ms == now => {}
-                Some(old) => match moved.iter_mut().find(|(r, _)| *r == old.received_at_ms) {
-                    Some((_, n)) => *n += 1,
-                    None => moved.push((old.received_at_ms, 1)),
-                },
-                None => {}
-            }
-            if old.as_ref().is_none_or(|o| o.received_at_ms != now) {
-                fresh += 1;
-            }
-        }
-        let mut old_rows = Vec::with_capacity(moved.len());
-        for (received, n) in moved {
-            if let Some(row) = self.event(received, app, id)? {
-                old_rows.push((received, n, row));
-            }
-        }
-        for (received, n, mut row) in old_rows {
-            row.refs = row.refs.saturating_sub(n);
+        let moved = plan.iter().filter(|(_, m, _)| m.is_some()).count() as u32;
+        let fresh = plan.iter().filter(|(same, _, _)| same.is_none()).count() as u32;
+        let old_row = match earlier {
+            Some(received) if moved > 0 => self.event(received, app, id)?.map(|r| (received, r)),
+            _ => None,
+        };
+        if let Some((received, mut row)) = old_row {
+            row.refs = row.refs.saturating_sub(moved);
             if row.refs == 0 {
                 self.events.remove((received, app, id)).map_err(err)?;
             } else {
@@ -376,11 +398,11 @@ impl<'t> Tables<'t> {
                     .map_err(err)?;
             }
         }
-        if let Some(until) = mark {
+        if let Some((until, _)) = mark {
             self.dedupe_expiry.remove((until, app, id)).map_err(err)?;
         }
         self.dedupe
-            .insert((app, id), ev.dedupe_until_ms)
+            .insert((id, app), (ev.dedupe_until_ms, now))
             .map_err(err)?;
         self.dedupe_expiry
             .insert((ev.dedupe_until_ms, app, id), ())
@@ -395,18 +417,19 @@ impl<'t> Tables<'t> {
         self.events
             .insert((now, app, id), row.encode().as_slice())
             .map_err(err)?;
-        for (c, (old, mut counters)) in consumers.iter().zip(plan) {
-            if let Some(old) = old {
-                self.unindex(c, id, app, &old)?;
-                self.received
-                    .remove((c.as_str(), old.received_at_ms, id, app))
-                    .map_err(err)?;
+        for (c, (same, moved, mut counters)) in consumers.iter().zip(plan) {
+            let key = (c.as_str(), now, id, app);
+            if let Some(old) = same {
+                self.unindex(key, &old)?;
                 counters.leave(old.state);
             }
-            self.index(c, id, app, &DeliveryRow::pending(now, now))?;
-            self.received
-                .insert((c.as_str(), now, id, app), ())
-                .map_err(err)?;
+            if let Some((received, old)) = moved {
+                let old_key = (c.as_str(), received, id, app);
+                self.unindex(old_key, &old)?;
+                self.deliveries.remove(old_key).map_err(err)?;
+                counters.leave(old.state);
+            }
+            self.index(key, &DeliveryRow::pending(now, now))?;
             counters.enter(State::Pending);
             self.put_counters(c, &counters)?;
         }
@@ -427,17 +450,18 @@ impl<'t> Tables<'t> {
             .map_err(err)?
             .take(limit)
         {
-            let (key, _) = entry.map_err(err)?;
+            let (key, received) = entry.map_err(err)?;
             let (_, at, id, app) = key.value();
-            due.push((at, id.to_string(), app.to_string()));
+            due.push((at, received.value(), id.to_string(), app.to_string()));
         }
         let lease_until_ms = now_ms.saturating_add(lease_ms);
         let mut claimed = Vec::with_capacity(due.len());
-        for (at, id, app) in due {
+        for (at, received, id, app) in due {
             let (id, app) = (id.as_str(), app.as_str());
-            let row = self.delivery(c, id, app)?;
+            let key = (c, received, id, app);
+            let row = self.delivery(key)?;
             let event = match &row {
-                Some(row) => self.event(row.received_at_ms, app, id)?,
+                Some(_) => self.event(received, app, id)?,
                 None => None,
             };
             let (Some(mut row), Some(event)) = (row, event) else {
@@ -458,10 +482,10 @@ impl<'t> Tables<'t> {
             row.due_ms = lease_until_ms;
             row.attempts = row.attempts.saturating_add(1);
             self.due
-                .insert((c, lease_until_ms, id, app), ())
+                .insert((c, lease_until_ms, id, app), received)
                 .map_err(err)?;
             self.deliveries
-                .insert((c, id, app), row.encode().as_slice())
+                .insert(key, row.encode().as_slice())
                 .map_err(err)?;
             claimed.push(Delivery {
                 consumer: c.to_string(),
@@ -480,19 +504,18 @@ impl<'t> Tables<'t> {
 
     fn outcome(
         &mut self,
-        c: &str,
-        app: &str,
-        id: &str,
+        key: Key<'_>,
         lease_until_ms: u64,
         outcome: Outcome,
     ) -> Result<bool, StoreError> {
-        let Some(old) = self.delivery(c, id, app)? else {
+        let Some(old) = self.delivery(key)? else {
             return Ok(false);
         };
         // The fence: a pending delivery's due time is its current lease's end while claimed.
         if old.state != State::Pending || old.due_ms != lease_until_ms {
             return Ok(false);
         }
+        let c = key.0;
         let mut counters = self.counters(c)?;
         let mut row = old.clone();
         match outcome {
@@ -513,8 +536,8 @@ impl<'t> Tables<'t> {
                 counters.last_error = row.last_error.clone();
             }
         }
-        self.unindex(c, id, app, &old)?;
-        self.index(c, id, app, &row)?;
+        self.unindex(key, &old)?;
+        self.index(key, &row)?;
         counters.leave(old.state);
         counters.enter(row.state);
         self.put_counters(c, &counters)?;
@@ -524,18 +547,16 @@ impl<'t> Tables<'t> {
     /// Queue a retained delivery again: due now, attempts reset.
     fn requeue(
         &mut self,
-        c: &str,
-        id: &str,
-        app: &str,
+        key: Key<'_>,
         now_ms: u64,
         counters: &mut Counters,
     ) -> Result<bool, StoreError> {
-        let Some(old) = self.delivery(c, id, app)? else {
+        let Some(old) = self.delivery(key)? else {
             return Ok(false);
         };
         let row = DeliveryRow::pending(old.received_at_ms, now_ms);
-        self.unindex(c, id, app, &old)?;
-        self.index(c, id, app, &row)?;
+        self.unindex(key, &old)?;
+        self.index(key, &row)?;
         counters.leave(old.state);
         counters.enter(State::Pending);
         Ok(true)
@@ -548,6 +569,7 @@ impl<'t> Tables<'t> {
         now_ms: u64,
         cursor: Option<(u64, String, String)>,
     ) -> Result<Chunk, StoreError> {
+        // (received, event_id, app) of each delivery to queue again.
         let mut keys: Vec<(u64, String, String)> = Vec::new();
         let upper = after(c);
         match selector {
@@ -559,12 +581,13 @@ impl<'t> Tables<'t> {
                     .map_err(err)?
                     .take(QUEUE_CHUNK)
                 {
-                    let (key, _) = entry.map_err(err)?;
-                    let (_, at, id, app) = key.value();
-                    keys.push((at, id.to_string(), app.to_string()));
+                    let (key, received) = entry.map_err(err)?;
+                    let (_, _, id, app) = key.value();
+                    keys.push((received.value(), id.to_string(), app.to_string()));
                 }
             }
             Selector::Window { since_ms, until_ms } => {
+                // The delivery rows are keyed by received time: the window is one range.
                 let start = match &cursor {
                     Some((at, id, app)) => Bound::Excluded((c, *at, id.as_str(), app.as_str())),
                     None => Bound::Included((c, *since_ms, "", "")),
@@ -574,7 +597,7 @@ impl<'t> Tables<'t> {
                     None => Bound::Excluded((upper.as_str(), 0, "", "")),
                 };
                 for entry in self
-                    .received
+                    .deliveries
                     .range::<(&str, u64, &str, &str)>((start, end))
                     .map_err(err)?
                     .take(QUEUE_CHUNK)
@@ -585,29 +608,29 @@ impl<'t> Tables<'t> {
                 }
             }
             Selector::Ids(ids) => {
+                // The marks, keyed by id first, name every app's event with that id and when
+                // it was received.
                 for id in ids {
-                    for entry in self.deliveries.range((c, id.as_str(), "")..).map_err(err)? {
-                        let (key, _) = entry.map_err(err)?;
-                        let (kc, kid, app) = key.value();
-                        if kc != c || kid != id {
+                    for entry in self.dedupe.range((id.as_str(), "")..).map_err(err)? {
+                        let (key, mark) = entry.map_err(err)?;
+                        let (kid, app) = key.value();
+                        if kid != id {
                             break;
                         }
-                        keys.push((0, id.clone(), app.to_string()));
+                        keys.push((mark.value().1, id.clone(), app.to_string()));
                     }
                 }
+                // An id named twice is requeued (and counted) once.
+                keys.sort();
+                keys.dedup();
             }
-        }
-        if matches!(selector, Selector::Ids(_)) {
-            // An id named twice is requeued (and counted) once.
-            keys.sort();
-            keys.dedup();
         }
         let more = !matches!(selector, Selector::Ids(_)) && keys.len() == QUEUE_CHUNK;
         let cursor = keys.last().cloned().filter(|_| more);
         let mut counters = self.counters(c)?;
         let mut done = 0;
-        for (_, id, app) in &keys {
-            if self.requeue(c, id, app, now_ms, &mut counters)? {
+        for (received, id, app) in &keys {
+            if self.requeue((c, *received, id, app), now_ms, &mut counters)? {
                 done += 1;
             }
         }
@@ -637,47 +660,61 @@ impl<'t> Tables<'t> {
                 .map_err(err)?
                 .take(QUEUE_CHUNK)
             {
-                let (key, _) = entry.map_err(err)?;
+                let (key, received) = entry.map_err(err)?;
                 let (at, c, id, app) = key.value();
-                finished.push((at, c.to_string(), id.to_string(), app.to_string()));
+                finished.push((
+                    at,
+                    c.to_string(),
+                    received.value(),
+                    id.to_string(),
+                    app.to_string(),
+                ));
             }
         }
         let more = marks.len() == QUEUE_CHUNK || finished.len() == QUEUE_CHUNK;
         let mut done = 0;
+        // An expired mark goes, unless its event is still retained (it then finds the event by
+        // id; the event's own purge removes the mark).
         for (until, app, id) in &marks {
             let (app, id) = (app.as_str(), id.as_str());
             self.dedupe_expiry.remove((*until, app, id)).map_err(err)?;
-            let current = self.dedupe.get((app, id)).map_err(err)?.map(|v| v.value());
-            if current == Some(*until) {
-                self.dedupe.remove((app, id)).map_err(err)?;
+            let current = self.dedupe.get((id, app)).map_err(err)?.map(|v| v.value());
+            if let Some((mark_until, received)) = current {
+                if mark_until == *until && self.event(received, app, id)?.is_none() {
+                    self.dedupe.remove((id, app)).map_err(err)?;
+                }
             }
             done += 1;
         }
-        for (at, c, id, app) in &finished {
-            let (c, id, app) = (c.as_str(), id.as_str(), app.as_str());
-            let row = self.delivery(c, id, app)?;
+        for (at, c, received, id, app) in &finished {
+            let key = (c.as_str(), *received, id.as_str(), app.as_str());
+            let (c, id, app) = (key.0, key.2, key.3);
+            let row = self.delivery(key)?;
             let event = match &row {
-                Some(row) => self.event(row.received_at_ms, app, id)?,
+                Some(_) => self.event(*received, app, id)?,
                 None => None,
             };
             let mut counters = self.counters(c)?;
             self.finished.remove((*at, c, id, app)).map_err(err)?;
             let Some(row) = row else { continue };
-            self.unindex(c, id, app, &row)?;
-            self.received
-                .remove((c, row.received_at_ms, id, app))
-                .map_err(err)?;
-            self.deliveries.remove((c, id, app)).map_err(err)?;
+            self.unindex(key, &row)?;
+            self.deliveries.remove(key).map_err(err)?;
             counters.leave(row.state);
             self.put_counters(c, &counters)?;
             if let Some(mut event) = event {
-                let key = (row.received_at_ms, app, id);
+                let event_key = (*received, app, id);
                 event.refs = event.refs.saturating_sub(1);
                 if event.refs == 0 {
-                    self.events.remove(key).map_err(err)?;
+                    self.events.remove(event_key).map_err(err)?;
+                    // The event's mark goes with it once its window is over (a mark still in
+                    // its window is removed by its expiry entry).
+                    let mark = self.dedupe.get((id, app)).map_err(err)?.map(|v| v.value());
+                    if mark.is_some_and(|(until, r)| r == *received && until <= now_ms) {
+                        self.dedupe.remove((id, app)).map_err(err)?;
+                    }
                 } else {
                     self.events
-                        .insert(key, event.encode().as_slice())
+                        .insert(event_key, event.encode().as_slice())
                         .map_err(err)?;
                 }
             }
@@ -728,13 +765,14 @@ pub(super) fn dead_letters(
         .rev()
         .take(limit)
     {
-        let (key, _) = entry.map_err(err)?;
+        let (key, received) = entry.map_err(err)?;
         let (_, dead_at_ms, id, app) = key.value();
-        let Some(row) = deliveries.get((c, id, app)).map_err(err)? else {
+        let received = received.value();
+        let Some(row) = deliveries.get((c, received, id, app)).map_err(err)? else {
             continue;
         };
         let row = DeliveryRow::decode(row.value())?;
-        let event_type = match events.get((row.received_at_ms, app, id)).map_err(err)? {
+        let event_type = match events.get((received, app, id)).map_err(err)? {
             Some(v) => EventRow::decode(v.value())?.event_type,
             None => String::new(),
         };
