@@ -9,6 +9,7 @@ mod util;
 
 mod abuse;
 mod broker;
+mod deploy;
 mod fuzz_corpus;
 mod fuzz_harness;
 mod handoff;
