@@ -47,7 +47,7 @@ async fn exported() -> BTreeSet<String> {
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .filter_map(|l| l.split_whitespace().next())
-        .flat_map(|name| metric_names(name))
+        .flat_map(metric_names)
         .collect();
     app.stop().await;
     names
