@@ -264,6 +264,11 @@ pub struct TokenConfig {
     pub upstream_timeout: Duration,
     /// Retries of a call that failed in transport or with a 5xx (never of an answered error).
     pub upstream_retries: u32,
+    /// With several replicas on one store: how often a replica waiting for another replica's
+    /// token fetch, or a token request waiting for a ticket push, reads the store again in
+    /// case a change notice was missed (the notice normally wakes it at once).
+    #[serde(deserialize_with = "de_duration")]
+    pub fleet_poll_interval: Duration,
 }
 
 impl Default for TokenConfig {
@@ -279,6 +284,7 @@ impl Default for TokenConfig {
             recent_use: Duration::from_secs(2 * 3600),
             upstream_timeout: Duration::from_secs(3),
             upstream_retries: 2,
+            fleet_poll_interval: Duration::from_secs(1),
         }
     }
 }
@@ -587,6 +593,7 @@ impl Config {
         for (key, d) in [
             ("tokens.refresh_check_interval", t.refresh_check_interval),
             ("tokens.upstream_timeout", t.upstream_timeout),
+            ("tokens.fleet_poll_interval", t.fleet_poll_interval),
             ("tickets.resend_wait", self.tickets.resend_wait),
             ("tickets.stale_after", self.tickets.stale_after),
             ("events.max_age", self.events.max_age),
