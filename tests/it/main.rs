@@ -9,6 +9,7 @@ mod util;
 
 mod abuse;
 mod broker;
+mod fleet;
 mod fuzz_corpus;
 mod fuzz_harness;
 mod handoff;
