@@ -359,6 +359,11 @@ impl Tickets {
         signal: &mut watch::Receiver<u64>,
         not: Option<&Secret>,
     ) -> Result<Secret, Error> {
+        tracing::debug!(
+            app_id,
+            wait_ms = self.0.cfg.resend_wait.as_millis() as u64,
+            "waiting for an app_ticket push"
+        );
         let wait = async {
             loop {
                 if self.0.fleet {

@@ -888,6 +888,7 @@ impl Broker {
     async fn run_fleet_flight(&self, key: &TokenKey) -> Result<Arc<Token>, Error> {
         // Subscribe before the first look, so a token stored after it still wakes us.
         let mut changes = self.0.store.changes();
+        let mut closing = self.0.closing.subscribe();
         let newer_than = self.cached_expiry(key).unwrap_or(0);
         if let Some(token) = self.adopt_stored(key, newer_than).await {
             return Ok(token);
@@ -936,7 +937,12 @@ impl Broker {
                 ));
             }
             let wait = poll.min(deadline - now);
-            let _ = tokio::time::timeout(wait, token_stored(&mut changes, &store_key)).await;
+            tokio::select! {
+                _ = tokio::time::timeout(wait, token_stored(&mut changes, &store_key)) => {}
+                // Shutting down: nobody waits for this flight any more (the listeners are
+                // closed), and the lease holder stores the token for the others.
+                _ = closing.wait_for(|c| *c) => return Err(shutting_down()),
+            }
         }
     }
 
