@@ -264,6 +264,11 @@ pub struct TokenConfig {
     pub upstream_timeout: Duration,
     /// Retries of a call that failed in transport or with a 5xx (never of an answered error).
     pub upstream_retries: u32,
+    /// With several replicas on one store: how often a replica waiting for another replica's
+    /// token fetch, or a token request waiting for a ticket push, reads the store again in
+    /// case a change notice was missed (the notice normally wakes it at once).
+    #[serde(deserialize_with = "de_duration")]
+    pub fleet_poll_interval: Duration,
 }
 
 impl Default for TokenConfig {
@@ -279,6 +284,7 @@ impl Default for TokenConfig {
             recent_use: Duration::from_secs(2 * 3600),
             upstream_timeout: Duration::from_secs(3),
             upstream_retries: 2,
+            fleet_poll_interval: Duration::from_secs(1),
         }
     }
 }
@@ -362,9 +368,12 @@ pub enum StoreKind {
     Embedded,
     /// Process memory: for tests and throwaway runs; everything is lost on exit.
     Memory,
-    /// Redis, for several replicas (a later stage).
+    /// Redis (or Valkey), shared by several replicas (DESIGN.md → *Several replicas*).
     Redis,
 }
+
+/// The default `store.key_prefix`.
+pub const DEFAULT_KEY_PREFIX: &str = "lark-ticketd";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -372,8 +381,13 @@ pub struct StoreConfig {
     pub kind: StoreKind,
     /// The embedded store's file.
     pub path: PathBuf,
-    /// The Redis URL (may carry a password, so it is a secret).
+    /// The Redis URL, `redis://` (or `rediss://`, `unix://`); it may carry a password, so it is
+    /// a secret, and it may hold `${NAME}` references.
     pub url: Option<Secret>,
+    /// Every Redis key starts with this, so several deployments may share one Redis.
+    pub key_prefix: String,
+    /// `url` is one seed node of a Redis Cluster.
+    pub cluster: bool,
 }
 
 impl Default for StoreConfig {
@@ -382,7 +396,64 @@ impl Default for StoreConfig {
             kind: StoreKind::Embedded,
             path: PathBuf::from("data/lark-ticketd.db"),
             url: None,
+            key_prefix: DEFAULT_KEY_PREFIX.to_string(),
+            cluster: false,
         }
+    }
+}
+
+impl StoreConfig {
+    /// `store.url` and `store.key_prefix` for `kind = "redis"`. An error never repeats the URL:
+    /// it may hold a password.
+    fn validate_redis(&self) -> Result<(), ConfigError> {
+        let url =
+            match &self.url {
+                Some(url) if !url.is_empty() => url,
+                _ => return Err(ConfigError::new(
+                    "store.url",
+                    "is required with store.kind = \"redis\", e.g. \"redis://127.0.0.1:6379/0\"",
+                )),
+            };
+        let scheme = url.expose().split("://").next().unwrap_or_default();
+        if !["redis", "rediss", "unix", "redis+unix"].contains(&scheme) {
+            return Err(ConfigError::new(
+                "store.url",
+                "must start with redis:// (or rediss://, unix://)",
+            ));
+        }
+        if scheme == "rediss" {
+            return Err(ConfigError::new(
+                "store.url",
+                "rediss:// (TLS) is not supported by this build: reach Redis over a TLS tunnel \
+                 or a private network with redis://",
+            ));
+        }
+        if redis::IntoConnectionInfo::into_connection_info(url.expose()).is_err() {
+            return Err(ConfigError::new(
+                "store.url",
+                "is not a valid Redis URL (redis://[user:password@]host[:port][/db])",
+            ));
+        }
+        if self.cluster && scheme != "redis" {
+            return Err(ConfigError::new(
+                "store.url",
+                "with store.cluster = true must be a redis:// URL of one cluster node",
+            ));
+        }
+        let p = &self.key_prefix;
+        if p.is_empty()
+            || p.len() > 64
+            || !p
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b))
+        {
+            return Err(ConfigError::new(
+                "store.key_prefix",
+                "must be 1 to 64 of letters, digits, '_', '-', '.' and ':' (no braces: the \
+                 service adds the hash tags itself)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -587,6 +658,7 @@ impl Config {
         for (key, d) in [
             ("tokens.refresh_check_interval", t.refresh_check_interval),
             ("tokens.upstream_timeout", t.upstream_timeout),
+            ("tokens.fleet_poll_interval", t.fleet_poll_interval),
             ("tickets.resend_wait", self.tickets.resend_wait),
             ("tickets.stale_after", self.tickets.stale_after),
             ("events.max_age", self.events.max_age),
@@ -600,12 +672,7 @@ impl Config {
             StoreKind::Embedded if self.store.path.as_os_str().is_empty() => {
                 return Err(ConfigError::new("store.path", "must not be empty"));
             }
-            StoreKind::Redis => {
-                return Err(ConfigError::new(
-                    "store.kind",
-                    "\"redis\" is not available in this version; use \"embedded\" or \"memory\"",
-                ));
-            }
+            StoreKind::Redis => self.store.validate_redis()?,
             _ => {}
         }
         if self.apps.is_empty() {
@@ -971,6 +1038,66 @@ verification_token = "vt-literal"
         assert_eq!(c.events.max_age, Duration::from_secs(8 * 3600));
         assert_eq!(c.events.max_skew, Duration::from_secs(300));
         assert!(c.events.reject_stale);
+    }
+
+    #[test]
+    fn redis_store_keys_are_validated_without_repeating_the_url() {
+        let parse = |store: &str| {
+            let text = format!("[store]\n{store}\n{MINIMAL}");
+            Config::parse(
+                &text,
+                &env_of(&[("SECRET", "s"), ("EK", "k"), ("PW", "pw-9f3e")]),
+            )
+        };
+        let c = parse("kind = \"redis\"\nurl = \"redis://:${PW}@127.0.0.1:6380/0\"").unwrap();
+        assert_eq!(c.store.kind, StoreKind::Redis);
+        assert_eq!(
+            c.store.url.as_ref().unwrap().expose(),
+            "redis://:pw-9f3e@127.0.0.1:6380/0"
+        );
+        assert_eq!(
+            (c.store.key_prefix.as_str(), c.store.cluster),
+            ("lark-ticketd", false)
+        );
+        assert!(!format!("{c:?}").contains("pw-9f3e"));
+        let c = parse(
+            "kind = \"redis\"\nurl = \"redis://h:7000\"\nkey_prefix = \"ltd:prod\"\ncluster = true",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.store.key_prefix.as_str(), c.store.cluster),
+            ("ltd:prod", true)
+        );
+        for (store, key) in [
+            ("kind = \"redis\"", "store.url"),
+            ("kind = \"redis\"\nurl = \"\"", "store.url"),
+            ("kind = \"redis\"\nurl = \"http://:pw-9f3e@h\"", "store.url"),
+            (
+                "kind = \"redis\"\nurl = \"redis://:pw-9f3e@h:notaport\"",
+                "store.url",
+            ),
+            (
+                "kind = \"redis\"\nurl = \"rediss://:pw-9f3e@h\"",
+                "store.url",
+            ),
+            (
+                "kind = \"redis\"\nurl = \"redis://h\"\nkey_prefix = \"\"",
+                "store.key_prefix",
+            ),
+            (
+                "kind = \"redis\"\nurl = \"redis://h\"\nkey_prefix = \"{x}\"",
+                "store.key_prefix",
+            ),
+            (
+                "kind = \"redis\"\nurl = \"redis://h\"\nclustr = true",
+                "store.clustr",
+            ),
+            ("kind = \"redis\"\nurl = \"${MISSING}\"", "store.url"),
+        ] {
+            let e = parse(store).expect_err(store);
+            assert!(e.key.starts_with(key), "{store}: {e}");
+            assert!(!e.to_string().contains("pw-9f3e"), "{e}");
+        }
     }
 
     #[test]

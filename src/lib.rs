@@ -107,12 +107,40 @@ struct Inner {
 }
 
 impl AppState {
-    /// The state, or why it cannot be built (the HTTP client for the Open Platform).
+    /// The state, or why it cannot be built (the HTTP client for the Open Platform). It acts
+    /// as one replica of a fleet when the store is shared ([`Store::is_shared`]).
     pub fn new(config: Config, store: Store, clock: SharedClock) -> Result<Self, error::Error> {
+        let fleet = store.is_shared();
+        Self::build(config, store, clock, fleet)
+    }
+
+    /// One of several replicas sharing `store` whatever its backend: several of these over one
+    /// memory store act like replicas on Redis (every store announces every write), which is
+    /// how the fleet's coordination is tested in one process.
+    pub fn new_replica(
+        config: Config,
+        store: Store,
+        clock: SharedClock,
+    ) -> Result<Self, error::Error> {
+        Self::build(config, store, clock, true)
+    }
+
+    fn build(
+        config: Config,
+        store: Store,
+        clock: SharedClock,
+        fleet: bool,
+    ) -> Result<Self, error::Error> {
         let verifier = Verifier::new(&config.apps);
         let clients = auth::Clients::new(&config.clients);
         let metrics = metrics::Metrics::new();
-        let tickets = Tickets::new(&config, store.clone(), Arc::clone(&clock), metrics.clone());
+        let tickets = Tickets::new(
+            &config,
+            store.clone(),
+            Arc::clone(&clock),
+            metrics.clone(),
+            fleet,
+        );
         let forwarder =
             Forwarder::new(&config, store.clone(), Arc::clone(&clock), metrics.clone())?;
         let intake = Intake::new(

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use lark_ticketd::clock;
-use lark_ticketd::config::{Config, ConfigError};
+use lark_ticketd::config::{Config, ConfigError, StoreKind};
 use lark_ticketd::events::cipher::EventCipher;
 use lark_ticketd::mock_feishu::{MockFeishu, MockOptions};
 use lark_ticketd::ops::logging::{self, LogFormat};
@@ -239,8 +239,12 @@ async fn serve(path: PathBuf) -> ExitCode {
         Ok(c) => c,
         Err(e) => return config_error(&e),
     };
-    // On this (the main) thread: see `Store::open_blocking`.
-    let store = match Store::open_blocking(&config.store) {
+    // On this (the main) thread: see `Store::open_blocking`. Redis connects on the runtime.
+    let opened = match config.store.kind {
+        StoreKind::Redis => Store::open(&config.store).await,
+        _ => Store::open_blocking(&config.store),
+    };
+    let store = match opened {
         Ok(s) => s,
         Err(e) => {
             eprintln!("lark-ticketd: cannot open the store: {}", e.0);

@@ -289,7 +289,7 @@ where
         Route::Resend(app_id) => {
             only(&req, &[Method::POST])?;
             caller(state, &req, Scope::Admin, Some(app_id), log)?;
-            let requested = state.broker().request_resend(app_id);
+            let requested = state.broker().request_resend(app_id).await;
             let app = status::app_status(state, app_id).await?;
             Ok(json(
                 StatusCode::ACCEPTED,

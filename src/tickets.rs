@@ -23,6 +23,16 @@
 //!   none awaiting its push, the answer is `503 ticket_missing` at once.
 //! * **Demotion** after Feishu's `10012` ([`Tickets::demote`]), so the next different ticket
 //!   replaces the refused one whatever its event time.
+//! * **Several replicas on one store** (a fleet; only when the store is shared): a ticket pushed
+//!   to any replica wakes the callers waiting on every replica — [`Tickets::follow_fleet`] turns
+//!   the store's [`Change::TicketStored`] notices into the same wake-up a local push makes (the
+//!   echo of this replica's own write is recognised and changes nothing), and a waiting caller
+//!   also reads the store every `tokens.fleet_poll_interval` in case a notice was missed. The
+//!   resend limit holds across the fleet: a replica sends a resend only while it holds the
+//!   lease `resend:{app_id}` for `tickets.resend_interval` (never released, so it *is* the
+//!   interval), except that a request that failed to reach Feishu gives it back. A replica that
+//!   finds the lease taken waits for the other replica's push like for its own, for at most
+//!   `tickets.resend_wait` after it looked.
 //!
 //! Layering: this module sits above the store and below both intake ([`crate::events`]) and the
 //! broker ([`crate::tokens`]); it imports neither. The request to Feishu itself belongs to the
@@ -32,16 +42,18 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
 
 use crate::clock::SharedClock;
 use crate::config::{Config, TicketConfig};
 use crate::error::{Error, ErrorKind};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
-use crate::store::{Store, TicketRecord, TicketSource, TicketWrite};
+use crate::store::{Change, Store, TicketRecord, TicketSource, TicketWrite};
 
 /// The outcome of the last resend request for an app.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -49,7 +61,13 @@ use crate::store::{Store, TicketRecord, TicketSource, TicketWrite};
 pub enum ResendOutcome {
     Pending,
     Accepted,
-    Failed { code: Option<i64>, message: String },
+    Failed {
+        code: Option<i64>,
+        message: String,
+    },
+    /// Another replica of the fleet holds the app's resend lease: it asked within the interval,
+    /// so this one did not.
+    OtherReplica,
 }
 
 /// Resend bookkeeping for one app.
@@ -80,7 +98,14 @@ struct Inner {
     metrics: Metrics,
     /// Bumped whenever a ticket is stored as the newest for the app: wakes waiting callers.
     signals: HashMap<String, watch::Sender<u64>>,
+    /// The ticket each signal was last bumped for (its event time and id), so the same stored
+    /// ticket never wakes twice — a local push and the store's notice of it, in either order.
+    signalled: Mutex<HashMap<String, (i64, String)>>,
     resends: Mutex<HashMap<String, ResendStatus>>,
+    /// Other replicas share the store: resends take the fleet's lease, waiters also poll.
+    fleet: bool,
+    /// How often a waiting caller reads the store in case a change notice was missed (fleet).
+    fleet_poll: Duration,
 }
 
 /// The ticket bookkeeping handle. Cheap to clone.
@@ -92,8 +117,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The lease that limits resend requests for `app_id` across the fleet.
+fn resend_lease(app_id: &str) -> String {
+    format!("resend:{app_id}")
+}
+
+/// A random lease owner: only the one who took a lease gives it back.
+fn lease_owner() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
 impl Tickets {
-    pub fn new(config: &Config, store: Store, clock: SharedClock, metrics: Metrics) -> Tickets {
+    /// `fleet`: other replicas share `store` (see the module docs); `store.is_shared()` unless
+    /// the caller knows better (several replicas in one process, over one memory store).
+    pub fn new(
+        config: &Config,
+        store: Store,
+        clock: SharedClock,
+        metrics: Metrics,
+        fleet: bool,
+    ) -> Tickets {
         let signals = config
             .apps
             .iter()
@@ -105,8 +148,72 @@ impl Tickets {
             clock,
             metrics,
             signals,
+            signalled: Mutex::new(HashMap::new()),
             resends: Mutex::new(HashMap::new()),
+            fleet,
+            fleet_poll: config.tokens.fleet_poll_interval,
         }))
+    }
+
+    /// Whether other replicas share the store.
+    pub fn in_fleet(&self) -> bool {
+        self.0.fleet
+    }
+
+    /// With a shared store: wake this replica's waiting callers when a ticket lands on any
+    /// replica. Runs until aborted; `None` when the store is not shared (nothing to follow).
+    pub fn follow_fleet(&self) -> Option<JoinHandle<()>> {
+        if !self.0.fleet {
+            return None;
+        }
+        // Subscribe now, so nothing stored after this call is missed.
+        let mut changes = self.0.store.changes();
+        // Weak: the follower must not keep the bookkeeping (and the store) alive.
+        let tickets = Arc::downgrade(&self.0);
+        Some(tokio::spawn(async move {
+            loop {
+                let change = changes.recv().await;
+                let Some(this) = tickets.upgrade().map(Tickets) else {
+                    return;
+                };
+                match change {
+                    Ok(Change::TicketStored { app_id }) => this.look_at_stored(&app_id).await,
+                    // Notices may have been missed: look at every app. A store that lost its
+                    // data may get the very push it had again: it must wake us again.
+                    Ok(Change::Resynced { .. }) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if matches!(change, Ok(Change::Resynced { lost_data: true })) {
+                            lock(&this.0.signalled).clear();
+                        }
+                        let mut apps: Vec<String> = this.0.signals.keys().cloned().collect();
+                        apps.sort();
+                        for app_id in apps {
+                            this.look_at_stored(&app_id).await;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        }))
+    }
+
+    /// Another replica (or this one) stored a ticket for `app_id`: wake the waiters unless this
+    /// replica already did for that ticket.
+    async fn look_at_stored(&self, app_id: &str) {
+        if !self.0.signals.contains_key(app_id) {
+            return;
+        }
+        match self.0.store.ticket(app_id).await {
+            Ok(Some(t)) => {
+                if self.stored(app_id, (t.event_time_us, t.event_id)) {
+                    tracing::debug!(app_id, ticket = %t.ticket.fingerprint(), "app_ticket stored by another replica");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(app_id, error = %e, "cannot read the ticket another replica stored")
+            }
+        }
     }
 
     /// Store a pushed ticket (if it is the newest) and wake whoever waits for one. Returns only
@@ -152,11 +259,12 @@ impl Tickets {
             TicketSource::Push => "push",
             TicketSource::Resend => "resend",
         };
+        let id = (record.event_time_us, record.event_id.clone());
         let write = self.0.store.put_ticket(&app_id, record).await?;
         let stored = write == TicketWrite::Stored;
         self.0.metrics.ticket_push(&app_id, via, stored);
         if stored {
-            self.stored(&app_id);
+            self.stored(&app_id, id);
         }
         tracing::info!(
             app_id = %app_id,
@@ -167,16 +275,25 @@ impl Tickets {
         Ok(write)
     }
 
-    /// A ticket was stored as the newest: the resend (if any) is answered, and callers waiting
-    /// for a ticket wake up (the bumped generation also tells the broker to forget the app's
-    /// remembered failure).
-    fn stored(&self, app_id: &str) {
+    /// A ticket (`id`: its event time and id) was stored as the newest: the resend (if any) is
+    /// answered, and callers waiting for a ticket wake up (the bumped generation also tells the
+    /// broker to forget the app's remembered failure). The same ticket wakes once, whether this
+    /// replica stored it or heard of it from the store. Returns whether it woke anyone.
+    fn stored(&self, app_id: &str, id: (i64, String)) -> bool {
+        {
+            let mut signalled = lock(&self.0.signalled);
+            if signalled.get(app_id) == Some(&id) {
+                return false;
+            }
+            signalled.insert(app_id.to_string(), id);
+        }
         if let Some(status) = lock(&self.0.resends).get_mut(app_id) {
             status.awaiting_push = false;
         }
         if let Some(signal) = self.0.signals.get(app_id) {
             signal.send_modify(|v| *v += 1);
         }
+        true
     }
 
     /// A receiver that changes whenever a ticket is stored as the newest for `app_id`.
@@ -203,12 +320,15 @@ impl Tickets {
     /// for the push, up to `tickets.resend_wait`. Waits only if a push is actually on its way:
     /// with no resend requested now and none awaiting its push, nothing would wake us, so the
     /// answer is `ticket_missing` at once.
-    pub async fn current(
+    pub async fn current<R>(
         &self,
         app_id: &str,
         not: Option<&Secret>,
-        request_resend: impl FnOnce() -> bool,
-    ) -> Result<Secret, Error> {
+        request_resend: impl FnOnce() -> R,
+    ) -> Result<Secret, Error>
+    where
+        R: Future<Output = bool>,
+    {
         // Subscribe before looking, so a push landing in between still wakes us.
         let mut signal = self
             .ticket_watch(app_id)
@@ -223,7 +343,7 @@ impl Tickets {
             }
             _ => not,
         };
-        let requested = request_resend();
+        let requested = request_resend().await;
         if !requested && !self.resend_pending(app_id) {
             return Err(Error::new(
                 ErrorKind::TicketMissing,
@@ -239,9 +359,22 @@ impl Tickets {
         signal: &mut watch::Receiver<u64>,
         not: Option<&Secret>,
     ) -> Result<Secret, Error> {
+        tracing::debug!(
+            app_id,
+            wait_ms = self.0.cfg.resend_wait.as_millis() as u64,
+            "waiting for an app_ticket push"
+        );
         let wait = async {
             loop {
-                if signal.changed().await.is_err() {
+                if self.0.fleet {
+                    // The notice normally wakes us; the poll covers one that was missed.
+                    tokio::select! {
+                        changed = signal.changed() => if changed.is_err() {
+                            return Ok(None);
+                        },
+                        _ = tokio::time::sleep(self.0.fleet_poll) => {}
+                    }
+                } else if signal.changed().await.is_err() {
                     return Ok(None);
                 }
                 if let Some(t) = self.0.store.ticket(app_id).await? {
@@ -262,10 +395,28 @@ impl Tickets {
     }
 
     /// Ask Feishu to push the ticket of `app_id` again, at most once per app per
-    /// `tickets.resend_interval`: if this call may, `call` (the request to Feishu, made by the
-    /// broker's Open Platform client) runs in the background and its outcome is recorded.
-    /// Returns whether a request was sent now.
-    pub fn request_resend<F>(&self, app_id: &str, call: F) -> bool
+    /// `tickets.resend_interval` across all callers (across the fleet too, through the lease
+    /// `resend:{app_id}`): if this call may, `call` (the request to Feishu, made by the broker's
+    /// Open Platform client) runs in the background and its outcome is recorded. Returns whether
+    /// a request was sent now. Awaits only with a shared store (the lease).
+    pub async fn request_resend<F>(&self, app_id: &str, call: F) -> bool
+    where
+        F: Future<Output = ResendOutcome> + Send + 'static,
+    {
+        self.resend(app_id, call, false).await
+    }
+
+    /// As [`Tickets::request_resend`], but without this replica's own interval: after the
+    /// store lost its data every ticket must be asked for again. The fleet's lease still holds,
+    /// so the fleet asks once.
+    pub async fn request_resend_after_data_loss<F>(&self, app_id: &str, call: F) -> bool
+    where
+        F: Future<Output = ResendOutcome> + Send + 'static,
+    {
+        self.resend(app_id, call, true).await
+    }
+
+    async fn resend<F>(&self, app_id: &str, call: F, ignore_interval: bool) -> bool
     where
         F: Future<Output = ResendOutcome> + Send + 'static,
     {
@@ -277,10 +428,19 @@ impl Tickets {
         {
             let mut resends = lock(&self.0.resends);
             if let Some(last) = resends.get(app_id) {
-                if now.saturating_sub(last.requested_at_ms) < interval {
+                // After finding another replica's lease, look again once its push is overdue
+                // (that request may have failed and given the lease back), not a whole
+                // interval later.
+                let block = if last.outcome == ResendOutcome::OtherReplica {
+                    interval.min(self.0.cfg.resend_wait.as_millis() as u64)
+                } else {
+                    interval
+                };
+                if !ignore_interval && now.saturating_sub(last.requested_at_ms) < block {
                     return false;
                 }
             }
+            // Reserved before any await: one attempt per app per interval in this replica.
             resends.insert(
                 app_id.to_string(),
                 ResendStatus {
@@ -290,13 +450,52 @@ impl Tickets {
                 },
             );
         }
+        let lease = if self.0.fleet {
+            let owner = lease_owner();
+            let lease = resend_lease(app_id);
+            match self
+                .0
+                .store
+                .try_lease(&lease, &owner, self.0.cfg.resend_interval)
+                .await
+            {
+                Ok(true) => Some(owner),
+                Ok(false) => {
+                    tracing::debug!(
+                        app_id,
+                        "another replica asked Feishu to resend the app_ticket within the interval"
+                    );
+                    if let Some(status) = lock(&self.0.resends).get_mut(app_id) {
+                        status.outcome = ResendOutcome::OtherReplica;
+                    }
+                    return false;
+                }
+                Err(e) => {
+                    // The store is down: no ticket could be stored either, but the request may
+                    // still help once it is back. This replica's own interval still holds.
+                    tracing::warn!(app_id, error = %e, "cannot take the resend lease; asking Feishu anyway");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         tracing::info!(app_id, "asking Feishu to resend the app_ticket");
         // The call may outlive the service (a shutdown mid-request): hold the bookkeeping
         // weakly, so the store is not kept open by it.
         let tickets = Arc::downgrade(&self.0);
+        let store = self.0.store.clone();
         let app_id = app_id.to_string();
         tokio::spawn(async move {
             let outcome = call.await;
+            // A request that never reached Feishu (no answer, a 5xx) must not use up the
+            // fleet's interval: another replica may try at once.
+            if let (Some(owner), ResendOutcome::Failed { code: None, .. }) = (&lease, &outcome) {
+                if let Err(e) = store.release_lease(&resend_lease(&app_id), owner).await {
+                    tracing::warn!(app_id = %app_id, error = %e, "cannot give back the resend lease; it expires after the interval");
+                }
+            }
+            drop(store);
             let Some(this) = tickets.upgrade().map(Tickets) else {
                 return;
             };
@@ -305,7 +504,9 @@ impl Tickets {
                     tracing::warn!(app_id = %app_id, error = %message, "app_ticket resend request failed");
                     "failed"
                 }
-                ResendOutcome::Accepted | ResendOutcome::Pending => "accepted",
+                ResendOutcome::Accepted | ResendOutcome::Pending | ResendOutcome::OtherReplica => {
+                    "accepted"
+                }
             };
             this.0.metrics.ticket_resend(&app_id, label);
             let mut resends = lock(&this.0.resends);
@@ -325,11 +526,17 @@ impl Tickets {
         lock(&self.0.resends).get(app_id).cloned()
     }
 
-    /// Does a push arriving now answer a resend request of ours?
+    /// Does a push arriving now answer a resend request of ours (or of another replica's)?
+    /// Another replica's request counts for `tickets.resend_wait` after this replica saw it:
+    /// whether it reached Feishu is not known here.
     pub fn resend_pending(&self, app_id: &str) -> bool {
-        lock(&self.0.resends)
-            .get(app_id)
-            .is_some_and(|s| s.awaiting_push)
+        let now = self.0.clock.now_ms();
+        let wait = self.0.cfg.resend_wait.as_millis() as u64;
+        lock(&self.0.resends).get(app_id).is_some_and(|s| {
+            s.awaiting_push
+                && (s.outcome != ResendOutcome::OtherReplica
+                    || now.saturating_sub(s.requested_at_ms) < wait)
+        })
     }
 
     /// Mark a ticket Feishu refused (10012), so the next different ticket replaces it.

@@ -248,6 +248,7 @@ pub fn render_table(apps: &[AppStatus], colour: bool) -> String {
                         ResendOutcome::Accepted => "accepted".to_string(),
                         ResendOutcome::Failed { code: Some(c), .. } => format!("failed ({c})"),
                         ResendOutcome::Failed { code: None, .. } => "failed".to_string(),
+                        ResendOutcome::OtherReplica => "by another replica".to_string(),
                     };
                     format!("{} {outcome}", utc(r.requested_at))
                 }

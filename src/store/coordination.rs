@@ -109,6 +109,7 @@ impl Store {
         match self {
             Store::Memory(m) => m.check().map(|()| m.local().try_lease(name, owner, ttl)),
             Store::Embedded(e) => Ok(e.local().try_lease(name, owner, ttl)),
+            Store::Redis(r) => r.try_lease(name, owner, ttl).await,
         }
     }
 
@@ -118,6 +119,7 @@ impl Store {
         match self {
             Store::Memory(m) => m.check().map(|()| m.local().release_lease(name, owner)),
             Store::Embedded(e) => Ok(e.local().release_lease(name, owner)),
+            Store::Redis(r) => r.release_lease(name, owner).await,
         }
     }
 
@@ -126,6 +128,7 @@ impl Store {
         match self {
             Store::Memory(m) => m.local().changes(),
             Store::Embedded(e) => e.local().changes(),
+            Store::Redis(r) => r.changes(),
         }
     }
 
@@ -134,6 +137,8 @@ impl Store {
         match self {
             Store::Memory(m) => m.local().notify(change),
             Store::Embedded(e) => e.local().notify(change),
+            // Redis writes publish their notice in the same script that writes.
+            Store::Redis(_) => {}
         }
     }
 
@@ -141,6 +146,7 @@ impl Store {
     pub fn is_shared(&self) -> bool {
         match self {
             Store::Memory(_) | Store::Embedded(_) => false,
+            Store::Redis(_) => true,
         }
     }
 }
@@ -165,41 +171,98 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn every_write_is_announced_to_every_handle() {
+    async fn memory_handles_pass_the_coordination_contract() {
         let store = Store::Memory(crate::store::memory::MemoryStore::default());
-        let other_replica = store.clone();
-        let mut changes = other_replica.changes();
+        contract::run(&store, &store.clone()).await;
+    }
+}
+
+/// What two handles on one shared store must see of each other — two clones of a memory store,
+/// or two processes on one Redis: run by each backend's tests.
+#[cfg(test)]
+pub(crate) mod contract {
+    use super::*;
+    use crate::secret::Secret;
+    use crate::store::TokenRecord;
+
+    /// How long a notice may take to arrive (Redis pub/sub: milliseconds; generous for a loaded
+    /// machine).
+    const NOTICE_DEADLINE: Duration = Duration::from_secs(10);
+
+    pub async fn run(a: &Store, b: &Store) {
+        leases(a, b).await;
+        notices(a, b).await;
+    }
+
+    async fn leases(a: &Store, b: &Store) {
+        let ttl = Duration::from_secs(60);
+        assert!(a.try_lease("fetch/x", "a", ttl).await.unwrap());
+        assert!(!b.try_lease("fetch/x", "b", ttl).await.unwrap());
+        assert!(!a.try_lease("fetch/x", "a", ttl).await.unwrap());
+        // Only the owner releases it.
+        assert!(!b.release_lease("fetch/x", "b").await.unwrap());
+        assert!(a.release_lease("fetch/x", "a").await.unwrap());
+        assert!(!a.release_lease("fetch/x", "a").await.unwrap());
+        assert!(b.try_lease("fetch/x", "b", ttl).await.unwrap());
+        // A holder that died never releases: the lease frees itself when its time is up, and
+        // the old owner cannot release the next owner's lease.
+        let short = Duration::from_millis(30);
+        assert!(a.try_lease("fetch/short", "a", short).await.unwrap());
+        let deadline = Instant::now() + NOTICE_DEADLINE;
+        while !b.try_lease("fetch/short", "b", ttl).await.unwrap() {
+            assert!(Instant::now() < deadline, "the short lease never expired");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!a.release_lease("fetch/short", "a").await.unwrap());
+        assert!(b.release_lease("fetch/short", "b").await.unwrap());
+    }
+
+    async fn next(rx: &mut broadcast::Receiver<Change>) -> Change {
+        tokio::time::timeout(NOTICE_DEADLINE, rx.recv())
+            .await
+            .expect("a change notice in time")
+            .expect("no notice missed")
+    }
+
+    /// Every change is heard by every handle, the writer's included, in order; writes that
+    /// change nothing announce nothing.
+    async fn notices(a: &Store, b: &Store) {
+        let mut on_a = a.changes();
+        let mut on_b = b.changes();
         let ticket = crate::store::contract::ticket("t-1", 1);
-        store.put_ticket("cli_a", ticket.clone()).await.unwrap();
+        a.put_ticket("cli_notice", ticket.clone()).await.unwrap();
         // A redelivery of the stored ticket changes nothing and announces nothing.
-        store.put_ticket("cli_a", ticket).await.unwrap();
-        let record = crate::store::TokenRecord {
-            token: crate::secret::Secret::new("tok"),
-            expires_at_ms: 10,
+        a.put_ticket("cli_notice", ticket).await.unwrap();
+        let record = |v: &str, expires_at_ms| TokenRecord {
+            token: Secret::new(v),
+            expires_at_ms,
             fetched_at_ms: 1,
         };
-        store.put_token("app/cli_a", record).await.unwrap();
-        store
-            .delete_token("app/cli_a", &crate::secret::Secret::new("tok"))
+        let key = "app/cli_notice".to_string();
+        a.put_token(&key, record("tok", 10)).await.unwrap();
+        // A fenced write (an older token) is not stored, so not announced.
+        b.put_token(&key, record("older", 9)).await.unwrap();
+        b.delete_token(&key, &Secret::new("tok")).await.unwrap();
+        b.put_ticket("cli_end", crate::store::contract::ticket("t-2", 1))
             .await
             .unwrap();
-        let app_id = "cli_a".to_string();
-        let key = "app/cli_a".to_string();
-        assert_eq!(
-            changes.recv().await.unwrap(),
-            Change::TicketStored { app_id }
-        );
-        assert_eq!(
-            changes.recv().await.unwrap(),
+        let expected = [
+            Change::TicketStored {
+                app_id: "cli_notice".into(),
+            },
             Change::TokenStored {
                 key: key.clone(),
-                expires_at_ms: 10
+                expires_at_ms: 10,
+            },
+            Change::TokenInvalidated { key },
+            Change::TicketStored {
+                app_id: "cli_end".into(),
+            },
+        ];
+        for rx in [&mut on_a, &mut on_b] {
+            for change in &expected {
+                assert_eq!(&next(rx).await, change);
             }
-        );
-        assert_eq!(
-            changes.recv().await.unwrap(),
-            Change::TokenInvalidated { key }
-        );
-        assert!(changes.try_recv().is_err());
+        }
     }
 }

@@ -83,8 +83,8 @@ use super::queue::Outcome;
 use super::queue::{ConsumerStats, DeadLetter, Delivery, Enqueue, NewEvent, Selector};
 use super::queue_embedded;
 use super::{
-    apply_tenant_event, coordination, demote_ticket, merge_ticket, StoreError, TenantEvent,
-    TenantRecord, TicketRecord, TicketWrite, TokenRecord,
+    apply_tenant_event, coordination, demote_ticket, merge_ticket, token_replaces, StoreError,
+    TenantEvent, TenantRecord, TicketRecord, TicketWrite, TokenRecord,
 };
 use crate::secret::Secret;
 
@@ -147,7 +147,7 @@ enum WriteOp {
     PutToken {
         key: String,
         record: TokenRecord,
-        reply: oneshot::Sender<Result<(), StoreError>>,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
     },
     DeleteToken {
         key: String,
@@ -193,9 +193,10 @@ impl WriteOp {
             WriteOp::DemoteTicket { reply, .. } => drop(reply.send(Err(e))),
             WriteOp::Tenant { reply, .. } => drop(reply.send(Err(e))),
             WriteOp::DeleteExpiredTokens { reply, .. } => drop(reply.send(Err(e))),
-            WriteOp::PutToken { reply, .. }
-            | WriteOp::DeleteToken { reply, .. }
-            | WriteOp::Ping { reply } => drop(reply.send(Err(e))),
+            WriteOp::PutToken { reply, .. } => drop(reply.send(Err(e))),
+            WriteOp::DeleteToken { reply, .. } | WriteOp::Ping { reply } => {
+                drop(reply.send(Err(e)))
+            }
             WriteOp::Queue(op) => op.fail(&e),
         }
     }
@@ -619,13 +620,21 @@ fn apply(
             Answer::Tenant(reply, Box::new(result))
         }
         WriteOp::PutToken { key, record, reply } => {
-            let result = encode(&record).and_then(|bytes| {
+            let result = (|| {
+                let stored = match tokens.get(key.as_str()).map_err(StoreError::new)? {
+                    Some(v) => Some(decode::<TokenRecord>(v.value())?),
+                    None => None,
+                };
+                if !token_replaces(stored.as_ref(), &record) {
+                    return Ok(false);
+                }
+                let bytes = encode(&record)?;
                 tokens
                     .insert(key.as_str(), bytes.as_slice())
-                    .map(drop)
-                    .map_err(StoreError::new)
-            });
-            Answer::Unit(reply, result)
+                    .map_err(StoreError::new)?;
+                Ok(true)
+            })();
+            Answer::Flag(reply, result)
         }
         WriteOp::DeleteToken { key, token, reply } => {
             let result = (|| {
@@ -1020,7 +1029,9 @@ impl EmbeddedStore {
         .await
     }
 
-    pub async fn put_token(&self, key: &str, record: TokenRecord) -> Result<(), StoreError> {
+    /// Store the token unless the stored one expires as late or later (see
+    /// [`token_replaces`]). Returns whether it was stored.
+    pub async fn put_token(&self, key: &str, record: TokenRecord) -> Result<bool, StoreError> {
         let key = key.to_string();
         self.write(|reply| WriteOp::PutToken { key, record, reply })
             .await

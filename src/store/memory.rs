@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::coordination::Local;
 use super::queue_memory::MemoryQueue;
 use super::{
-    apply_tenant_event, demote_ticket, merge_ticket, StoreError, TenantEvent, TenantRecord,
-    TicketRecord, TicketWrite, TokenRecord,
+    apply_tenant_event, demote_ticket, merge_ticket, token_replaces, StoreError, TenantEvent,
+    TenantRecord, TicketRecord, TicketWrite, TokenRecord,
 };
 use crate::secret::Secret;
 
@@ -89,8 +89,14 @@ impl MemoryStore {
         record
     }
 
-    pub fn put_token(&self, key: &str, record: TokenRecord) {
-        self.lock().tokens.insert(key.to_string(), record);
+    /// Store the token unless the stored one expires as late or later. Returns whether stored.
+    pub fn put_token(&self, key: &str, record: TokenRecord) -> bool {
+        let mut t = self.lock();
+        if !token_replaces(t.tokens.get(key), &record) {
+            return false;
+        }
+        t.tokens.insert(key.to_string(), record);
+        true
     }
 
     pub fn token(&self, key: &str) -> Option<TokenRecord> {

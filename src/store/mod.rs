@@ -12,8 +12,10 @@
 //!   fsync by default — which is exactly "a 200 means the ticket is on disk" — while we need
 //!   nothing SQL offers: a handful of key → record tables.
 //! * [`memory`] — process memory, for tests and throwaway runs.
-//! * Redis (a later stage) slots in as a third variant; the record merge rules live here, as pure
-//!   functions, so a new backend only has to apply them atomically.
+//! * [`redis`] — Redis (or Valkey), shared by several replicas (`store.kind = "redis"`); its key
+//!   layout and why it is built the way it is are in its module docs. The record merge rules live
+//!   here, as pure functions, and the Redis backend applies these same functions atomically
+//!   (compare-and-set), so there is one copy of each rule.
 //!
 //! Merge rules, shared by every backend:
 //! * a ticket replaces the stored one only if its event time is newer, or equal for a different
@@ -23,7 +25,9 @@
 //!   ticket replaces it whatever its event time, so a ticket with a bogus event time cannot lock
 //!   out the real pushes after it;
 //! * every per-tenant field follows the newest event of its kind by event time
-//!   ([`apply_tenant_event`]), so a replayed or late event never rolls a tenant back.
+//!   ([`apply_tenant_event`]), so a replayed or late event never rolls a tenant back;
+//! * a token replaces the stored one only if it expires later ([`token_replaces`]): with several
+//!   replicas, a slow replica's older token never overwrites a newer one (fenced writes).
 
 pub mod coordination;
 pub mod embedded;
@@ -31,6 +35,10 @@ pub mod memory;
 pub mod queue;
 mod queue_embedded;
 mod queue_memory;
+pub mod redis;
+mod redis_queue;
+#[doc(hidden)]
+pub mod testing;
 
 use std::fmt;
 
@@ -232,6 +240,45 @@ pub struct TokenRecord {
     pub fetched_at_ms: u64,
 }
 
+/// Whether `incoming` may replace the `stored` token: only if it expires later. Feishu's newer
+/// token always expires later than the one it replaces, so this keeps the newest token whatever
+/// order the writes arrive in; a write of the same token again changes nothing.
+pub fn token_replaces(stored: Option<&TokenRecord>, incoming: &TokenRecord) -> bool {
+    stored.is_none_or(|s| incoming.expires_at_ms > s.expires_at_ms)
+}
+
+/// What a `200` from this store promises, as `GET /v1/apps` (its `store` block), `status` and
+/// the start-up log show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Durability {
+    /// `embedded`, `memory` or `redis`.
+    pub kind: String,
+    /// A `200` to Feishu means the write is on disk: `true`, `false`, or `null` when the server
+    /// would not say (Redis with `CONFIG` refused).
+    pub on_disk: Option<bool>,
+    /// The Redis server's settings as read at start (`"unknown"` where `CONFIG` is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisSettings>,
+    /// What an operator should know: each a sentence.
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    /// When the store last came back without its data (a Redis restarted without persistence),
+    /// unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_lost_at: Option<u64>,
+}
+
+/// The Redis settings that decide what a `200` means.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedisSettings {
+    pub appendonly: String,
+    pub appendfsync: String,
+    pub maxmemory_policy: String,
+    /// A Redis Cluster (`store.cluster = true`).
+    #[serde(default)]
+    pub cluster: bool,
+}
+
 /// A storage failure (the backend's own error, as text).
 #[derive(Debug, Clone)]
 pub struct StoreError(pub String);
@@ -261,11 +308,18 @@ impl From<StoreError> for Error {
 pub enum Store {
     Memory(memory::MemoryStore),
     Embedded(embedded::EmbeddedStore),
+    Redis(self::redis::RedisStore),
 }
 
 impl Store {
-    /// Open the backend the config names.
+    /// Open the backend the config names. Redis: connect, read the server's durability
+    /// settings, subscribe to the change channel; an unreachable Redis is an error.
     pub async fn open(config: &StoreConfig) -> Result<Store, StoreError> {
+        if config.kind == StoreKind::Redis {
+            return self::redis::RedisStore::open(config)
+                .await
+                .map(Store::Redis);
+        }
         let config = config.clone();
         tokio::task::spawn_blocking(move || Store::open_blocking(&config))
             .await
@@ -275,11 +329,38 @@ impl Store {
     /// Open the backend on the calling thread. `main` does this before serving: the file's
     /// one-off set-up allocations then come from the main thread's heap, which is returned to the
     /// system, instead of pinning a worker thread's arena (about 1 MiB of resident memory).
+    /// Redis is opened with [`Store::open`] (it needs the runtime).
     pub fn open_blocking(config: &StoreConfig) -> Result<Store, StoreError> {
         match config.kind {
             StoreKind::Memory => Ok(Store::Memory(memory::MemoryStore::default())),
             StoreKind::Embedded => embedded::EmbeddedStore::open(&config.path).map(Store::Embedded),
-            StoreKind::Redis => Err(StoreError::new("the redis backend is not available yet")),
+            StoreKind::Redis => Err(StoreError::new(
+                "the redis backend is opened with Store::open, on the runtime",
+            )),
+        }
+    }
+
+    /// What a `200` from this store promises (see [`Durability`]).
+    pub fn durability(&self) -> Durability {
+        match self {
+            Store::Memory(_) => Durability {
+                kind: "memory".into(),
+                on_disk: Some(false),
+                redis: None,
+                warnings: vec![
+                    "store.kind = \"memory\": nothing survives a restart (tests and throwaway runs only)"
+                        .into(),
+                ],
+                data_lost_at: None,
+            },
+            Store::Embedded(_) => Durability {
+                kind: "embedded".into(),
+                on_disk: Some(true),
+                redis: None,
+                warnings: Vec::new(),
+                data_lost_at: None,
+            },
+            Store::Redis(r) => r.durability(),
         }
     }
 
@@ -292,6 +373,7 @@ impl Store {
         let written = match self {
             Store::Memory(m) => m.check().map(|()| m.put_ticket(app_id, incoming)),
             Store::Embedded(e) => e.put_ticket(app_id, incoming).await,
+            Store::Redis(r) => return r.put_ticket(app_id, incoming).await,
         }?;
         if written == TicketWrite::Stored {
             self.notify(Change::TicketStored {
@@ -305,6 +387,7 @@ impl Store {
         match self {
             Store::Memory(m) => m.check().map(|()| m.ticket(app_id)),
             Store::Embedded(e) => e.ticket(app_id).await,
+            Store::Redis(r) => r.ticket(app_id).await,
         }
     }
 
@@ -315,6 +398,7 @@ impl Store {
         match self {
             Store::Memory(m) => m.check().map(|()| m.demote_ticket(app_id, ticket)),
             Store::Embedded(e) => e.demote_ticket(app_id, ticket).await,
+            Store::Redis(r) => r.demote_ticket(app_id, ticket).await,
         }
     }
 
@@ -327,6 +411,7 @@ impl Store {
         match self {
             Store::Memory(m) => m.check().map(|()| m.record_tenant_event(app_id, &ev)),
             Store::Embedded(e) => e.record_tenant_event(app_id, ev).await,
+            Store::Redis(r) => r.record_tenant_event(app_id, ev).await,
         }
     }
 
@@ -335,27 +420,45 @@ impl Store {
         match self {
             Store::Memory(m) => m.check().map(|()| m.tenants(app_id)),
             Store::Embedded(e) => e.tenants(app_id).await,
+            Store::Redis(r) => r.tenants(app_id).await,
         }
     }
 
-    /// Persist a token under `key` (the broker's key: `app/{app_id}` or `tenant/{app_id}/{tenant_key}`).
+    /// Persist a token under `key` (the broker's key: `app/{app_id}` or `tenant/{app_id}/{tenant_key}`),
+    /// unless the stored token expires as late or later ([`token_replaces`]: fenced, so a slow
+    /// writer never replaces a newer token).
     pub async fn put_token(&self, key: &str, record: TokenRecord) -> Result<(), StoreError> {
+        self.put_token_if_later(key, record).await.map(drop)
+    }
+
+    /// [`Store::put_token`], saying whether the token was stored (`false`: the stored token
+    /// expires as late or later, and stays). A stored token is announced on [`Store::changes`].
+    pub async fn put_token_if_later(
+        &self,
+        key: &str,
+        record: TokenRecord,
+    ) -> Result<bool, StoreError> {
         let expires_at_ms = record.expires_at_ms;
-        match self {
+        let stored = match self {
             Store::Memory(m) => m.check().map(|()| m.put_token(key, record)),
             Store::Embedded(e) => e.put_token(key, record).await,
+            // Redis announces inside the write itself.
+            Store::Redis(r) => return r.put_token(key, record).await,
         }?;
-        self.notify(Change::TokenStored {
-            key: key.to_string(),
-            expires_at_ms,
-        });
-        Ok(())
+        if stored {
+            self.notify(Change::TokenStored {
+                key: key.to_string(),
+                expires_at_ms,
+            });
+        }
+        Ok(stored)
     }
 
     pub async fn token(&self, key: &str) -> Result<Option<TokenRecord>, StoreError> {
         match self {
             Store::Memory(m) => m.check().map(|()| m.token(key)),
             Store::Embedded(e) => e.token(key).await,
+            Store::Redis(r) => r.token(key).await,
         }
     }
 
@@ -364,6 +467,8 @@ impl Store {
         match self {
             Store::Memory(m) => m.check().map(|()| m.delete_token(key, token)),
             Store::Embedded(e) => e.delete_token(key, token).await,
+            // Redis announces inside the write itself.
+            Store::Redis(r) => return r.delete_token(key, token).await,
         }?;
         self.notify(Change::TokenInvalidated {
             key: key.to_string(),
@@ -377,6 +482,7 @@ impl Store {
         match self {
             Store::Memory(m) => m.check().map(|()| m.delete_expired_tokens(now_ms)),
             Store::Embedded(e) => e.delete_expired_tokens(now_ms).await,
+            Store::Redis(r) => r.delete_expired_tokens(now_ms).await,
         }
     }
 
@@ -394,6 +500,7 @@ impl Store {
         match self {
             Store::Memory(m) => m.queue(|q| q.enqueue(event, consumers)),
             Store::Embedded(e) => e.enqueue_event(event, consumers).await,
+            Store::Redis(r) => r.enqueue_event(event, consumers).await,
         }
     }
 
@@ -410,6 +517,7 @@ impl Store {
         match self {
             Store::Memory(m) => m.queue(|q| q.claim(consumer, now_ms, lease_ms, limit)),
             Store::Embedded(e) => e.claim_due(consumer, now_ms, lease_ms, limit).await,
+            Store::Redis(r) => r.claim_due(consumer, now_ms, lease_ms, limit).await,
         }
     }
 
@@ -461,6 +569,7 @@ impl Store {
         match self {
             Store::Memory(m) => m.queue(|q| q.outcome(claimed, outcome)),
             Store::Embedded(e) => e.outcome(claimed, outcome).await,
+            Store::Redis(r) => r.outcome(claimed, outcome).await,
         }
     }
 
@@ -469,6 +578,7 @@ impl Store {
         match self {
             Store::Memory(m) => m.queue(|q| q.stats(consumer)),
             Store::Embedded(e) => e.consumer_stats(consumer).await,
+            Store::Redis(r) => r.consumer_stats(consumer).await,
         }
     }
 
@@ -481,6 +591,7 @@ impl Store {
         match self {
             Store::Memory(m) => m.queue(|q| q.dead_letters(consumer, limit)),
             Store::Embedded(e) => e.dead_letters(consumer, limit).await,
+            Store::Redis(r) => r.dead_letters(consumer, limit).await,
         }
     }
 
@@ -495,6 +606,7 @@ impl Store {
         match self {
             Store::Memory(m) => m.queue(|q| q.redeliver(consumer, &selector, now_ms)),
             Store::Embedded(e) => e.redeliver(consumer, selector, now_ms).await,
+            Store::Redis(r) => r.redeliver(consumer, selector, now_ms).await,
         }
     }
 
@@ -509,15 +621,19 @@ impl Store {
         match self {
             Store::Memory(m) => m.queue(|q| q.purge(now_ms, retention_ms)),
             Store::Embedded(e) => e.purge_forwarding(now_ms, retention_ms).await,
+            Store::Redis(r) => r.purge_forwarding(now_ms, retention_ms).await,
         }
     }
 
     /// Is the backend usable for writes? (Readiness.) The embedded backend commits a small
-    /// write through its writer, so a broken file, a full disk or a stuck writer all fail it.
+    /// write through its writer, so a broken file, a full disk or a stuck writer all fail it;
+    /// Redis answers a small write within its command timeout (a down, hung, read-only or full
+    /// Redis fails it).
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {
             Store::Memory(m) => m.check(),
             Store::Embedded(e) => e.ping().await,
+            Store::Redis(r) => r.ping().await,
         }
     }
 
@@ -528,6 +644,7 @@ impl Store {
         match self {
             Store::Memory(_) => {}
             Store::Embedded(e) => e.close().await,
+            Store::Redis(r) => r.close(),
         }
     }
 }
@@ -653,11 +770,54 @@ pub(crate) mod contract {
             Some(record("t-1"))
         );
 
+        token_writes_are_fenced(store).await;
         demoted_ticket_gives_way_to_any_different_ticket(store).await;
         redelivered_ticket_keeps_when_and_how_it_arrived(store).await;
         replayed_order_paid_does_not_roll_back_last_order(store).await;
         expired_tokens_are_deleted(store).await;
         forwarding::run(store).await;
+    }
+
+    /// Issue 10: with several replicas, a slow replica's older token must never replace a newer
+    /// one (WxJava and friends let the last writer win).
+    async fn token_writes_are_fenced(store: &Store) {
+        let key = "app/cli_fence";
+        let record = |v: &str, expires_at_ms| TokenRecord {
+            token: Secret::new(v),
+            expires_at_ms,
+            fetched_at_ms: 1,
+        };
+        assert!(store
+            .put_token_if_later(key, record("new", 20_000))
+            .await
+            .unwrap());
+        assert!(!store
+            .put_token_if_later(key, record("old", 10_000))
+            .await
+            .unwrap());
+        assert!(!store
+            .put_token_if_later(key, record("same-expiry", 20_000))
+            .await
+            .unwrap());
+        store.put_token(key, record("old", 10_000)).await.unwrap();
+        assert_eq!(store.token(key).await.unwrap(), Some(record("new", 20_000)));
+        assert!(store
+            .put_token_if_later(key, record("newer", 20_001))
+            .await
+            .unwrap());
+        // Once invalidated, the next token is stored whatever its expiry.
+        store
+            .delete_token(key, &Secret::new("newer"))
+            .await
+            .unwrap();
+        assert!(store
+            .put_token_if_later(key, record("after", 15_000))
+            .await
+            .unwrap());
+        assert_eq!(
+            store.token(key).await.unwrap(),
+            Some(record("after", 15_000))
+        );
     }
 
     /// Issue 8, defect 5: a ticket with a far-future event time used to lock out every real push

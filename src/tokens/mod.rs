@@ -53,6 +53,36 @@
 //!   callers are waiting on (each is bounded by the upstream timeouts and `tickets.resend_wait`),
 //!   and drains the token writer.
 //!
+//! # Several replicas on one store (a fleet)
+//!
+//! Only when the store is shared ([`Store::is_shared`], or a caller that builds several
+//! replicas over one store in one process) does any of this run; a single process takes exactly
+//! the paths described above.
+//! * **Single-flight across replicas**: a flight first adopts a usable token another replica
+//!   stored (newer than the one cached here); then gets what the call needs (the ticket, or the
+//!   app token for a tenant token) and takes the lease `fetch:{store key}` with a random owner
+//!   for [`Broker::fetch_lease_ttl`] (one upstream call's worst case plus slack). The winner
+//!   looks at the store once more (the last holder may have just stored and let go), calls
+//!   Feishu, stores the token *before* it releases the lease (compare-and-delete), and caches
+//!   it. A loser never calls Feishu while the lease is held: it waits for the store's
+//!   [`Change::TokenStored`] notice of that key — or `tokens.fleet_poll_interval`, in case the
+//!   notice was missed — and serves the stored token. A replica that dies mid-fetch leaves a
+//!   lease that expires; the next loser to look takes it and fetches. Within a replica the
+//!   in-process flight still comes first: one lease attempt per key per replica. A background
+//!   refresh is such a flight too, so one replica refreshes a token for the fleet and the others
+//!   reload it from the notice. When the store cannot be reached, a replica fetches on its own
+//!   (serving tokens matters more than saving a call).
+//! * **The near-cache stays the hot path**: a hit never touches the store. Token writes and
+//!   compare-and-invalidate deletes go to the store at once (not through the writer), and the
+//!   follower ([`Broker::start`]) keeps the cache coherent from the store's notices: a token
+//!   another replica stored that expires later than the cached one replaces it (the echo of
+//!   this replica's own write expires no later, so it changes nothing); a token invalidated
+//!   anywhere is dropped here unless the store still holds it or holds something older (then
+//!   the cached one is newer); [`Change::Resynced`] or a lagging subscription (notices missed)
+//!   drops every cached token, reloaded from the store on the next request. When the store
+//!   came back *empty*, the cached tokens are kept (Feishu still honours them; the store has
+//!   nothing better) and every app's ticket is asked for again, once for the fleet.
+//!
 //! Locks: the cache and the flight table are `DashMap`s (sharded; a cache hit takes one shard's
 //! read lock and touches two atomics); the due index is a std mutex taken by installs, evictions
 //! and the sweep, never by a hit, and never held across an `.await`; it may take a shard lock
@@ -78,7 +108,7 @@ use crate::config::{Config, TokenConfig};
 use crate::error::{Error, ErrorKind};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
-use crate::store::{Store, TokenRecord};
+use crate::store::{Change, Store, TokenRecord};
 use crate::tickets::{ResendOutcome, Tickets};
 use upstream::{codes, IssuedToken, Upstream};
 
@@ -89,6 +119,9 @@ pub const STORE_PRUNE_INTERVAL: Duration = Duration::from_secs(10 * 60);
 const PERSIST_QUEUE: usize = 4096;
 /// An entry that is not in the due index (a flight is refreshing it).
 const NOT_INDEXED: u64 = u64::MAX;
+/// Added to one upstream call's worst case to make a fetch lease's time to live: the store
+/// write and release after the call, and a loaded machine.
+const FETCH_LEASE_SLACK: Duration = Duration::from_secs(1);
 
 /// Which token.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -117,6 +150,18 @@ impl TokenKey {
         match self {
             TokenKey::App(a) => format!("app/{a}"),
             TokenKey::Tenant(a, t) => format!("tenant/{a}/{t}"),
+        }
+    }
+
+    /// The key a store key names (the inverse of [`TokenKey::store_key`]).
+    pub fn from_store_key(key: &str) -> Option<TokenKey> {
+        let mut parts = key.splitn(3, '/');
+        match (parts.next()?, parts.next()?, parts.next()) {
+            ("app", app_id, None) => Some(TokenKey::App(app_id.to_string())),
+            ("tenant", app_id, Some(tenant_key)) => {
+                Some(TokenKey::Tenant(app_id.to_string(), tenant_key.to_string()))
+            }
+            _ => None,
         }
     }
 
@@ -258,6 +303,24 @@ struct Failure {
 /// A flight's result: `None` while it runs.
 type Outcome = Option<Result<Arc<Token>, Error>>;
 
+/// Whether [`Broker::install`] replaces a cached token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replace {
+    /// A token just issued by Feishu to this replica.
+    Always,
+    /// A persisted token, after a restart: never replaces a cached one.
+    IfAbsent,
+    /// A token another replica stored: only over one that expires earlier.
+    IfNewer,
+}
+
+/// What the upstream call for a token needs, got before its fetch lease is taken (waiting for
+/// a ticket push or for the app token must not hold the lease).
+enum Prepared {
+    Ticket(Secret),
+    AppToken(Arc<Token>),
+}
+
 /// A token write for the background writer.
 enum Persist {
     Put(String, TokenRecord),
@@ -302,6 +365,11 @@ struct Inner {
     rejected: Mutex<HashMap<TokenKey, Secret>>,
     /// The app tickets: the current one, resend requests, the wake-ups of waiting callers.
     tickets: Tickets,
+    /// Other replicas share the store (see "Several replicas" in the module docs).
+    fleet: bool,
+    /// The tasks that follow the store's change notices (fleet only): this broker's and the
+    /// tickets'.
+    followers: Mutex<Vec<AbortHandle>>,
     events: broadcast::Sender<BrokerEvent>,
     persist_tx: mpsc::Sender<Persist>,
     persist_rx: Mutex<Option<mpsc::Receiver<Persist>>>,
@@ -332,7 +400,8 @@ fn shutting_down() -> Error {
 }
 
 impl Broker {
-    /// Build the broker; fails if the HTTP client for the Open Platform cannot be built.
+    /// Build the broker; fails if the HTTP client for the Open Platform cannot be built. It is
+    /// one of a fleet when `tickets` is ([`Tickets::in_fleet`]): one decision for both.
     pub fn new(
         config: &Config,
         store: Store,
@@ -366,6 +435,7 @@ impl Broker {
             .with_cause(e)
         })?;
         let (persist_tx, persist_rx) = mpsc::channel(PERSIST_QUEUE);
+        let fleet = tickets.in_fleet();
         Ok(Broker(Arc::new(Inner {
             apps,
             tokens_cfg: config.tokens.clone(),
@@ -380,6 +450,8 @@ impl Broker {
             refresh_permits: Arc::new(Semaphore::new(config.tokens.refresh_concurrency)),
             rejected: Mutex::new(HashMap::new()),
             tickets,
+            fleet,
+            followers: Mutex::new(Vec::new()),
             events: broadcast::channel(1024).0,
             persist_tx,
             persist_rx: Mutex::new(Some(persist_rx)),
@@ -483,7 +555,19 @@ impl Broker {
             return Ok((token, false));
         }
         lock(&self.0.rejected).insert(key.clone(), Secret::new(rejected));
-        self.persist(Persist::Delete(key.store_key(), Secret::new(rejected)));
+        if self.0.fleet {
+            // At once, so the other replicas hear of it now and no replica adopts it again.
+            if let Err(e) = self
+                .0
+                .store
+                .delete_token(&key.store_key(), &Secret::new(rejected))
+                .await
+            {
+                tracing::warn!(key = %key, error = %e, "cannot delete the invalidated token from the store; other replicas keep it until they hear of a newer one");
+            }
+        } else {
+            self.persist(Persist::Delete(key.store_key(), Secret::new(rejected)));
+        }
         tracing::info!(key = %key, token = %crate::secret::fingerprint(rejected.as_bytes()), "token invalidated; fetching a new one");
         let (token, _) = self.get(key).await?;
         Ok((token, true))
@@ -531,7 +615,7 @@ impl Broker {
                     value: record.token,
                     expires_at_ms: record.expires_at_ms,
                 };
-                Some(self.install(key, token, false, true))
+                Some(self.install(key, token, false, Replace::IfAbsent))
             }
             Ok(_) => None,
             Err(e) => {
@@ -542,15 +626,9 @@ impl Broker {
     }
 
     /// Put a token in the cache and the due index. `fresh`: just issued by Feishu (may be
-    /// served inside its margin for a check interval); `only_if_absent`: a persisted token that
-    /// must not replace a cached one.
-    fn install(
-        &self,
-        key: &TokenKey,
-        token: Token,
-        fresh: bool,
-        only_if_absent: bool,
-    ) -> Arc<Token> {
+    /// served inside its margin for a check interval); `replace`: whether it replaces a cached
+    /// one. Returns the token cached afterwards (the cached one when it stays).
+    fn install(&self, key: &TokenKey, token: Token, fresh: bool, replace: Replace) -> Arc<Token> {
         let cfg = &self.0.tokens_cfg;
         let now = self.now();
         let interval = self.interval_ms();
@@ -579,7 +657,13 @@ impl Broker {
         let token = Arc::new(token);
         let mut index = lock(&self.0.index);
         let last_used = match self.0.cache.get(key) {
-            Some(_) if only_if_absent => return token,
+            Some(old) if replace == Replace::IfAbsent => return Arc::clone(&old.token),
+            Some(old)
+                if replace == Replace::IfNewer
+                    && old.token.expires_at_ms >= token.expires_at_ms =>
+            {
+                return Arc::clone(&old.token)
+            }
             Some(old) => old.last_used_ms.load(Ordering::Relaxed),
             None => now,
         };
@@ -766,8 +850,12 @@ impl Broker {
         }
     }
 
-    /// What a flight does: a persisted token (after a restart), else a fetch from Feishu.
+    /// What a flight does: a persisted token (after a restart), else a fetch from Feishu; in a
+    /// fleet, [`Broker::run_fleet_flight`].
     async fn run_flight(&self, key: &TokenKey) -> Result<Arc<Token>, Error> {
+        if self.0.fleet {
+            return self.run_fleet_flight(key).await;
+        }
         if let Some(token) = self.load_persisted(key).await {
             if is_usable(
                 token.expires_at_ms,
@@ -778,6 +866,251 @@ impl Broker {
             }
         }
         self.fetch(key).await
+    }
+
+    /// How long a replica may hold a token's fetch lease: one upstream call's worst case
+    /// (every attempt timing out, the longest back-off between them) plus
+    /// [`FETCH_LEASE_SLACK`]. A fetch that takes longer (Feishu refused the app token and the
+    /// call is made again) may let a second replica fetch too: a wasted call, never a wrong
+    /// token (the store keeps the token that expires last).
+    pub fn fetch_lease_ttl(&self) -> Duration {
+        let cfg = &self.0.tokens_cfg;
+        let backoff: Duration = (0..cfg.upstream_retries).map(upstream::max_backoff).sum();
+        cfg.upstream_timeout
+            .saturating_mul(cfg.upstream_retries.saturating_add(1))
+            .saturating_add(backoff)
+            .saturating_add(FETCH_LEASE_SLACK)
+    }
+
+    /// A flight in a fleet (see "Several replicas" in the module docs): adopt what another
+    /// replica stored, else fetch under the fleet's lease, else wait for the lease holder's
+    /// token.
+    async fn run_fleet_flight(&self, key: &TokenKey) -> Result<Arc<Token>, Error> {
+        // Subscribe before the first look, so a token stored after it still wakes us.
+        let mut changes = self.0.store.changes();
+        let mut closing = self.0.closing.subscribe();
+        let newer_than = self.cached_expiry(key).unwrap_or(0);
+        if let Some(token) = self.adopt_stored(key, newer_than).await {
+            return Ok(token);
+        }
+        let mut prepared = Some(self.prepare(key).await?);
+        let store_key = key.store_key();
+        let lease = format!("fetch:{store_key}");
+        let ttl = self.fetch_lease_ttl();
+        let poll = self.0.tokens_cfg.fleet_poll_interval;
+        // The holder finishes or its lease expires within `ttl`; one more holder may come first.
+        let deadline = tokio::time::Instant::now() + ttl.saturating_mul(2) + poll;
+        loop {
+            if let Some(token) = self.adopt_stored(key, newer_than).await {
+                return Ok(token);
+            }
+            let owner = lease_owner();
+            match self.0.store.try_lease(&lease, &owner, ttl).await {
+                Ok(true) => {
+                    // The last holder may have stored its token and let go since we looked.
+                    let result = match self.adopt_stored(key, newer_than).await {
+                        Some(token) => Ok(token),
+                        None => match prepared.take() {
+                            Some(prepared) => self.call_and_store(key, prepared).await,
+                            None => Err(Error::from(ErrorKind::Internal)),
+                        },
+                    };
+                    if let Err(e) = self.0.store.release_lease(&lease, &owner).await {
+                        tracing::warn!(key = %key, error = %e, "cannot release the fetch lease; it expires on its own");
+                    }
+                    return result;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "cannot take the fetch lease; fetching without the other replicas");
+                    return match prepared.take() {
+                        Some(prepared) => self.call_and_store(key, prepared).await,
+                        None => Err(Error::from(ErrorKind::Internal)),
+                    };
+                }
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(Error::new(
+                    ErrorKind::UpstreamTimeout,
+                    "another replica is fetching this token and has not stored it yet; retry shortly",
+                ));
+            }
+            let wait = poll.min(deadline - now);
+            tokio::select! {
+                _ = tokio::time::timeout(wait, token_stored(&mut changes, &store_key)) => {}
+                // Shutting down: nobody waits for this flight any more (the listeners are
+                // closed), and the lease holder stores the token for the others.
+                _ = closing.wait_for(|c| *c) => return Err(shutting_down()),
+            }
+        }
+    }
+
+    /// Cache the token the store holds for `key` if it expires later than `newer_than_ms`, is
+    /// still usable, and is not one this replica saw rejected. Returns the token cached
+    /// afterwards; `None` when the store has nothing better (or cannot be read).
+    async fn adopt_stored(&self, key: &TokenKey, newer_than_ms: u64) -> Option<Arc<Token>> {
+        match self.0.store.token(&key.store_key()).await {
+            Ok(Some(record))
+                if record.expires_at_ms > newer_than_ms
+                    && is_usable(
+                        record.expires_at_ms,
+                        self.now(),
+                        self.0.tokens_cfg.refresh_margin,
+                    )
+                    && lock(&self.0.rejected).get(key) != Some(&record.token) =>
+            {
+                let token = Token {
+                    value: record.token,
+                    expires_at_ms: record.expires_at_ms,
+                };
+                Some(self.install(key, token, false, Replace::IfNewer))
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "cannot read a token from the store");
+                None
+            }
+        }
+    }
+
+    /// In a fleet: follow the store's change notices to keep the near-cache coherent (see the
+    /// module docs). Holds the broker weakly: it ends when the broker goes.
+    fn follow_fleet(&self) -> Option<AbortHandle> {
+        if !self.0.fleet {
+            return None;
+        }
+        let mut changes = self.0.store.changes();
+        let broker = Arc::downgrade(&self.0);
+        let task = tokio::spawn(async move {
+            loop {
+                let change = changes.recv().await;
+                let Some(this) = broker.upgrade().map(Broker) else {
+                    return;
+                };
+                match change {
+                    Ok(change) => this.on_change(change).await,
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(
+                            missed,
+                            "store change notices were missed; revalidating every cached token"
+                        );
+                        this.on_change(Change::Resynced { lost_data: false }).await;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Some(task.abort_handle())
+    }
+
+    /// Act on one change notice (the follower's step).
+    async fn on_change(&self, change: Change) {
+        match change {
+            Change::TokenStored { key, expires_at_ms } => {
+                self.on_token_stored(&key, expires_at_ms).await
+            }
+            Change::TokenInvalidated { key } => self.on_token_invalidated(&key).await,
+            Change::Resynced { lost_data: false } => {
+                let dropped = self.drop_all();
+                tracing::info!(
+                    dropped,
+                    "store notices may have been missed; cached tokens dropped, reloaded from the store on use"
+                );
+            }
+            Change::Resynced { lost_data: true } => self.after_data_loss().await,
+            // The ticket bookkeeping follows these.
+            Change::TicketStored { .. } => {}
+        }
+    }
+
+    /// The cached entry of a configured key named by a store key.
+    fn cached_entry(&self, store_key: &str) -> Option<(TokenKey, Arc<Entry>)> {
+        let key = TokenKey::from_store_key(store_key)?;
+        let entry = self.0.cache.get(&key).map(|e| Arc::clone(&e))?;
+        Some((key, entry))
+    }
+
+    /// Remove `entry` if it is still the one cached for `key`.
+    fn drop_entry(&self, key: &TokenKey, entry: &Arc<Entry>) -> bool {
+        let mut index = lock(&self.0.index);
+        self.remove_entry(&mut index, key, entry)
+    }
+
+    /// A replica stored a token under `store_key`: one that expires later than the cached one
+    /// replaces it (reloaded from the store; dropped if it cannot be). The echo of this
+    /// replica's own write expires no later than what it cached: nothing happens.
+    async fn on_token_stored(&self, store_key: &str, expires_at_ms: u64) {
+        let Some((key, entry)) = self.cached_entry(store_key) else {
+            return;
+        };
+        let cached_expiry = entry.token.expires_at_ms;
+        if cached_expiry >= expires_at_ms {
+            return;
+        }
+        if self.adopt_stored(&key, cached_expiry).await.is_none() && self.drop_entry(&key, &entry) {
+            tracing::debug!(key = %key, "a newer token was stored elsewhere; dropped the cached one");
+        }
+    }
+
+    /// A replica invalidated the token under `store_key` (compare-and-delete): drop the cached
+    /// one unless it is not the one invalidated — the store still holds it, or holds an older
+    /// token (this one is newer). A newer stored token replaces it.
+    async fn on_token_invalidated(&self, store_key: &str) {
+        let Some((key, entry)) = self.cached_entry(store_key) else {
+            return;
+        };
+        let keep = match self.0.store.token(store_key).await {
+            Ok(Some(record)) if record.token == entry.token.value => true,
+            Ok(Some(record)) if record.expires_at_ms > entry.token.expires_at_ms => self
+                .adopt_stored(&key, entry.token.expires_at_ms)
+                .await
+                .is_some(),
+            Ok(Some(_)) => true,
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "cannot read a token another replica invalidated; dropping the cached one");
+                false
+            }
+        };
+        if !keep && self.drop_entry(&key, &entry) {
+            tracing::info!(key = %key, token = %entry.token.value.fingerprint(), "token invalidated by another replica; dropped");
+        }
+    }
+
+    /// Drop every cached token (notices were missed): each is reloaded from the store, or
+    /// fetched, on its next use. Returns how many were dropped.
+    fn drop_all(&self) -> usize {
+        let entries: Vec<(TokenKey, Arc<Entry>)> = self
+            .0
+            .cache
+            .iter()
+            .map(|e| (e.key().clone(), Arc::clone(e.value())))
+            .collect();
+        let mut index = lock(&self.0.index);
+        entries
+            .iter()
+            .filter(|(key, entry)| self.remove_entry(&mut index, key, entry))
+            .count()
+    }
+
+    /// The store came back without its data: the tickets must be asked for again (once for the
+    /// fleet: the resend lease still counts). Cached tokens stay: Feishu honours them until they
+    /// expire, and the store has nothing newer.
+    async fn after_data_loss(&self) {
+        tracing::warn!(
+            "the store came back without its data (tickets and tokens lost); asking Feishu to resend every app's ticket"
+        );
+        let mut apps: Vec<&String> = self.0.apps.keys().collect();
+        apps.sort();
+        for app_id in apps {
+            if let Some(call) = self.resend_call(app_id) {
+                self.0
+                    .tickets
+                    .request_resend_after_data_loss(app_id, call)
+                    .await;
+            }
+        }
     }
 
     /// Look at every index entry that is due: refresh app tokens and recently used tenant
@@ -876,31 +1209,78 @@ impl Broker {
 
     /// Fetch `key` from Feishu (inside its flight), cache it and queue its write.
     async fn fetch(&self, key: &TokenKey) -> Result<Arc<Token>, Error> {
-        let app_id = key.app_id();
-        let creds = self.0.apps.get(app_id).ok_or_else(|| {
+        let prepared = self.prepare(key).await?;
+        self.call_and_store(key, prepared).await
+    }
+
+    fn creds(&self, app_id: &str) -> Result<&AppCreds, Error> {
+        self.0.apps.get(app_id).ok_or_else(|| {
             Error::new(
                 ErrorKind::UnknownApp,
                 "no app with this app_id is configured",
             )
-        })?;
-        let issued = match key {
-            TokenKey::App(_) => self.fetch_app(app_id, creds).await?,
-            TokenKey::Tenant(_, tenant_key) => self.fetch_tenant(app_id, tenant_key, creds).await?,
+        })
+    }
+
+    /// What the upstream call for `key` needs: the app's ticket (requesting a resend and waiting
+    /// for the push if there is none), or the app token for a tenant token.
+    async fn prepare(&self, key: &TokenKey) -> Result<Prepared, Error> {
+        self.creds(key.app_id())?;
+        match key {
+            TokenKey::App(app_id) => Ok(Prepared::Ticket(self.current_ticket(app_id).await?)),
+            TokenKey::Tenant(app_id, _) => {
+                let app_key = TokenKey::App(app_id.clone());
+                let (app_token, _) = Box::pin(self.get(&app_key)).await?;
+                Ok(Prepared::AppToken(app_token))
+            }
+        }
+    }
+
+    /// Call Feishu for `key`, then cache the token and write it to the store: queued for the
+    /// writer in one process; in a fleet at once and before it is cached, so the other replicas
+    /// find it in the store when they hear of it (and before the fetch lease is released).
+    async fn call_and_store(
+        &self,
+        key: &TokenKey,
+        prepared: Prepared,
+    ) -> Result<Arc<Token>, Error> {
+        let app_id = key.app_id();
+        let creds = self.creds(app_id)?;
+        let issued = match (key, prepared) {
+            (TokenKey::App(_), Prepared::Ticket(ticket)) => {
+                self.fetch_app(app_id, creds, ticket).await?
+            }
+            (TokenKey::Tenant(_, tenant_key), Prepared::AppToken(app_token)) => {
+                self.fetch_tenant(app_id, tenant_key, creds, app_token)
+                    .await?
+            }
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    "a token fetch was prepared for another kind of token",
+                ))
+            }
         };
         let now = self.now();
         let token = Token {
             value: issued.token,
             expires_at_ms: now.saturating_add(issued.expire_s.saturating_mul(1000)),
         };
-        let token = self.install(key, token, true, false);
-        self.persist(Persist::Put(
-            key.store_key(),
-            TokenRecord {
-                token: token.value.clone(),
-                expires_at_ms: token.expires_at_ms,
-                fetched_at_ms: now,
-            },
-        ));
+        let record = TokenRecord {
+            token: token.value.clone(),
+            expires_at_ms: token.expires_at_ms,
+            fetched_at_ms: now,
+        };
+        let token = if self.0.fleet {
+            if let Err(e) = self.0.store.put_token(&key.store_key(), record).await {
+                tracing::warn!(key = %key, error = %e, "cannot write a token to the store; it stays cached in this replica only");
+            }
+            self.install(key, token, true, Replace::Always)
+        } else {
+            let token = self.install(key, token, true, Replace::Always);
+            self.persist(Persist::Put(key.store_key(), record));
+            token
+        };
         tracing::info!(
             key = %key,
             token = %token.value.fingerprint(),
@@ -917,9 +1297,13 @@ impl Broker {
         }
     }
 
-    async fn fetch_app(&self, app_id: &str, creds: &AppCreds) -> Result<IssuedToken, Error> {
+    async fn fetch_app(
+        &self,
+        app_id: &str,
+        creds: &AppCreds,
+        ticket: Secret,
+    ) -> Result<IssuedToken, Error> {
         let key = TokenKey::App(app_id.to_string());
-        let ticket = self.current_ticket(app_id).await?;
         let up = &self.0.upstream;
         let answer = match up
             .app_access_token(&creds.base_url, app_id, &creds.secret, &ticket)
@@ -980,10 +1364,10 @@ impl Broker {
         app_id: &str,
         tenant_key: &str,
         creds: &AppCreds,
+        app_token: Arc<Token>,
     ) -> Result<IssuedToken, Error> {
         let key = TokenKey::Tenant(app_id.to_string(), tenant_key.to_string());
         let app_key = TokenKey::App(app_id.to_string());
-        let (app_token, _) = Box::pin(self.get(&app_key)).await?;
         let up = &self.0.upstream;
         let answer = match up
             .tenant_access_token(&creds.base_url, &app_token.value, tenant_key)
@@ -1040,17 +1424,26 @@ impl Broker {
     }
 
     /// Ask Feishu to push the ticket again, at most once per app per `tickets.resend_interval`
-    /// (the bookkeeping is [`Tickets::request_resend`]'s; the call is the Open Platform
-    /// client's). Returns whether a request was sent now.
-    pub fn request_resend(&self, app_id: &str) -> bool {
-        let Some(creds) = self.0.apps.get(app_id) else {
-            return false;
-        };
+    /// (across the fleet too; the bookkeeping is [`Tickets::request_resend`]'s; the call is the
+    /// Open Platform client's). Returns whether a request was sent now.
+    pub async fn request_resend(&self, app_id: &str) -> bool {
+        match self.resend_call(app_id) {
+            Some(call) => self.0.tickets.request_resend(app_id, call).await,
+            None => false,
+        }
+    }
+
+    /// The resend request to Feishu for `app_id`, to run in the background.
+    fn resend_call(
+        &self,
+        app_id: &str,
+    ) -> Option<impl std::future::Future<Output = ResendOutcome> + Send + 'static> {
+        let creds = self.0.apps.get(app_id)?;
         let upstream = self.0.upstream.clone();
         let base_url = creds.base_url.clone();
         let secret = creds.secret.clone();
         let app = app_id.to_string();
-        self.0.tickets.request_resend(app_id, async move {
+        Some(async move {
             match upstream.resend_app_ticket(&base_url, &app, &secret).await {
                 Ok(()) => ResendOutcome::Accepted,
                 Err(e) => ResendOutcome::Failed {
@@ -1080,9 +1473,18 @@ impl Broker {
         self.0.tenant_tokens.load(Ordering::Relaxed)
     }
 
-    /// Start the background work: the token writer, a resend for every app without a ticket,
-    /// then the periodic refresh sweep. Returns the sweep's task; [`Broker::close`] stops it.
+    /// Start the background work: the token writer, the followers of the store's change notices
+    /// (in a fleet: this cache's and the tickets'), a resend for every app without a ticket, then
+    /// the periodic refresh sweep. Returns the sweep's task; [`Broker::close`] stops it and the
+    /// followers.
     pub fn start(&self) -> JoinHandle<()> {
+        {
+            let mut followers = lock(&self.0.followers);
+            if followers.is_empty() {
+                followers.extend(self.follow_fleet());
+                followers.extend(self.0.tickets.follow_fleet().map(|t| t.abort_handle()));
+            }
+        }
         if let Some(rx) = lock(&self.0.persist_rx).take() {
             let writer = tokio::spawn(write_tokens(
                 self.0.store.clone(),
@@ -1098,7 +1500,7 @@ impl Broker {
             for app_id in apps {
                 match this.0.store.ticket(app_id).await {
                     Ok(None) => {
-                        this.request_resend(app_id);
+                        this.request_resend(app_id).await;
                     }
                     Ok(Some(_)) => {}
                     Err(e) => {
@@ -1124,6 +1526,9 @@ impl Broker {
         self.0.closing.send_replace(true);
         if let Some(sweep) = lock(&self.0.sweep).take() {
             sweep.abort();
+        }
+        for follower in lock(&self.0.followers).drain(..) {
+            follower.abort();
         }
         let mut running = self.0.running.subscribe();
         let _ = running.wait_for(|n| *n == 0).await;
@@ -1155,6 +1560,25 @@ async fn await_flight(mut flight: watch::Receiver<Outcome>) -> Result<Arc<Token>
         Err(_) => Err(shutting_down()),
     };
     outcome
+}
+
+/// A random lease owner: only the replica that took a lease gives it back.
+fn lease_owner() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Wait for the store's notice that a token was stored under `store_key`, or that notices
+/// were missed (then the caller looks at the store anyway).
+async fn token_stored(changes: &mut broadcast::Receiver<Change>, store_key: &str) {
+    loop {
+        match changes.recv().await {
+            Ok(Change::TokenStored { key, .. }) if key == store_key => return,
+            Ok(Change::Resynced { .. }) | Err(broadcast::error::RecvError::Lagged(_)) => return,
+            Ok(_) => {}
+            // No more notices: only the poll is left.
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+        }
+    }
 }
 
 /// The token writer: applies writes in the order they were queued, until told to stop; then
@@ -1246,6 +1670,258 @@ mod tests {
         };
         assert_eq!(t.expire_s(500), 10);
         assert_eq!(t.expire_s(20_000), 0);
+    }
+
+    #[test]
+    fn store_keys_name_token_keys_back() {
+        for key in [
+            TokenKey::App("cli_a".into()),
+            TokenKey::Tenant("cli_a".into(), "t1".into()),
+            TokenKey::Tenant("cli_a".into(), "with/slash".into()),
+        ] {
+            assert_eq!(TokenKey::from_store_key(&key.store_key()), Some(key));
+        }
+        for bad in ["", "app", "app/a/b", "tenant/a", "other/a"] {
+            assert_eq!(TokenKey::from_store_key(bad), None, "{bad}");
+        }
+    }
+
+    /// Brokers over one memory store, as replicas of a fleet. The app's Open Platform is a
+    /// port that accepts connections and never answers.
+    mod fleet {
+        use super::*;
+        use crate::clock::ManualClock;
+        use crate::store::memory::MemoryStore;
+
+        const APP: &str = "cli_fleet";
+        const START_MS: u64 = 1_800_000_000_000;
+        const HOUR: u64 = 3_600_000;
+
+        struct Replicas {
+            store: Store,
+            brokers: Vec<Broker>,
+            /// Holds the silent Open Platform's port open.
+            _silent: std::net::TcpListener,
+        }
+
+        fn replicas(n: usize) -> Replicas {
+            let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let text = format!(
+                "[store]\nkind = \"memory\"\n[tokens]\nupstream_timeout = \"5s\"\nupstream_retries = 0\n\
+                 [[apps]]\napp_id = \"{APP}\"\napp_secret = \"s\"\nverification_token = \"v\"\n\
+                 base_url = \"http://{}\"\n",
+                silent.local_addr().unwrap()
+            );
+            let config = Config::parse(&text, &|_| None).unwrap();
+            let store = Store::Memory(MemoryStore::default());
+            let clock = Arc::new(ManualClock::new(START_MS));
+            let brokers = (0..n)
+                .map(|_| {
+                    let tickets =
+                        Tickets::new(&config, store.clone(), clock.clone(), Metrics::new(), true);
+                    Broker::new(
+                        &config,
+                        store.clone(),
+                        tickets,
+                        clock.clone(),
+                        Metrics::new(),
+                    )
+                    .unwrap()
+                })
+                .collect();
+            Replicas {
+                store,
+                brokers,
+                _silent: silent,
+            }
+        }
+
+        fn record(token: &str, expires_at_ms: u64) -> TokenRecord {
+            TokenRecord {
+                token: Secret::new(token),
+                expires_at_ms,
+                fetched_at_ms: START_MS,
+            }
+        }
+
+        fn app_key() -> TokenKey {
+            TokenKey::App(APP.into())
+        }
+
+        async fn served(broker: &Broker) -> String {
+            let (token, _) = broker.get(&app_key()).await.unwrap();
+            token.value.expose().to_string()
+        }
+
+        #[tokio::test]
+        async fn a_replica_serves_what_another_stored_without_calling_feishu() {
+            let r = replicas(1);
+            let expires = START_MS + 2 * HOUR;
+            r.store
+                .put_token(&app_key().store_key(), record("a-one", expires))
+                .await
+                .unwrap();
+            let (token, served_as) = r.brokers[0].get(&app_key()).await.unwrap();
+            assert_eq!(token.value.expose(), "a-one");
+            assert_eq!(served_as, Served::Refreshed);
+            assert_eq!(r.brokers[0].cached_expiry(&app_key()), Some(expires));
+        }
+
+        #[tokio::test]
+        async fn a_stored_token_replaces_only_an_older_cached_one() {
+            let r = replicas(1);
+            let broker = &r.brokers[0];
+            let key = app_key().store_key();
+            let expires = START_MS + 2 * HOUR;
+            r.store
+                .put_token(&key, record("a-one", expires))
+                .await
+                .unwrap();
+            assert_eq!(served(broker).await, "a-one");
+
+            // A slow replica's stale write (and the echo of our own write) changes nothing.
+            for stale in [expires - 60_000, expires] {
+                r.store
+                    .put_token(&key, record("a-stale", stale))
+                    .await
+                    .unwrap();
+                broker
+                    .on_change(Change::TokenStored {
+                        key: key.clone(),
+                        expires_at_ms: stale,
+                    })
+                    .await;
+                assert_eq!(served(broker).await, "a-one");
+                assert_eq!(broker.cached_expiry(&app_key()), Some(expires));
+            }
+            // A newer one replaces it at once.
+            r.store
+                .put_token(&key, record("a-two", expires + 60_000))
+                .await
+                .unwrap();
+            broker
+                .on_change(Change::TokenStored {
+                    key: key.clone(),
+                    expires_at_ms: expires + 60_000,
+                })
+                .await;
+            assert_eq!(broker.cached_expiry(&app_key()), Some(expires + 60_000));
+            assert_eq!(served(broker).await, "a-two");
+        }
+
+        #[tokio::test]
+        async fn an_invalidation_drops_the_cached_token_only_if_it_is_the_one_invalidated() {
+            let r = replicas(1);
+            let broker = &r.brokers[0];
+            let key = app_key().store_key();
+            let expires = START_MS + 2 * HOUR;
+            r.store
+                .put_token(&key, record("a-one", expires))
+                .await
+                .unwrap();
+            assert_eq!(served(broker).await, "a-one");
+            let invalidated = || Change::TokenInvalidated { key: key.clone() };
+
+            // A compare-and-delete of another token left ours in the store: kept.
+            r.store
+                .delete_token(&key, &Secret::new("a-other"))
+                .await
+                .unwrap();
+            broker.on_change(invalidated()).await;
+            assert_eq!(broker.cached_expiry(&app_key()), Some(expires));
+
+            // The store holds an older token than ours: ours is newer, kept.
+            r.store
+                .put_token(&key, record("a-older", expires - 60_000))
+                .await
+                .unwrap();
+            broker.on_change(invalidated()).await;
+            assert_eq!(broker.cached_expiry(&app_key()), Some(expires));
+
+            // The store already holds the replacement: it is served.
+            r.store
+                .put_token(&key, record("a-two", expires + 60_000))
+                .await
+                .unwrap();
+            broker.on_change(invalidated()).await;
+            assert_eq!(broker.cached_expiry(&app_key()), Some(expires + 60_000));
+
+            // Ours was deleted: dropped.
+            r.store
+                .delete_token(&key, &Secret::new("a-two"))
+                .await
+                .unwrap();
+            broker.on_change(invalidated()).await;
+            assert_eq!(broker.cached_expiry(&app_key()), None);
+        }
+
+        #[tokio::test]
+        async fn missed_notices_drop_every_cached_token() {
+            let r = replicas(1);
+            let broker = &r.brokers[0];
+            let key = app_key().store_key();
+            r.store
+                .put_token(&key, record("a-one", START_MS + 2 * HOUR))
+                .await
+                .unwrap();
+            assert_eq!(served(broker).await, "a-one");
+            broker
+                .on_change(Change::Resynced { lost_data: false })
+                .await;
+            assert_eq!(broker.cached_expiry(&app_key()), None);
+            // Reloaded from the store on the next request.
+            assert_eq!(served(broker).await, "a-one");
+        }
+
+        #[tokio::test]
+        async fn a_lagging_follower_drops_every_cached_token() {
+            let r = replicas(1);
+            let broker = &r.brokers[0];
+            r.store
+                .put_token(&app_key().store_key(), record("a-one", START_MS + 2 * HOUR))
+                .await
+                .unwrap();
+            assert_eq!(served(broker).await, "a-one");
+            broker.start();
+            tokio::task::yield_now().await;
+            // More notices than the channel keeps, before the follower runs again.
+            for i in 0..crate::store::coordination::CHANGE_BACKLOG + 10 {
+                let other = TokenKey::Tenant("cli_other".into(), format!("t{i}"));
+                r.store
+                    .put_token(&other.store_key(), record("t-x", START_MS + HOUR))
+                    .await
+                    .unwrap();
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while broker.cached_expiry(&app_key()).is_some() {
+                assert!(tokio::time::Instant::now() < deadline, "not dropped");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            broker.close().await;
+        }
+
+        #[tokio::test]
+        async fn a_store_that_lost_its_data_gets_the_tickets_asked_for_once_per_fleet() {
+            let r = replicas(2);
+            r.store
+                .put_token(&app_key().store_key(), record("a-one", START_MS + 2 * HOUR))
+                .await
+                .unwrap();
+            assert_eq!(served(&r.brokers[0]).await, "a-one");
+            for broker in &r.brokers {
+                broker.on_change(Change::Resynced { lost_data: true }).await;
+            }
+            // The first asks Feishu (the silent platform keeps it pending); the second finds
+            // the fleet's lease taken.
+            let outcome = |b: &Broker| b.0.tickets.resend_status(APP).map(|s| s.outcome);
+            assert_eq!(outcome(&r.brokers[0]), Some(ResendOutcome::Pending));
+            assert_eq!(outcome(&r.brokers[1]), Some(ResendOutcome::OtherReplica));
+            // Feishu still honours the cached token, and the store has nothing better.
+            assert_eq!(
+                r.brokers[0].cached_expiry(&app_key()),
+                Some(START_MS + 2 * HOUR)
+            );
+        }
     }
 
     #[test]

@@ -322,6 +322,11 @@ fn issued(token: Option<Secret>, expire: Option<u64>) -> Result<IssuedToken, Ups
 }
 
 /// 100 ms, 200 ms, 400 ms … (at most 3.2 s), each ±50 % jitter.
+/// The longest wait before retry `attempt + 1` ([`backoff`] with its largest jitter).
+pub fn max_backoff(attempt: u32) -> Duration {
+    Duration::from_millis((100u64 << attempt.min(5)) * 3 / 2)
+}
+
 fn backoff(attempt: u32) -> Duration {
     let base_ms = 100u64 << attempt.min(5);
     let jitter = rand::thread_rng().gen_range(0.5..1.5);

@@ -10,6 +10,7 @@ mod util;
 mod abuse;
 mod broker;
 mod deploy;
+mod fleet;
 mod fuzz_corpus;
 mod fuzz_harness;
 mod handoff;
