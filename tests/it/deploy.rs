@@ -12,12 +12,18 @@ fn read(path: &str) -> String {
         .unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-/// Every `lark_ticketd_*` name in `text`, histogram series suffixes removed.
+/// Every `lark_ticketd_*` and `process_*` name in `text`, histogram series suffixes removed.
 fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = metric_names_with(text, "lark_ticketd_");
+    names.extend(metric_names_with(text, "process_"));
+    names
+}
+
+fn metric_names_with(text: &str, prefix: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let bytes = text.as_bytes();
     let mut i = 0;
-    while let Some(at) = text[i..].find("lark_ticketd_") {
+    while let Some(at) = text[i..].find(prefix) {
         let start = i + at;
         let mut end = start;
         while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
