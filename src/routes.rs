@@ -140,6 +140,8 @@ enum Route<'p> {
     Consumers,
     DeadLetters(&'p str),
     Redeliver(&'p str),
+    /// `GET /`: the status page, beside `/metrics`.
+    StatusPage,
     Unknown,
 }
 
@@ -156,6 +158,7 @@ impl<'p> Route<'p> {
             n += 1;
         }
         match parts[..n] {
+            [] => Route::StatusPage,
             ["events"] => Route::Events,
             ["events", app] => Route::EventsFor(app),
             ["healthz"] => Route::Healthz,
@@ -188,6 +191,7 @@ impl<'p> Route<'p> {
             Route::Healthz => "/healthz",
             Route::Readyz => "/readyz",
             Route::Metrics => "/metrics",
+            Route::StatusPage => "/",
             Route::Apps => "/v1/apps",
             Route::App(_) => "/v1/apps/{app_id}",
             Route::Tenants(_) => "/v1/apps/{app_id}/tenants",
@@ -209,7 +213,7 @@ impl<'p> Route<'p> {
     fn main_only(self) -> bool {
         !matches!(
             self,
-            Route::Healthz | Route::Readyz | Route::Metrics | Route::Unknown
+            Route::Healthz | Route::Readyz | Route::Metrics | Route::StatusPage | Route::Unknown
         )
     }
 }
@@ -227,15 +231,21 @@ where
     // The URI is reference-counted: cloning it lets the route borrow from it while `req` moves on.
     let uri = req.uri().clone();
     let route = Route::parse(uri.path());
-    // /metrics moves to the ops listener when there is one; the ops listener serves nothing else.
+    // /metrics and the status page move to the ops listener when there is one; the ops
+    // listener serves nothing else.
     let metrics_here = role == Role::Ops || state.config().ops_listen.is_none();
-    if (role == Role::Ops && route.main_only()) || (route == Route::Metrics && !metrics_here) {
+    let ops_page = matches!(route, Route::Metrics | Route::StatusPage);
+    if (role == Role::Ops && route.main_only()) || (ops_page && !metrics_here) {
         return Err(ErrorKind::NotFound.into());
     }
     match route {
         Route::Metrics => {
             only(&req, &[Method::GET])?;
             metrics(state).await
+        }
+        Route::StatusPage => {
+            only(&req, &[Method::GET, Method::HEAD])?;
+            status_page(state).await
         }
         Route::Healthz => {
             only(&req, &[Method::GET, Method::HEAD])?;
@@ -502,6 +512,32 @@ fn only<B>(req: &Request<B>, allowed: &[Method]) -> Result<(), Error> {
 }
 
 /// The Prometheus exposition, with the ticket gauges computed now.
+async fn status_page(state: &AppState) -> Result<Response<Full<Bytes>>, Error> {
+    let page = crate::ops::page::gather(state).await?;
+    let mut response = Response::new(Full::new(Bytes::from(crate::ops::page::render(&page))));
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    // No script, no frames, no outside resources: inline style only.
+    headers.insert(
+        hyper::header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+        ),
+    );
+    headers.insert(
+        hyper::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    headers.insert(
+        hyper::header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    Ok(response)
+}
+
 async fn metrics(state: &AppState) -> Result<Response<Full<Bytes>>, Error> {
     let now = state.clock().now_ms();
     let stale_after_ms = state.config().tickets.stale_after.as_millis() as u64;

@@ -102,11 +102,21 @@ struct Inner {
     /// ticket never wakes twice — a local push and the store's notice of it, in either order.
     signalled: Mutex<HashMap<String, (i64, String)>>,
     resends: Mutex<HashMap<String, ResendStatus>>,
+    /// When each newest ticket arrived (unix ms), the last [`ARRIVALS_KEPT`] per app: the status
+    /// page's timeline. In memory, since this process started — in a fleet it hears of the
+    /// tickets stored by every replica.
+    arrivals: Mutex<HashMap<String, std::collections::VecDeque<u64>>>,
+    /// When this bookkeeping started (unix ms): arrivals before it are unknown here.
+    started_ms: u64,
     /// Other replicas share the store: resends take the fleet's lease, waiters also poll.
     fleet: bool,
     /// How often a waiting caller reads the store in case a change notice was missed (fleet).
     fleet_poll: Duration,
 }
+
+/// Ticket arrivals remembered per app for the status page's timeline: two days of hourly pushes
+/// with room for resends.
+pub const ARRIVALS_KEPT: usize = 96;
 
 /// The ticket bookkeeping handle. Cheap to clone.
 #[derive(Clone)]
@@ -142,6 +152,7 @@ impl Tickets {
             .iter()
             .map(|a| (a.app_id.clone(), watch::channel(0u64).0))
             .collect();
+        let started_ms = clock.now_ms();
         Tickets(Arc::new(Inner {
             cfg: config.tickets.clone(),
             store,
@@ -150,6 +161,8 @@ impl Tickets {
             signals,
             signalled: Mutex::new(HashMap::new()),
             resends: Mutex::new(HashMap::new()),
+            arrivals: Mutex::new(HashMap::new()),
+            started_ms,
             fleet,
             fleet_poll: config.tokens.fleet_poll_interval,
         }))
@@ -205,7 +218,7 @@ impl Tickets {
         }
         match self.0.store.ticket(app_id).await {
             Ok(Some(t)) => {
-                if self.stored(app_id, (t.event_time_us, t.event_id)) {
+                if self.stored(app_id, (t.event_time_us, t.event_id), t.received_at_ms) {
                     tracing::debug!(app_id, ticket = %t.ticket.fingerprint(), "app_ticket stored by another replica");
                 }
             }
@@ -260,11 +273,12 @@ impl Tickets {
             TicketSource::Resend => "resend",
         };
         let id = (record.event_time_us, record.event_id.clone());
+        let received_at_ms = record.received_at_ms;
         let write = self.0.store.put_ticket(&app_id, record).await?;
         let stored = write == TicketWrite::Stored;
         self.0.metrics.ticket_push(&app_id, via, stored);
         if stored {
-            self.stored(&app_id, id);
+            self.stored(&app_id, id, received_at_ms);
         }
         tracing::info!(
             app_id = %app_id,
@@ -279,13 +293,21 @@ impl Tickets {
     /// answered, and callers waiting for a ticket wake up (the bumped generation also tells the
     /// broker to forget the app's remembered failure). The same ticket wakes once, whether this
     /// replica stored it or heard of it from the store. Returns whether it woke anyone.
-    fn stored(&self, app_id: &str, id: (i64, String)) -> bool {
+    fn stored(&self, app_id: &str, id: (i64, String), received_at_ms: u64) -> bool {
         {
             let mut signalled = lock(&self.0.signalled);
             if signalled.get(app_id) == Some(&id) {
                 return false;
             }
             signalled.insert(app_id.to_string(), id);
+        }
+        {
+            let mut arrivals = lock(&self.0.arrivals);
+            let times = arrivals.entry(app_id.to_string()).or_default();
+            if times.len() == ARRIVALS_KEPT {
+                times.pop_front();
+            }
+            times.push_back(received_at_ms);
         }
         if let Some(status) = lock(&self.0.resends).get_mut(app_id) {
             status.awaiting_push = false;
@@ -294,6 +316,24 @@ impl Tickets {
             signal.send_modify(|v| *v += 1);
         }
         true
+    }
+
+    /// When the newest tickets of `app_id` arrived (unix ms, oldest first) since this process
+    /// started: the status page's timeline.
+    pub fn arrivals(&self, app_id: &str) -> Vec<u64> {
+        self.arrivals_of(app_id)
+    }
+
+    /// Since when [`Tickets::arrivals`] knows of every arrival (unix ms).
+    pub fn arrivals_known_since(&self) -> u64 {
+        self.0.started_ms
+    }
+
+    fn arrivals_of(&self, app_id: &str) -> Vec<u64> {
+        lock(&self.0.arrivals)
+            .get(app_id)
+            .map(|t| t.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     /// A receiver that changes whenever a ticket is stored as the newest for `app_id`.

@@ -19,6 +19,7 @@ mod layering;
 mod leaks;
 mod mock;
 mod ops;
+mod page;
 mod process;
 mod replay;
 mod robustness;

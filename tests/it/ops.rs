@@ -387,6 +387,9 @@ async fn ops_listener_serves_metrics_and_health_only() {
     assert_eq!(get(format!("http://{ops}/healthz")).await.status, 200);
     assert_eq!(get(format!("http://{ops}/readyz")).await.status, 200);
     assert_eq!(get(format!("http://{ops}/v1/apps")).await.status, 404);
+    // The status page sits beside the metrics.
+    assert_eq!(get(format!("http://{ops}/")).await.status, 200);
+    assert_eq!(get(server.url("/")).await.status, 404);
     assert_eq!(get(server.url("/metrics")).await.status, 404);
     assert_eq!(get(server.url("/healthz")).await.status, 200);
     server.kill();
