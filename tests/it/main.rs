@@ -18,6 +18,7 @@ mod leaks;
 mod mock;
 mod ops;
 mod process;
+mod redis;
 mod replay;
 mod robustness;
 mod storage;

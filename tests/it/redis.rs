@@ -1,0 +1,219 @@
+//! `store.kind = "redis"` end to end: the real binary (`serve`) on a real `redis-server` that the
+//! test starts itself on a free port (`lark_ticketd::store::testing`), and an in-process fake
+//! Open Platform. Redis is killed and restarted under the running service, which must answer
+//! `503` while it is gone, keep serving the tokens it holds, and recover by itself.
+//!
+//! Without `redis-server` these tests fail under `CI=true` and print a loud notice elsewhere.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lark_ticketd::config::{Config, StoreConfig, StoreKind};
+use lark_ticketd::mock_feishu::{Endpoint, MockFeishu, MockOptions};
+use lark_ticketd::secret::Secret;
+use lark_ticketd::store::testing::{free_port, RedisServer};
+use lark_ticketd::store::Store;
+
+use crate::intake::{now_us, ticket_push};
+use crate::util::{
+    app_toml_at, assert_no_secrets, client, toml_str, Child, Reply, APP_ID, BEARER, KEY,
+    REDIS_PASSWORD, STATUS_BEARER, TOKEN,
+};
+
+/// A config for one replica listening on `port`, on `redis`, against the fake platform.
+fn replica_config(port: u16, redis: &RedisServer, mock_url: &str, key_prefix: &str) -> String {
+    format!(
+        "listen = \"127.0.0.1:{port}\"\n\
+         [store]\nkind = \"redis\"\nurl = {}\nkey_prefix = {}\n\
+         {}\
+         [[clients]]\nname = \"orders\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"tokens\"]\n\
+         [[clients]]\nname = \"dashboards\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"status\"]\n",
+        toml_str(&redis.url()),
+        toml_str(key_prefix),
+        app_toml_at(APP_ID, Some(KEY), TOKEN, mock_url),
+        lark_ticketd::auth::key_sha256_hex(BEARER),
+        lark_ticketd::auth::key_sha256_hex(STATUS_BEARER),
+    )
+}
+
+/// The fake platform, pushing tickets to the replica on `port` when the test says so (not on
+/// resend requests: each test decides which ticket is where).
+async fn mock_for(port: u16, redis: &RedisServer) -> MockFeishu {
+    let config = replica_config(port, redis, "http://127.0.0.1:1", "unused");
+    let parsed = Config::parse(&config, &|_| None).expect("config");
+    let mut options = MockOptions::from_config(&parsed, lark_ticketd::clock::system());
+    options.events_url = Some(format!("http://127.0.0.1:{port}/events/{{app_id}}"));
+    options.push_on_resend = false;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    MockFeishu::start(listener, options).unwrap()
+}
+
+struct Replica {
+    _dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Replica {
+    fn start(config: &str) -> Replica {
+        let dir = tempfile::tempdir().unwrap();
+        let path: PathBuf = dir.path().join("config.toml");
+        std::fs::write(&path, config).unwrap();
+        let child = Child::serve(&path);
+        Replica { _dir: dir, child }
+    }
+
+    async fn get(&self, path: &str, bearer: Option<&str>) -> Reply {
+        let mut req = client().get(self.child.url(path));
+        if let Some(key) = bearer {
+            req = req.bearer_auth(key);
+        }
+        Reply::from(req.send().await.unwrap()).await
+    }
+
+    async fn app_token(&self) -> Reply {
+        self.get(&format!("/v1/apps/{APP_ID}/app_access_token"), Some(BEARER))
+            .await
+    }
+
+    async fn push_ticket(&self, ticket: &str) -> Reply {
+        let req = ticket_push(APP_ID, KEY, TOKEN, ticket, now_us());
+        let url = self.child.url(&format!("/events/{APP_ID}"));
+        let mut builder = client()
+            .post(url)
+            .header("content-type", "application/json; charset=utf-8")
+            .body(req.body.clone());
+        for (k, v) in &req.headers {
+            builder = builder.header(*k, v.as_str());
+        }
+        Reply::from(builder.send().await.unwrap()).await
+    }
+}
+
+/// A store handle of the test's own on the same Redis, to look at what the service wrote.
+async fn inspect(redis: &RedisServer, key_prefix: &str) -> Store {
+    let config = StoreConfig {
+        kind: StoreKind::Redis,
+        url: Some(Secret::new(redis.url())),
+        key_prefix: key_prefix.to_string(),
+        ..StoreConfig::default()
+    };
+    Store::open(&config).await.unwrap()
+}
+
+/// Poll an HTTP condition with a generous deadline (a loaded machine is slow, never this slow).
+async fn until<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_on_redis_rides_out_a_redis_outage_and_an_empty_restart() {
+    let Some(builder) = RedisServer::builder("serve_on_redis_rides_out_a_redis_outage") else {
+        return;
+    };
+    let mut redis = builder.password(REDIS_PASSWORD).launch();
+    let port = free_port();
+    let prefix = "it-outage";
+    let mock = mock_for(port, &redis).await;
+    let config = replica_config(port, &redis, &mock.base_url(), prefix);
+    let replica = Replica::start(&config);
+    let store = inspect(&redis, prefix).await;
+
+    // A push lands in Redis, and a token is served.
+    assert_eq!(mock.push_ticket(APP_ID).await, Ok(200));
+    let stored = store
+        .ticket(APP_ID)
+        .await
+        .unwrap()
+        .expect("the ticket is in Redis");
+    assert!(stored.ticket.expose().starts_with("ticket-"));
+    let token = replica.app_token().await;
+    assert_eq!(token.status, 200, "{}", token.text);
+    let cached = token.json["app_access_token"].as_str().unwrap().to_string();
+    assert!(store
+        .token(&format!("app/{APP_ID}"))
+        .await
+        .unwrap()
+        .is_some_and(|t| t.token.expose() == cached));
+    let apps = replica.get("/v1/apps", Some(STATUS_BEARER)).await;
+    assert_eq!(apps.json["store"]["kind"], "redis", "{}", apps.text);
+    assert_eq!(apps.json["store"]["on_disk"], false, "{}", apps.text);
+
+    // Redis gone: intake refuses (Feishu retries), readiness fails, the cached token is served.
+    redis.kill();
+    let refused = replica.push_ticket("tkt-secret-redis-down").await;
+    assert_eq!(
+        (refused.status, refused.code()),
+        (503, "store_unavailable"),
+        "{}",
+        refused.text
+    );
+    let ready = replica.get("/readyz", None).await;
+    assert_eq!((ready.status, ready.code()), (503, "store_unavailable"));
+    let served = replica.app_token().await;
+    assert_eq!(served.status, 200, "{}", served.text);
+    assert_eq!(served.json["app_access_token"], cached.as_str());
+    assert_eq!(mock.calls(Endpoint::AppAccessToken), 1);
+
+    // Back on the same port, empty: no restart of the service.
+    redis.restart();
+    let r = &replica;
+    until("ready again", || async move {
+        r.get("/readyz", None).await.status == 200
+    })
+    .await;
+    let accepted = replica.push_ticket("tkt-secret-redis-back").await;
+    assert_eq!(accepted.status, 200, "{}", accepted.text);
+    assert_eq!(
+        store.ticket(APP_ID).await.unwrap().unwrap().ticket.expose(),
+        "tkt-secret-redis-back"
+    );
+    until("the service reports the data loss", || async move {
+        let apps = r.get("/v1/apps", Some(STATUS_BEARER)).await;
+        apps.json["store"]["data_lost_at"].is_u64()
+    })
+    .await;
+    let served = replica.app_token().await;
+    assert_eq!(served.status, 200, "{}", served.text);
+
+    let (_, logs) = replica.child.terminate();
+    assert!(logs.contains("without its data"), "{logs}");
+    assert!(
+        !logs.contains(REDIS_PASSWORD),
+        "the Redis password was logged"
+    );
+    assert_no_secrets(&logs, "lark-ticketd serve on redis");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_pushed_to_one_replica_serves_tokens_on_another() {
+    let Some(redis) = RedisServer::start("a_ticket_pushed_to_one_replica") else {
+        return;
+    };
+    let (port_a, port_b) = (free_port(), free_port());
+    let prefix = "it-two";
+    // The platform pushes to A only.
+    let mock = mock_for(port_a, &redis).await;
+    let a = Replica::start(&replica_config(port_a, &redis, &mock.base_url(), prefix));
+    let b = Replica::start(&replica_config(port_b, &redis, &mock.base_url(), prefix));
+    assert_eq!(mock.push_ticket(APP_ID).await, Ok(200));
+    let stored = inspect(&redis, prefix).await.ticket(APP_ID).await.unwrap();
+    let fingerprint = stored.expect("the ticket is in Redis").ticket.fingerprint();
+    // B never saw the push: it reads the ticket from Redis.
+    let on_b = b
+        .get(&format!("/v1/apps/{APP_ID}"), Some(STATUS_BEARER))
+        .await;
+    assert_eq!(on_b.json["ticket"]["state"], "fresh", "{}", on_b.text);
+    assert_eq!(on_b.json["ticket"]["fingerprint"], fingerprint.as_str());
+    let token = b.app_token().await;
+    assert_eq!(token.status, 200, "{}", token.text);
+    let logs = [a.child.kill(), b.child.kill()].concat();
+    assert_no_secrets(&logs, "two replicas on redis");
+}
