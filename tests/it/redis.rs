@@ -217,3 +217,28 @@ async fn a_ticket_pushed_to_one_replica_serves_tokens_on_another() {
     let logs = [a.child.kill(), b.child.kill()].concat();
     assert_no_secrets(&logs, "two replicas on redis");
 }
+
+/// The compose file's config is one the service accepts, with the Redis settings the docs ask
+/// for.
+#[test]
+fn the_compose_deployment_is_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let text = std::fs::read_to_string(dir.join("lark-ticketd.redis.toml")).unwrap();
+    let config = Config::parse(&text, &|name| Some(format!("value-of-{name}"))).unwrap();
+    assert_eq!(config.store.kind, StoreKind::Redis);
+    assert_eq!(
+        config.store.url.unwrap().expose(),
+        "redis://:value-of-LARK_REDIS_PASSWORD@redis:6379/0"
+    );
+    let compose = std::fs::read_to_string(dir.join("docker-compose.redis.yml")).unwrap();
+    for needed in [
+        "lark-ticketd.redis.toml",
+        "--appendonly",
+        "--appendfsync\n      - always",
+        "--maxmemory-policy\n      - noeviction",
+        "replica-a:",
+        "replica-b:",
+    ] {
+        assert!(compose.contains(needed), "{needed}");
+    }
+}
