@@ -1350,3 +1350,54 @@ mod server_tests {
         assert!(!err.to_string().contains("pw-wrong-0a9c"), "{err}");
     }
 }
+
+/// The Redis backend on a three-node Redis Cluster (`store.cluster = true`).
+#[cfg(test)]
+mod cluster_tests {
+    use std::collections::HashMap;
+
+    use super::server_tests::config;
+    use crate::store::testing::RedisCluster;
+    use crate::store::{contract, coordination, Store};
+
+    async fn open(cluster: &RedisCluster) -> Store {
+        let mut cfg = config(&cluster.url());
+        cfg.cluster = true;
+        Store::open(&cfg).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_redis_cluster_passes_the_store_and_coordination_contracts() {
+        let Some(cluster) = RedisCluster::start("redis_cluster_contract") else {
+            return;
+        };
+        let store = open(&cluster).await;
+        assert!(store.durability().redis.unwrap().cluster);
+        contract::run(&store).await;
+        let other = open(&cluster).await;
+        coordination::contract::run(&store, &other).await;
+
+        // Every key of one app sits in one slot; the apps are spread over the nodes.
+        let mut slots: HashMap<String, Vec<String>> = HashMap::new();
+        let mut nodes_used = 0;
+        for node in &cluster.nodes {
+            let keys = node.cli(&["--scan"]);
+            nodes_used += usize::from(!keys.is_empty());
+            for key in keys.lines() {
+                if let Some(rest) = key.strip_prefix("lark-ticketd:{") {
+                    let tag = rest.split('}').next().unwrap().to_string();
+                    let slot = node.cli(&["cluster", "keyslot", key]);
+                    slots.entry(tag).or_default().push(slot);
+                }
+            }
+        }
+        assert!(slots.len() > 5, "{slots:?}");
+        for (tag, slot_list) in &slots {
+            assert!(
+                slot_list.iter().all(|s| s == &slot_list[0]),
+                "{tag}: {slot_list:?}"
+            );
+        }
+        assert!(nodes_used >= 2, "every app landed on one node");
+    }
+}

@@ -7,6 +7,9 @@
 //! persistence does. [`RedisServer::persistent`] turns on `appendonly yes` + `appendfsync always`
 //! instead, so a `kill -9` loses nothing that was acknowledged.
 //!
+//! [`RedisCluster`] starts three such servers with `--cluster-enabled yes` and joins them with
+//! `redis-cli --cluster create` (three primaries, no replicas).
+//!
 //! Under `CI=true` a missing `redis-server` binary is a test failure (a panic); elsewhere
 //! [`RedisServer::start`] prints a loud notice and returns `None`, and the test returns early.
 
@@ -273,4 +276,57 @@ fn answers(addr: SocketAddr) -> bool {
     }
     let mut buf = [0u8; 64];
     matches!(s.read(&mut buf), Ok(n) if n > 0 && (buf[0] == b'+' || buf[0] == b'-'))
+}
+
+/// A Redis Cluster of three primaries on free ports, each node a [`RedisServer`].
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Start three nodes, create the cluster, wait until every node says `cluster_state:ok`.
+    /// `None` as in [`RedisServer::start`].
+    pub fn start(test: &str) -> Option<RedisCluster> {
+        if !redis_available(test) || binary("redis-cli", "REDIS_CLI").is_none() {
+            return None;
+        }
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                // The cluster bus port is given explicitly: port + 10000 may not exist.
+                let bus = free_port().to_string();
+                RedisServer::builder(test)
+                    .expect("redis-server")
+                    .args(&[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "5000",
+                        "--cluster-port",
+                        &bus,
+                    ])
+                    .launch()
+            })
+            .collect();
+        let mut args = vec!["--cluster".to_string(), "create".to_string()];
+        args.extend(nodes.iter().map(|n| n.addr().to_string()));
+        args.extend(["--cluster-replicas", "0", "--cluster-yes"].map(String::from));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let created = nodes[0].cli(&args);
+        assert!(created.contains("All 16384 slots covered"), "{created}");
+        let deadline = Instant::now() + START_DEADLINE;
+        for node in &nodes {
+            while !node.cli(&["cluster", "info"]).contains("cluster_state:ok") {
+                assert!(Instant::now() < deadline, "the cluster never became ok");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Some(RedisCluster { nodes })
+    }
+
+    /// One seed node's URL, as `store.url` with `store.cluster = true`.
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
+    }
 }
