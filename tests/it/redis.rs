@@ -11,14 +11,16 @@ use std::time::Duration;
 
 use lark_ticketd::config::{Config, StoreConfig, StoreKind};
 use lark_ticketd::mock_feishu::{Endpoint, MockFeishu, MockOptions};
+use lark_ticketd::push;
 use lark_ticketd::secret::Secret;
 use lark_ticketd::store::testing::{free_port, RedisServer};
 use lark_ticketd::store::Store;
 
+use crate::handoff::{consumer_toml, event_v2, refused_port, Consumer};
 use crate::intake::{now_us, ticket_push};
 use crate::util::{
-    app_toml_at, assert_no_secrets, client, toml_str, Child, Reply, APP_ID, BEARER, KEY,
-    REDIS_PASSWORD, STATUS_BEARER, TOKEN,
+    app_toml_at, assert_no_secrets, client, toml_str, Child, Reply, APP_ID, BEARER,
+    CONSUMER_SECRET_A, KEY, NO_UPSTREAM, REDIS_PASSWORD, STATUS_BEARER, TOKEN,
 };
 
 /// A config for one replica listening on `port`, on `redis`, against the fake platform.
@@ -77,7 +79,21 @@ impl Replica {
     }
 
     async fn push_ticket(&self, ticket: &str) -> Reply {
-        let req = ticket_push(APP_ID, KEY, TOKEN, ticket, now_us());
+        self.send(ticket_push(APP_ID, KEY, TOKEN, ticket, now_us()))
+            .await
+    }
+
+    /// Any event, sealed and signed as Feishu sends it.
+    async fn push_event(&self, json: &str) -> Reply {
+        let key = Secret::new(KEY);
+        let seal = push::Seal {
+            encrypt_key: Some(&key),
+            sign: true,
+        };
+        self.send(push::seal(json, seal)).await
+    }
+
+    async fn send(&self, req: push::PushRequest) -> Reply {
         let url = self.child.url(&format!("/events/{APP_ID}"));
         let mut builder = client()
             .post(url)
@@ -216,6 +232,82 @@ async fn a_ticket_pushed_to_one_replica_serves_tokens_on_another() {
     assert_eq!(token.status, 200, "{}", token.text);
     let logs = [a.child.kill(), b.child.kill()].concat();
     assert_no_secrets(&logs, "two replicas on redis");
+}
+
+/// Kill -9 a Redis that fsyncs every write, right after a `200` for a ticket and one for a queued
+/// event: after Redis restarts both are there, and the event is delivered — without restarting
+/// the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_redis_right_after_200s_loses_neither_ticket_nor_event() {
+    let Some(builder) = RedisServer::builder("kill_9_of_redis_right_after_200s") else {
+        return;
+    };
+    let mut redis = builder.persistent().password(REDIS_PASSWORD).launch();
+    let consumer_port = refused_port().await;
+    let prefix = "it-kill9";
+    // Quick retries, many of them: the consumer is down at first.
+    let schedule = format!("[{}]", vec!["\"100ms\""; 600].join(", "));
+    let config = format!(
+        "{}[forwarding]\nretry_schedule = {schedule}\ndelivery_timeout = \"1s\"\n{}",
+        replica_config(free_port(), &redis, NO_UPSTREAM, prefix),
+        consumer_toml(
+            "bot",
+            &format!("http://127.0.0.1:{consumer_port}/feishu"),
+            CONSUMER_SECRET_A,
+            "[\"*\"]"
+        ),
+    );
+    let replica = Replica::start(&config);
+    let ticket = replica.push_ticket("tkt-secret-kill9").await;
+    assert_eq!(ticket.status, 200, "{}", ticket.text);
+    let event = replica
+        .push_event(&event_v2("ev-redis-kill9", "im.message.receive_v1"))
+        .await;
+    assert_eq!(event.status, 200, "{}", event.text);
+    redis.kill();
+    redis.restart();
+
+    let consumer = Consumer::start_on(consumer_port).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !consumer
+        .received()
+        .iter()
+        .any(|r| r.header("webhook-id") == "ev-redis-kill9")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the event was never delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stored = inspect(&redis, prefix).await.ticket(APP_ID).await.unwrap();
+    assert_eq!(stored.unwrap().ticket.expose(), "tkt-secret-kill9");
+    let (_, logs) = replica.child.terminate();
+    assert_no_secrets(&logs, "lark-ticketd serve on a killed redis");
+}
+
+/// A replica that cannot reach Redis at start exits with the store's exit code and one line
+/// that names the problem, never the password (its supervisor starts it again).
+#[test]
+fn serve_exits_74_when_redis_is_unreachable_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    let url = format!("redis://:{REDIS_PASSWORD}@127.0.0.1:{}/0", free_port());
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\n[store]\nkind = \"redis\"\nurl = {}\n{}",
+        toml_str(&url),
+        app_toml_at(APP_ID, Some(KEY), TOKEN, NO_UPSTREAM)
+    );
+    std::fs::write(&path, config).unwrap();
+    let out = crate::util::lark_ticketd()
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(74), "{stderr}");
+    assert!(stderr.contains("cannot open the store: redis"), "{stderr}");
+    assert!(!stderr.contains(REDIS_PASSWORD), "{stderr}");
 }
 
 /// The compose file's config is one the service accepts, with the Redis settings the docs ask
