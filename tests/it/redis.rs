@@ -153,11 +153,13 @@ async fn serve_on_redis_rides_out_a_redis_outage_and_an_empty_restart() {
     let token = replica.app_token().await;
     assert_eq!(token.status, 200, "{}", token.text);
     let cached = token.json["app_access_token"].as_str().unwrap().to_string();
-    assert!(store
-        .token(&format!("app/{APP_ID}"))
-        .await
-        .unwrap()
-        .is_some_and(|t| t.token.expose() == cached));
+    // The broker writes tokens to the store behind the answer.
+    let (s, c) = (&store, cached.as_str());
+    until("the token is in Redis", || async move {
+        let stored = s.token(&format!("app/{APP_ID}")).await.unwrap();
+        stored.is_some_and(|t| t.token.expose() == c)
+    })
+    .await;
     let apps = replica.get("/v1/apps", Some(STATUS_BEARER)).await;
     assert_eq!(apps.json["store"]["kind"], "redis", "{}", apps.text);
     assert_eq!(apps.json["store"]["on_disk"], false, "{}", apps.text);
