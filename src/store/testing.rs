@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 /// How long a server gets to answer after it is started.
 const START_DEADLINE: Duration = Duration::from_secs(20);
 
-/// The `redis-server` binary: `$REDIS_SERVER`, else the first on `PATH`.
+/// A binary: the file `$env` names, else the first `name` on `PATH`.
 fn binary(name: &str, env: &str) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(env) {
-        return Some(PathBuf::from(p));
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
     }
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -33,20 +33,22 @@ fn binary(name: &str, env: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Is `redis-server` here? Under `CI=true` its absence panics (tests must not pass by skipping);
-/// elsewhere it prints a loud notice naming the test and returns `false`.
+/// Are `redis-server` and `redis-cli` here? Under `CI=true` their absence panics (tests must not
+/// pass by skipping); elsewhere it prints a loud notice naming the test and returns `false`.
 pub fn redis_available(test: &str) -> bool {
-    if binary("redis-server", "REDIS_SERVER").is_some() {
+    if binary("redis-server", "REDIS_SERVER").is_some()
+        && binary("redis-cli", "REDIS_CLI").is_some()
+    {
         return true;
     }
     assert!(
         std::env::var("CI").as_deref() != Ok("true"),
-        "{test}: redis-server is not installed, and CI=true requires the Redis tests to run \
-         (.ci/run installs it with apt-get)"
+        "{test}: redis-server or redis-cli is not installed, and CI=true requires the Redis tests \
+         to run (.ci/run installs them with apt-get)"
     );
     eprintln!(
         "\n********************************************************************************\n\
-         ** SKIPPED {test}: redis-server is not installed (apt-get install redis-server).\n\
+         ** SKIPPED {test}: redis-server / redis-cli not installed (apt-get install redis-server).\n\
          ** The Redis backend is NOT tested in this run. Under CI=true this is a failure.\n\
          ********************************************************************************\n"
     );
@@ -287,7 +289,7 @@ impl RedisCluster {
     /// Start three nodes, create the cluster, wait until every node says `cluster_state:ok`.
     /// `None` as in [`RedisServer::start`].
     pub fn start(test: &str) -> Option<RedisCluster> {
-        if !redis_available(test) || binary("redis-cli", "REDIS_CLI").is_none() {
+        if !redis_available(test) {
             return None;
         }
         let nodes: Vec<RedisServer> = (0..3)
