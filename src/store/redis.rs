@@ -889,22 +889,48 @@ fn durability_field(d: &Durability, f: impl Fn(&RedisSettings) -> &String) -> St
 }
 
 /// `CONFIG GET` the settings that decide what a `200` means; `"unknown"` where refused (managed
-/// services often rename or forbid `CONFIG`).
+/// services often rename or forbid `CONFIG`). On a cluster every primary is asked: one value if
+/// they agree, else `"mixed: …"` (which promises the least).
 async fn read_settings(conn: &mut Conn, cluster: bool) -> RedisSettings {
     let get = |name: &'static str| {
-        let mut c = conn.clone();
+        let c = conn.clone();
         async move {
-            let answer = tokio::time::timeout(
-                COMMAND_TIMEOUT,
-                ::redis::cmd("CONFIG")
-                    .arg("GET")
-                    .arg(name)
-                    .query_async::<Vec<String>>(&mut c),
-            )
+            let config_get = ::redis::cmd("CONFIG").arg("GET").arg(name).clone();
+            let answer = tokio::time::timeout(COMMAND_TIMEOUT, async move {
+                match c {
+                    Conn::Single(mut c) => {
+                        let pair: Vec<String> = config_get.query_async(&mut c).await?;
+                        Ok(vec![pair])
+                    }
+                    Conn::Cluster(mut c) => {
+                        use ::redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+                        let all =
+                            RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+                        let by_node: Vec<(String, Vec<String>)> = ::redis::from_owned_redis_value(
+                            c.route_command(&config_get, all).await?,
+                        )?;
+                        Ok(by_node.into_iter().map(|(_, pair)| pair).collect())
+                    }
+                }
+            })
             .await;
-            match answer {
-                Ok(Ok(pair)) if pair.len() == 2 => pair[1].clone(),
-                _ => "unknown".to_string(),
+            let answers: Vec<Vec<String>> = match answer {
+                Ok(Ok(answers)) => answers,
+                Ok(Err::<_, ::redis::RedisError>(_)) | Err(_) => return "unknown".to_string(),
+            };
+            let mut values: Vec<String> = answers
+                .into_iter()
+                .map(|pair| match pair.as_slice() {
+                    [_, value] => value.clone(),
+                    _ => "unknown".to_string(),
+                })
+                .collect();
+            values.sort();
+            values.dedup();
+            match values.as_slice() {
+                [one] => one.clone(),
+                [] => "unknown".to_string(),
+                many => format!("mixed: {}", many.join(", ")),
             }
         }
     };
@@ -1371,8 +1397,22 @@ mod cluster_tests {
         let Some(cluster) = RedisCluster::start("redis_cluster_contract") else {
             return;
         };
+        // Every primary is asked what a 200 means; the weakest answer counts.
+        assert_eq!(
+            cluster.nodes[1].cli(&["config", "set", "appendonly", "yes"]),
+            "OK"
+        );
         let store = open(&cluster).await;
-        assert!(store.durability().redis.unwrap().cluster);
+        let durability = store.durability();
+        let settings = durability.redis.clone().unwrap();
+        assert!(settings.cluster);
+        assert_eq!(settings.appendonly, "mixed: no, yes");
+        assert_eq!(settings.maxmemory_policy, "noeviction");
+        assert_eq!(durability.on_disk, Some(false));
+        assert!(
+            durability.warnings.iter().any(|w| w.contains("mixed")),
+            "{durability:?}"
+        );
         contract::run(&store).await;
         let other = open(&cluster).await;
         coordination::contract::run(&store, &other).await;
