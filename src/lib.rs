@@ -17,7 +17,7 @@
 //!                    └──────────────► tickets ◄───────────────────────┘
 //!                       (stored pushes, resend requests, waking waiting token requests)
 //!                                        │
-//!   store (newest ticket per app, tenant state, tokens; embedded redb file | memory)
+//!   store (newest ticket per app, tenant state, tokens; embedded redb file | redis | memory)
 //! ```
 //!
 //! # Layering

@@ -276,7 +276,7 @@ where
             let now = state.clock().now_ms() / 1000;
             Ok(json(
                 StatusCode::OK,
-                &serde_json::json!({"now": now, "apps": apps}),
+                &serde_json::json!({"now": now, "apps": apps, "store": state.store().durability()}),
             ))
         }
         Route::App(app_id) => {

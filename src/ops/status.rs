@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
-use crate::store::{TenantRecord, TenantState, TicketRecord, TicketSource};
+use crate::store::{Durability, TenantRecord, TenantState, TicketRecord, TicketSource};
 use crate::tickets::ResendOutcome;
 use crate::tokens::TokenKey;
 use crate::AppState;
@@ -374,6 +374,23 @@ mod tests {
     }
 
     #[test]
+    fn the_store_line_says_what_a_200_means() {
+        let store = Durability {
+            kind: "redis".into(),
+            on_disk: Some(false),
+            redis: None,
+            warnings: vec!["appendonly is \"no\"".into()],
+            data_lost_at: None,
+        };
+        let text = render_store(&store);
+        assert!(
+            text.contains("STORE redis: a 200 means on disk: no"),
+            "{text}"
+        );
+        assert!(text.contains("  warning: appendonly is \"no\""), "{text}");
+    }
+
+    #[test]
     fn exit_codes_rank_missing_over_stale() {
         let app = |state| AppStatus {
             app_id: "cli_a".into(),
@@ -421,6 +438,24 @@ mod tests {
 pub struct AppsResponse {
     pub now: u64,
     pub apps: Vec<AppStatus>,
+    /// What a `200` from the store promises (absent from older servers).
+    #[serde(default)]
+    pub store: Option<Durability>,
+}
+
+/// The store line of the `status` table: the backend, whether a `200` means on disk, and each
+/// warning on its own line.
+pub fn render_store(store: &Durability) -> String {
+    let on_disk = match store.on_disk {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "unknown",
+    };
+    let mut out = format!("\nSTORE {}: a 200 means on disk: {on_disk}\n", store.kind);
+    for warning in &store.warnings {
+        out.push_str(&format!("  warning: {warning}\n"));
+    }
+    out
 }
 
 /// What `GET /v1/consumers` answers, as the `status` command reads it.
@@ -541,14 +576,21 @@ pub async fn run_cli(
         _ => Vec::new(),
     };
     if as_json {
-        let json =
-            serde_json::json!({"now": parsed.now, "apps": parsed.apps, "consumers": consumers});
+        let json = serde_json::json!({
+            "now": parsed.now,
+            "apps": parsed.apps,
+            "consumers": consumers,
+            "store": parsed.store,
+        });
         println!("{}", serde_json::to_string_pretty(&json).unwrap_or(body));
     } else {
         use std::io::IsTerminal;
         let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
         print!("{}", render_table(&parsed.apps, colour));
         print!("{}", render_consumers(&consumers, max_pending_age_s));
+        if let Some(store) = &parsed.store {
+            print!("{}", render_store(store));
+        }
     }
     let lagging = consumers
         .iter()

@@ -60,7 +60,10 @@ use std::time::Duration;
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClientBuilder;
 use ::redis::cluster_async::ClusterConnection;
-use ::redis::{Cmd, IntoConnectionInfo, Pipeline, RedisFuture, RedisResult, Script, Value};
+use ::redis::{
+    Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisFuture, RedisResult, Script,
+    ScriptInvocation, Value,
+};
 use futures_util::StreamExt;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -439,6 +442,45 @@ impl RedisStore {
         bounded(&self.0.redactor, what, f(self.conn())).await
     }
 
+    /// A read, or a write that may run twice: retried once at once when the connection had
+    /// dropped (the first command after a Redis restart finds the old connection broken; the
+    /// connection is made again meanwhile), all within one [`COMMAND_TIMEOUT`].
+    pub(super) async fn query<T: FromRedisValue>(
+        &self,
+        what: &str,
+        cmd: &Cmd,
+    ) -> Result<T, StoreError> {
+        self.retrying(what, |mut c| async move { cmd.query_async(&mut c).await })
+            .await
+    }
+
+    /// [`RedisStore::query`] for a script that reads, or writes idempotently.
+    pub(super) async fn query_script<T: FromRedisValue>(
+        &self,
+        what: &str,
+        inv: &ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        self.retrying(what, |mut c| async move { inv.invoke_async(&mut c).await })
+            .await
+    }
+
+    async fn retrying<T, F, Fut>(&self, what: &str, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(Conn) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        if self.0.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::new("redis: the store is closed"));
+        }
+        let once_more = async {
+            match f(self.conn()).await {
+                Err(e) if e.is_connection_dropped() || e.is_io_error() => f(self.conn()).await,
+                answer => answer,
+            }
+        };
+        bounded(&self.0.redactor, what, once_more).await
+    }
+
     /// What a `200` promises on this server (read at start), and any data loss seen since.
     pub fn durability(&self) -> Durability {
         let s = &self.0.settings;
@@ -502,11 +544,7 @@ impl RedisStore {
     /// `true` when it was gone or replaced (the data was lost), after marking the new one.
     async fn check_epoch(&self) -> Result<bool, StoreError> {
         let key = self.0.keys.epoch();
-        let current: Option<String> = self
-            .run("epoch", |mut c| async move {
-                ::redis::cmd("GET").arg(&key).query_async(&mut c).await
-            })
-            .await?;
+        let current: Option<String> = self.query("epoch", ::redis::cmd("GET").arg(&key)).await?;
         let known = self
             .0
             .epoch
@@ -521,15 +559,14 @@ impl RedisStore {
         // Whoever marks the new data set first wins; everyone learns the winner's id.
         let ours = fresh.clone();
         let marked: Option<String> = self
-            .run("epoch", |mut c| async move {
+            .query(
+                "epoch",
                 ::redis::cmd("SET")
                     .arg(&key)
                     .arg(&ours)
                     .arg("NX")
-                    .arg("GET")
-                    .query_async(&mut c)
-                    .await
-            })
+                    .arg("GET"),
+            )
             .await?;
         let now = marked.or(Some(fresh));
         *self.0.epoch.lock().unwrap_or_else(|p| p.into_inner()) = now;
@@ -548,24 +585,15 @@ impl RedisStore {
     /// prunes find it. Idempotent, O(1).
     pub(super) async fn register_app(&self, app: &str) -> Result<(), StoreError> {
         let key = self.0.keys.apps();
-        let app = app.to_string();
-        self.run("register app", |mut c| async move {
-            ::redis::cmd("SADD")
-                .arg(&key)
-                .arg(&app)
-                .query_async::<()>(&mut c)
-                .await
-        })
-        .await
+        self.query::<()>("register app", ::redis::cmd("SADD").arg(&key).arg(app))
+            .await
     }
 
     /// Every registered app, sorted.
     pub(super) async fn apps(&self) -> Result<Vec<String>, StoreError> {
         let key = self.0.keys.apps();
         let mut apps: Vec<String> = self
-            .run("apps", |mut c| async move {
-                ::redis::cmd("SMEMBERS").arg(&key).query_async(&mut c).await
-            })
+            .query("apps", ::redis::cmd("SMEMBERS").arg(&key))
             .await?;
         apps.sort();
         Ok(apps)
@@ -599,10 +627,7 @@ impl RedisStore {
     }
 
     async fn get_string(&self, key: String) -> Result<Option<String>, StoreError> {
-        self.run("read", |mut c| async move {
-            ::redis::cmd("GET").arg(&key).query_async(&mut c).await
-        })
-        .await
+        self.query("read", ::redis::cmd("GET").arg(&key)).await
     }
 
     pub async fn put_ticket(
@@ -660,15 +685,8 @@ impl RedisStore {
     ) -> Result<TenantRecord, StoreError> {
         let key = self.0.keys.tenants(app_id);
         for _ in 0..CAS_ATTEMPTS {
-            let (k, field) = (key.clone(), ev.tenant_key.clone());
             let raw: Option<String> = self
-                .run("read", |mut c| async move {
-                    ::redis::cmd("HGET")
-                        .arg(&k)
-                        .arg(&field)
-                        .query_async(&mut c)
-                        .await
-                })
+                .query("read", ::redis::cmd("HGET").arg(&key).arg(&ev.tenant_key))
                 .await?;
             let stored = raw.as_deref().map(decode::<TenantRecord>).transpose()?;
             let record = apply_tenant_event(stored, &ev);
@@ -691,9 +709,7 @@ impl RedisStore {
     pub async fn tenants(&self, app_id: &str) -> Result<Vec<TenantRecord>, StoreError> {
         let key = self.0.keys.tenants(app_id);
         let all: Vec<(String, String)> = self
-            .run("read", |mut c| async move {
-                ::redis::cmd("HGETALL").arg(&key).query_async(&mut c).await
-            })
+            .query("read", ::redis::cmd("HGETALL").arg(&key))
             .await?;
         let mut out = all
             .iter()
@@ -731,15 +747,10 @@ impl RedisStore {
     pub async fn token(&self, key: &str) -> Result<Option<TokenRecord>, StoreError> {
         let hash = format!("{}{key}", self.0.keys.token_base(token_tag(key)));
         let (token, expires, fetched): (Option<String>, Option<u64>, Option<u64>) = self
-            .run("token read", |mut c| async move {
-                ::redis::cmd("HMGET")
-                    .arg(&hash)
-                    .arg("t")
-                    .arg("e")
-                    .arg("f")
-                    .query_async(&mut c)
-                    .await
-            })
+            .query(
+                "token read",
+                ::redis::cmd("HMGET").arg(&hash).arg("t").arg("e").arg("f"),
+            )
             .await?;
         Ok(token.map(|t| TokenRecord {
             token: Secret::new(t),
@@ -777,11 +788,7 @@ impl RedisStore {
                     .arg(self.0.keys.token_base(&tag))
                     .arg(now_ms.to_string())
                     .arg(CHUNK);
-                let n: usize = self
-                    .run("token prune", |mut c| async move {
-                        inv.invoke_async(&mut c).await
-                    })
-                    .await?;
+                let n: usize = self.query_script("token prune", &inv).await?;
                 deleted += n;
                 if n < CHUNK {
                     break;
@@ -801,17 +808,19 @@ impl RedisStore {
         let key = self.0.keys.lease(name);
         let owner = owner.to_string();
         let ttl_ms = (ttl.as_millis() as u64).max(1);
+        let take = ::redis::cmd("SET")
+            .arg(&key)
+            .arg(&owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms)
+            .clone();
+        // Not retried: a SET that ran but whose answer was lost would read as "not taken".
         let set: Value = self
-            .run("lease", |mut c| async move {
-                ::redis::cmd("SET")
-                    .arg(&key)
-                    .arg(&owner)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(ttl_ms)
-                    .query_async(&mut c)
-                    .await
-            })
+            .run(
+                "lease",
+                |mut c| async move { take.query_async(&mut c).await },
+            )
             .await?;
         Ok(!matches!(set, Value::Nil))
     }
@@ -836,15 +845,14 @@ impl RedisStore {
     /// is down, hung, read-only (a replica) or refusing writes (out of memory) is not ready.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let key = self.0.keys.readyz();
-        self.run("ping", |mut c| async move {
+        self.query::<()>(
+            "ping",
             ::redis::cmd("SET")
                 .arg(&key)
                 .arg(now_ms())
                 .arg("PX")
-                .arg(READYZ_TTL_MS)
-                .query_async::<()>(&mut c)
-                .await
-        })
+                .arg(READYZ_TTL_MS),
+        )
         .await
     }
 
@@ -889,22 +897,48 @@ fn durability_field(d: &Durability, f: impl Fn(&RedisSettings) -> &String) -> St
 }
 
 /// `CONFIG GET` the settings that decide what a `200` means; `"unknown"` where refused (managed
-/// services often rename or forbid `CONFIG`).
+/// services often rename or forbid `CONFIG`). On a cluster every primary is asked: one value if
+/// they agree, else `"mixed: …"` (which promises the least).
 async fn read_settings(conn: &mut Conn, cluster: bool) -> RedisSettings {
     let get = |name: &'static str| {
-        let mut c = conn.clone();
+        let c = conn.clone();
         async move {
-            let answer = tokio::time::timeout(
-                COMMAND_TIMEOUT,
-                ::redis::cmd("CONFIG")
-                    .arg("GET")
-                    .arg(name)
-                    .query_async::<Vec<String>>(&mut c),
-            )
+            let config_get = ::redis::cmd("CONFIG").arg("GET").arg(name).clone();
+            let answer = tokio::time::timeout(COMMAND_TIMEOUT, async move {
+                match c {
+                    Conn::Single(mut c) => {
+                        let pair: Vec<String> = config_get.query_async(&mut c).await?;
+                        Ok(vec![pair])
+                    }
+                    Conn::Cluster(mut c) => {
+                        use ::redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+                        let all =
+                            RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+                        let by_node: Vec<(String, Vec<String>)> = ::redis::from_owned_redis_value(
+                            c.route_command(&config_get, all).await?,
+                        )?;
+                        Ok(by_node.into_iter().map(|(_, pair)| pair).collect())
+                    }
+                }
+            })
             .await;
-            match answer {
-                Ok(Ok(pair)) if pair.len() == 2 => pair[1].clone(),
-                _ => "unknown".to_string(),
+            let answers: Vec<Vec<String>> = match answer {
+                Ok(Ok(answers)) => answers,
+                Ok(Err::<_, ::redis::RedisError>(_)) | Err(_) => return "unknown".to_string(),
+            };
+            let mut values: Vec<String> = answers
+                .into_iter()
+                .map(|pair| match pair.as_slice() {
+                    [_, value] => value.clone(),
+                    _ => "unknown".to_string(),
+                })
+                .collect();
+            values.sort();
+            values.dedup();
+            match values.as_slice() {
+                [one] => one.clone(),
+                [] => "unknown".to_string(),
+                many => format!("mixed: {}", many.join(", ")),
             }
         }
     };
@@ -1264,6 +1298,21 @@ mod server_tests {
         assert_eq!(claimed[0].event_id, "e-1");
     }
 
+    /// The first read after Redis came back found the old connection broken and failed
+    /// ("broken pipe"): a read is now made again at once on the new connection.
+    #[tokio::test]
+    async fn the_first_read_after_a_redis_restart_succeeds() {
+        let Some(mut server) = RedisServer::start("first_read_after_restart") else {
+            return;
+        };
+        let store = open(&server).await;
+        store.ping().await.unwrap();
+        server.kill();
+        server.restart();
+        assert_eq!(store.ticket("cli_a").await.unwrap(), None);
+        store.ping().await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_hung_redis_fails_a_command_within_the_timeout() {
         let Some(server) = RedisServer::start("hung_redis") else {
@@ -1348,5 +1397,70 @@ mod server_tests {
         let wrong = server.url().replace("pw-s3cr3t-6d1f", "pw-wrong-0a9c");
         let err = Store::open(&config(&wrong)).await.unwrap_err();
         assert!(!err.to_string().contains("pw-wrong-0a9c"), "{err}");
+    }
+}
+
+/// The Redis backend on a three-node Redis Cluster (`store.cluster = true`).
+#[cfg(test)]
+mod cluster_tests {
+    use std::collections::HashMap;
+
+    use super::server_tests::config;
+    use crate::store::testing::RedisCluster;
+    use crate::store::{contract, coordination, Store};
+
+    async fn open(cluster: &RedisCluster) -> Store {
+        let mut cfg = config(&cluster.url());
+        cfg.cluster = true;
+        Store::open(&cfg).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_redis_cluster_passes_the_store_and_coordination_contracts() {
+        let Some(cluster) = RedisCluster::start("redis_cluster_contract") else {
+            return;
+        };
+        // Every primary is asked what a 200 means; the weakest answer counts.
+        assert_eq!(
+            cluster.nodes[1].cli(&["config", "set", "appendonly", "yes"]),
+            "OK"
+        );
+        let store = open(&cluster).await;
+        let durability = store.durability();
+        let settings = durability.redis.clone().unwrap();
+        assert!(settings.cluster);
+        assert_eq!(settings.appendonly, "mixed: no, yes");
+        assert_eq!(settings.maxmemory_policy, "noeviction");
+        assert_eq!(durability.on_disk, Some(false));
+        assert!(
+            durability.warnings.iter().any(|w| w.contains("mixed")),
+            "{durability:?}"
+        );
+        contract::run(&store).await;
+        let other = open(&cluster).await;
+        coordination::contract::run(&store, &other).await;
+
+        // Every key of one app sits in one slot; the apps are spread over the nodes.
+        let mut slots: HashMap<String, Vec<String>> = HashMap::new();
+        let mut nodes_used = 0;
+        for node in &cluster.nodes {
+            let keys = node.cli(&["--scan"]);
+            nodes_used += usize::from(!keys.is_empty());
+            for key in keys.lines() {
+                if let Some(rest) = key.strip_prefix("lark-ticketd:{") {
+                    let tag = rest.split('}').next().unwrap().to_string();
+                    let slot = node.cli(&["cluster", "keyslot", key]);
+                    slots.entry(tag).or_default().push(slot);
+                }
+            }
+        }
+        assert!(slots.len() > 5, "{slots:?}");
+        for (tag, slot_list) in &slots {
+            assert!(
+                slot_list.iter().all(|s| s == &slot_list[0]),
+                "{tag}: {slot_list:?}"
+            );
+        }
+        assert!(nodes_used >= 2, "every app landed on one node");
     }
 }

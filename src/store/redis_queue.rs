@@ -120,19 +120,16 @@ impl RedisStore {
         }
         // Several apps: the oldest due entries overall, then claim exactly those.
         let peeks = apps.iter().map(|app| {
-            let key = format!("{}:due:{consumer}", self.keys().app(app));
-            self.run("claim", move |mut c| async move {
-                ::redis::cmd("ZRANGEBYSCORE")
-                    .arg(&key)
-                    .arg("-inf")
-                    .arg(now_ms)
-                    .arg("WITHSCORES")
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(limit)
-                    .query_async::<Vec<(String, f64)>>(&mut c)
-                    .await
-            })
+            let peek = ::redis::cmd("ZRANGEBYSCORE")
+                .arg(format!("{}:due:{consumer}", self.keys().app(app)))
+                .arg("-inf")
+                .arg(now_ms)
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit)
+                .clone();
+            async move { self.query::<Vec<(String, f64)>>("claim", &peek).await }
         });
         let peeked = try_join_all(peeks).await?;
         let mut due: Vec<(f64, String, &str)> = peeked
@@ -243,9 +240,7 @@ impl RedisStore {
         let per_app = apps.iter().map(|app| {
             let mut inv = SCRIPTS.stats.prepare_invoke();
             inv.key(self.keys().app(app)).arg(consumer);
-            self.run("stats", |mut c| async move {
-                inv.invoke_async::<Value>(&mut c).await
-            })
+            async move { self.query_script::<Value>("stats", &inv).await }
         });
         let mut stats = ConsumerStats::default();
         let mut last_error_at = 0;
@@ -290,9 +285,7 @@ impl RedisStore {
         let per_app = apps.iter().map(|app| {
             let mut inv = SCRIPTS.dead_letters.prepare_invoke();
             inv.key(self.keys().app(app)).arg(consumer).arg(limit);
-            self.run("dead letters", |mut c| async move {
-                inv.invoke_async::<Value>(&mut c).await
-            })
+            async move { self.query_script::<Value>("dead letters", &inv).await }
         });
         let mut dead = Vec::new();
         for (answer, app) in try_join_all(per_app).await?.into_iter().zip(&apps) {

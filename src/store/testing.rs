@@ -7,6 +7,9 @@
 //! persistence does. [`RedisServer::persistent`] turns on `appendonly yes` + `appendfsync always`
 //! instead, so a `kill -9` loses nothing that was acknowledged.
 //!
+//! [`RedisCluster`] starts three such servers with `--cluster-enabled yes` and joins them with
+//! `redis-cli --cluster create` (three primaries, no replicas).
+//!
 //! Under `CI=true` a missing `redis-server` binary is a test failure (a panic); elsewhere
 //! [`RedisServer::start`] prints a loud notice and returns `None`, and the test returns early.
 
@@ -19,10 +22,10 @@ use std::time::{Duration, Instant};
 /// How long a server gets to answer after it is started.
 const START_DEADLINE: Duration = Duration::from_secs(20);
 
-/// The `redis-server` binary: `$REDIS_SERVER`, else the first on `PATH`.
+/// A binary: the file `$env` names, else the first `name` on `PATH`.
 fn binary(name: &str, env: &str) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(env) {
-        return Some(PathBuf::from(p));
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
     }
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -30,20 +33,22 @@ fn binary(name: &str, env: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Is `redis-server` here? Under `CI=true` its absence panics (tests must not pass by skipping);
-/// elsewhere it prints a loud notice naming the test and returns `false`.
+/// Are `redis-server` and `redis-cli` here? Under `CI=true` their absence panics (tests must not
+/// pass by skipping); elsewhere it prints a loud notice naming the test and returns `false`.
 pub fn redis_available(test: &str) -> bool {
-    if binary("redis-server", "REDIS_SERVER").is_some() {
+    if binary("redis-server", "REDIS_SERVER").is_some()
+        && binary("redis-cli", "REDIS_CLI").is_some()
+    {
         return true;
     }
     assert!(
         std::env::var("CI").as_deref() != Ok("true"),
-        "{test}: redis-server is not installed, and CI=true requires the Redis tests to run \
-         (.ci/run installs it with apt-get)"
+        "{test}: redis-server or redis-cli is not installed, and CI=true requires the Redis tests \
+         to run (.ci/run installs them with apt-get)"
     );
     eprintln!(
         "\n********************************************************************************\n\
-         ** SKIPPED {test}: redis-server is not installed (apt-get install redis-server).\n\
+         ** SKIPPED {test}: redis-server / redis-cli not installed (apt-get install redis-server).\n\
          ** The Redis backend is NOT tested in this run. Under CI=true this is a failure.\n\
          ********************************************************************************\n"
     );
@@ -273,4 +278,57 @@ fn answers(addr: SocketAddr) -> bool {
     }
     let mut buf = [0u8; 64];
     matches!(s.read(&mut buf), Ok(n) if n > 0 && (buf[0] == b'+' || buf[0] == b'-'))
+}
+
+/// A Redis Cluster of three primaries on free ports, each node a [`RedisServer`].
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Start three nodes, create the cluster, wait until every node says `cluster_state:ok`.
+    /// `None` as in [`RedisServer::start`].
+    pub fn start(test: &str) -> Option<RedisCluster> {
+        if !redis_available(test) {
+            return None;
+        }
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                // The cluster bus port is given explicitly: port + 10000 may not exist.
+                let bus = free_port().to_string();
+                RedisServer::builder(test)
+                    .expect("redis-server")
+                    .args(&[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "5000",
+                        "--cluster-port",
+                        &bus,
+                    ])
+                    .launch()
+            })
+            .collect();
+        let mut args = vec!["--cluster".to_string(), "create".to_string()];
+        args.extend(nodes.iter().map(|n| n.addr().to_string()));
+        args.extend(["--cluster-replicas", "0", "--cluster-yes"].map(String::from));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let created = nodes[0].cli(&args);
+        assert!(created.contains("All 16384 slots covered"), "{created}");
+        let deadline = Instant::now() + START_DEADLINE;
+        for node in &nodes {
+            while !node.cli(&["cluster", "info"]).contains("cluster_state:ok") {
+                assert!(Instant::now() < deadline, "the cluster never became ok");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Some(RedisCluster { nodes })
+    }
+
+    /// One seed node's URL, as `store.url` with `store.cluster = true`.
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
+    }
 }

@@ -28,13 +28,13 @@ const SECRET_B: &str = CONSUMER_SECRET_B;
 
 /// One delivery as the consumer saw it.
 #[derive(Debug, Clone)]
-struct Received {
+pub(crate) struct Received {
     headers: Vec<(String, String)>,
     body: String,
 }
 
 impl Received {
-    fn header(&self, name: &str) -> &str {
+    pub(crate) fn header(&self, name: &str) -> &str {
         self.headers
             .iter()
             .find(|(k, _)| k == name)
@@ -43,7 +43,7 @@ impl Received {
 }
 
 /// A consumer on port 0 that records what it gets and answers `status`.
-struct Consumer {
+pub(crate) struct Consumer {
     addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
     status: Arc<AtomicU16>,
@@ -60,7 +60,7 @@ impl Consumer {
         Self::serve(TcpListener::bind("127.0.0.1:0").await.unwrap())
     }
 
-    async fn start_on(port: u16) -> Consumer {
+    pub(crate) async fn start_on(port: u16) -> Consumer {
         Self::serve(TcpListener::bind(("127.0.0.1", port)).await.unwrap())
     }
 
@@ -138,13 +138,13 @@ impl Consumer {
         format!("http://{}/feishu", self.addr)
     }
 
-    fn received(&self) -> Vec<Received> {
+    pub(crate) fn received(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
     }
 }
 
 /// A loopback port nobody listens on (yet): connections to it are refused.
-async fn refused_port() -> u16 {
+pub(crate) async fn refused_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap()
@@ -153,7 +153,7 @@ async fn refused_port() -> u16 {
         .port()
 }
 
-fn consumer_toml(name: &str, url: &str, secret: &str, events: &str) -> String {
+pub(crate) fn consumer_toml(name: &str, url: &str, secret: &str, events: &str) -> String {
     format!(
         "[[consumers]]\nname = \"{name}\"\nurl = \"{url}\"\nsecret = \"{secret}\"\nevents = {events}\n"
     )
@@ -180,7 +180,7 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-fn event_v2(event_id: &str, event_type: &str) -> String {
+pub(crate) fn event_v2(event_id: &str, event_type: &str) -> String {
     serde_json::json!({
         "schema": "2.0",
         "header": {"event_id": event_id, "token": TOKEN, "create_time": now_ms().to_string(),

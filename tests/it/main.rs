@@ -21,6 +21,7 @@ mod mock;
 mod ops;
 mod page;
 mod process;
+mod redis;
 mod replay;
 mod robustness;
 mod storage;

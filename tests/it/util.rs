@@ -119,6 +119,7 @@ pub fn secrets_used() -> Vec<String> {
         STATUS_BEARER,
         SECOND_APP_BEARER,
         ADMIN_BEARER,
+        REDIS_PASSWORD,
         // Consumer secrets (Standard Webhooks), whole and as the key part alone.
         CONSUMER_SECRET_A,
         CONSUMER_SECRET_B,
@@ -493,6 +494,8 @@ pub const SECOND_APP_BEARER: &str = "test-bearer-key-second";
 pub const CONSUMER_SECRET_A: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 pub const CONSUMER_SECRET_B: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 pub const ADMIN_BEARER: &str = "test-bearer-key-admin";
+/// The password of the Redis servers the Redis tests start (in their store URLs).
+pub const REDIS_PASSWORD: &str = "redis-pw-Xq7v2Lk9Tc";
 
 /// How to build a [`Stack`].
 #[derive(Default)]
