@@ -14,6 +14,7 @@ use crate::error::Error;
 use crate::model::TicketState;
 use crate::ops::consumers::{self, ConsumerStatus};
 use crate::ops::status::{self, human_duration, utc, AppStatus};
+use crate::store::Durability;
 use crate::tickets::ResendOutcome;
 use crate::AppState;
 
@@ -77,7 +78,7 @@ pub struct Page {
     pub now_ms: u64,
     pub apps: Vec<(AppStatus, Vec<Hour>)>,
     pub consumers: Vec<ConsumerStatus>,
-    pub store: String,
+    pub store: Durability,
 }
 
 /// Gather the page's figures.
@@ -99,7 +100,7 @@ pub async fn gather(state: &AppState) -> Result<Page, Error> {
         apps.push((status, hours));
     }
     let consumers = consumers::list(state).await?;
-    let store = format!("{:?}", state.config().store.kind).to_lowercase();
+    let store = state.store().durability();
     Ok(Page {
         now_ms,
         apps,
@@ -152,12 +153,38 @@ pub fn render(page: &Page) -> String {
     }
     h.push_str("</section>");
     render_consumers(&mut h, &page.consumers);
+    render_store(&mut h, &page.store);
+    h.push_str("</body></html>");
+    h
+}
+
+fn render_store(h: &mut String, store: &Durability) {
+    let means = match store.on_disk {
+        Some(true) => "on disk",
+        Some(false) => "in memory only: a crash can lose it",
+        None => "unknown (the server does not say)",
+    };
     let _ = write!(
         h,
-        "<section id=\"store\"><h2>Store</h2><p>Kind: <strong>{}</strong></p></section></body></html>",
-        escape(&page.store)
+        "<section id=\"store\"><h2>Store</h2><dl><dt>Kind</dt><dd>{}</dd>\
+         <dt>A 200 to Feishu means</dt><dd data-on-disk=\"{}\">{means}</dd>",
+        escape(&store.kind),
+        store
+            .on_disk
+            .map_or("unknown", |d| if d { "true" } else { "false" })
     );
-    h
+    if let Some(at) = store.data_lost_at {
+        let _ = write!(
+            h,
+            "<dt>Data lost</dt><dd class=\"error\">{} UTC: the store came back empty</dd>",
+            utc(at)
+        );
+    }
+    h.push_str("</dl>");
+    for warning in &store.warnings {
+        let _ = write!(h, "<p class=\"error\">{}</p>", escape(warning));
+    }
+    h.push_str("</section>");
 }
 
 fn render_app(h: &mut String, app: &AppStatus, hours: &[Hour], now_s: u64) {
