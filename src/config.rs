@@ -64,12 +64,17 @@ impl std::error::Error for ConfigError {}
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Events and API listener.
+    /// Events and API listener (only `/events` and the health checks when `api_listen` is set).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// Optional separate listener for `/metrics`, `/healthz`, `/readyz`.
+    /// Optional separate listener for `/metrics`, `/healthz`, `/readyz` and the status page.
     #[serde(default)]
     pub ops_listen: Option<SocketAddr>,
+    /// Optional internal listener for the token, status, login and consumer APIs: they are then
+    /// served there and no longer on `listen`, so `listen` can face the internet with nothing but
+    /// `/events` and the health checks.
+    #[serde(default)]
+    pub api_listen: Option<SocketAddr>,
     #[serde(default)]
     pub server: ServerConfig,
     #[serde(default)]
@@ -317,6 +322,11 @@ pub struct ServerConfig {
     /// answered `429 too_many_connections` and closed. Behind a proxy every client has the
     /// proxy's address: raise this to `max_connections` there.
     pub max_connections_per_peer: usize,
+    /// Open connections on `api_listen` at most.
+    pub api_max_connections: usize,
+    /// Open connections from one client IP address on `api_listen` at most (the services that
+    /// call the API often sit behind one address: high by default).
+    pub api_max_connections_per_peer: usize,
     /// Open connections on `ops_listen` at most.
     pub ops_max_connections: usize,
     /// Open connections from one client IP address on `ops_listen` at most.
@@ -349,6 +359,8 @@ impl Default for ServerConfig {
             write_timeout: Duration::from_secs(10),
             max_connections: 1024,
             max_connections_per_peer: 512,
+            api_max_connections: 1024,
+            api_max_connections_per_peer: 1024,
             ops_max_connections: 64,
             ops_max_connections_per_peer: 16,
             max_header_bytes: 16 * 1024,
@@ -579,6 +591,11 @@ impl Config {
             (
                 "server.max_connections_per_peer",
                 s.max_connections_per_peer,
+            ),
+            ("server.api_max_connections", s.api_max_connections),
+            (
+                "server.api_max_connections_per_peer",
+                s.api_max_connections_per_peer,
             ),
             ("server.ops_max_connections", s.ops_max_connections),
             (

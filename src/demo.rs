@@ -109,6 +109,7 @@ events = ["im.message.*"]
         Listeners {
             main: service_listener,
             ops: None,
+            api: None,
         },
         state.clone(),
         async {

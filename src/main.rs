@@ -258,25 +258,34 @@ async fn serve(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let ops = match config.ops_listen {
-        Some(addr) => match server::bind(addr) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                eprintln!("lark-ticketd: cannot listen on {addr}: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
-        None => None,
+    let mut optional = Vec::new();
+    for addr in [config.ops_listen, config.api_listen] {
+        optional.push(match addr {
+            Some(addr) => match server::bind(addr) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    eprintln!("lark-ticketd: cannot listen on {addr}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+            None => None,
+        });
+    }
+    let (api, ops) = (optional.pop().flatten(), optional.pop().flatten());
+    let address = |l: Option<&tokio::net::TcpListener>| {
+        l.and_then(|l| l.local_addr().ok())
+            .map(|a| a.to_string())
+            .unwrap_or_default()
     };
-    let listen = main.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let ops_listen = ops
-        .as_ref()
-        .and_then(|l| l.local_addr().ok())
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let (listen, ops_listen, api_listen) = (
+        address(Some(&main)),
+        address(ops.as_ref()),
+        address(api.as_ref()),
+    );
     tracing::info!(
         listen = %listen,
         ops_listen = %ops_listen,
+        api_listen = %api_listen,
         store = ?config.store.kind,
         apps = config.apps.len(),
         "lark-ticketd serving"
@@ -289,7 +298,12 @@ async fn serve(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let served = server::run(Listeners { main, ops }, state, server::shutdown_signal()).await;
+    let served = server::run(
+        Listeners { main, ops, api },
+        state,
+        server::shutdown_signal(),
+    )
+    .await;
     // Commit what is queued and close the file off the async workers.
     store.close().await;
     match served {

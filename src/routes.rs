@@ -38,10 +38,29 @@ use crate::AppState;
 /// Which listener a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    /// Events and API (and the ops endpoints, unless `ops_listen` is set).
+    /// `listen`: events, the health checks, and whatever no other listener took.
     Main,
-    /// `ops_listen`: only `/healthz`, `/readyz`, `/metrics`.
+    /// `ops_listen`: only `/healthz`, `/readyz`, `/metrics` and the status page.
     Ops,
+    /// `api_listen`: the token, status, login and consumer APIs and the health checks (and
+    /// `/metrics` with the status page when there is no `ops_listen`).
+    Api,
+}
+
+/// Which listener serves a route, given the listeners configured.
+fn home(route: Route<'_>, config: &crate::config::Config) -> Option<Role> {
+    let api = if config.api_listen.is_some() {
+        Role::Api
+    } else {
+        Role::Main
+    };
+    match route {
+        // Every listener answers its own health checks.
+        Route::Healthz | Route::Readyz | Route::Unknown => None,
+        Route::Events | Route::EventsFor(_) => Some(Role::Main),
+        Route::Metrics | Route::StatusPage if config.ops_listen.is_some() => Some(Role::Ops),
+        _ => Some(api),
+    }
 }
 
 /// What the per-request log line reports beyond method, path and status.
@@ -208,14 +227,6 @@ impl<'p> Route<'p> {
             Route::Unknown => "other",
         }
     }
-
-    /// Served on the main listener only (Feishu's and the API's routes).
-    fn main_only(self) -> bool {
-        !matches!(
-            self,
-            Route::Healthz | Route::Readyz | Route::Metrics | Route::StatusPage | Route::Unknown
-        )
-    }
 }
 
 async fn route<B>(
@@ -231,11 +242,8 @@ where
     // The URI is reference-counted: cloning it lets the route borrow from it while `req` moves on.
     let uri = req.uri().clone();
     let route = Route::parse(uri.path());
-    // /metrics and the status page move to the ops listener when there is one; the ops
-    // listener serves nothing else.
-    let metrics_here = role == Role::Ops || state.config().ops_listen.is_none();
-    let ops_page = matches!(route, Route::Metrics | Route::StatusPage);
-    if (role == Role::Ops && route.main_only()) || (ops_page && !metrics_here) {
+    // Each route lives on one listener (see `home`); the others answer 404.
+    if home(route, state.config()).is_some_and(|home| home != role) {
         return Err(ErrorKind::NotFound.into());
     }
     match route {

@@ -55,6 +55,7 @@ use crate::AppState;
 pub struct Listeners {
     pub main: TcpListener,
     pub ops: Option<TcpListener>,
+    pub api: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -62,6 +63,7 @@ impl Listeners {
     fn served(self) -> Vec<(Role, TcpListener)> {
         let mut served = vec![(Role::Main, self.main)];
         served.extend(self.ops.map(|l| (Role::Ops, l)));
+        served.extend(self.api.map(|l| (Role::Api, l)));
         served
     }
 }
@@ -86,6 +88,10 @@ impl PoolLimits {
             Role::Ops => PoolLimits {
                 max_connections: limits.ops_max_connections,
                 max_per_peer: limits.ops_max_connections_per_peer,
+            },
+            Role::Api => PoolLimits {
+                max_connections: limits.api_max_connections,
+                max_per_peer: limits.api_max_connections_per_peer,
             },
         }
     }

@@ -18,10 +18,15 @@ use lark_ticketd::AppState;
 
 use crate::util::{app_toml, client, eventually, Reply, APP_ID, KEY, TOKEN};
 
+/// A status-scope bearer key for the API checks.
+const STATUS_KEY: &str = "abuse-status-key";
+
 /// The server in this process with a main and an ops listener, both on port 0.
 struct Served {
     main: SocketAddr,
     ops: SocketAddr,
+    /// With [`Served::start_with_api`]: the `api_listen` listener.
+    api: Option<SocketAddr>,
     state: AppState,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
@@ -30,8 +35,24 @@ struct Served {
 impl Served {
     /// `server` is the body of the `[server]` table.
     async fn start(server: &str) -> Served {
+        Served::launch(server, false).await
+    }
+
+    /// With an `api_listen` listener too (the APIs move there).
+    async fn start_with_api(server: &str) -> Served {
+        Served::launch(server, true).await
+    }
+
+    async fn launch(server: &str, with_api: bool) -> Served {
+        let api_listen = if with_api {
+            "api_listen = \"127.0.0.1:0\"\n"
+        } else {
+            ""
+        };
         let text = format!(
-            "ops_listen = \"127.0.0.1:0\"\n[store]\nkind = \"memory\"\n[server]\n{server}\n{}",
+            "ops_listen = \"127.0.0.1:0\"\n{api_listen}[store]\nkind = \"memory\"\n[server]\n{server}\n\
+             [[clients]]\nname = \"dash\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"status\"]\n{}",
+            lark_ticketd::auth::key_sha256_hex(STATUS_KEY),
             app_toml(APP_ID, Some(KEY), TOKEN)
         );
         let config = Config::parse(&text, &|_| None).expect("test config");
@@ -40,11 +61,17 @@ impl Served {
         let main = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (main_addr, ops_addr) = (main.local_addr().unwrap(), ops.local_addr().unwrap());
+        let api = match with_api {
+            true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            false => None,
+        };
+        let api_addr = api.as_ref().map(|l| l.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(
             Listeners {
                 main,
                 ops: Some(ops),
+                api,
             },
             state.clone(),
             async {
@@ -54,6 +81,7 @@ impl Served {
         Served {
             main: main_addr,
             ops: ops_addr,
+            api: api_addr,
             state,
             stop: Some(tx),
             task,
@@ -136,6 +164,29 @@ async fn defect_7_idle_main_connections_do_not_stop_the_ops_listener() {
         let reply = get(format!("http://{}{path}", served.ops)).await;
         assert_eq!(reply.status, 200, "{path} on ops_listen: {reply:?}");
     }
+    drop(idle);
+    served.stop().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_the_public_listener_does_not_block_the_api_listener() {
+    let served =
+        Served::start_with_api("max_connections = 20\nheader_read_timeout = \"60s\"").await;
+    let api = served.api.unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(TcpStream::connect(served.main).await.unwrap());
+    }
+    served.wait_open(20).await;
+    // The public listener is full; the internal one still answers the API at once.
+    let reply = client()
+        .get(format!("http://{api}/v1/apps"))
+        .bearer_auth(STATUS_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+    assert_eq!(get(format!("http://{api}/healthz")).await.status, 200);
     drop(idle);
     served.stop().await;
 }

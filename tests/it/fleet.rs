@@ -54,6 +54,7 @@ impl Replica {
             Listeners {
                 main: listener,
                 ops: None,
+                api: None,
             },
             state.clone(),
             async {

@@ -359,21 +359,80 @@ async fn metrics_parse_as_prometheus_text_and_hold_no_secret() {
 }
 
 #[tokio::test]
+async fn api_listen_takes_the_apis_off_the_public_listener() {
+    let config = TempConfig::embedded(&format!(
+        "api_listen = \"127.0.0.1:0\"\nops_listen = \"127.0.0.1:0\"\n{}\
+         [[clients]]\nname = \"dash\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"status\"]\n",
+        app_toml(APP_ID, Some(KEY), TOKEN),
+        lark_ticketd::auth::key_sha256_hex(STATUS_BEARER),
+    ));
+    top_level_first(&config.path);
+    let server = Child::serve(&config.path);
+    let (ops, api) = (server.ops_addr().unwrap(), server.api_addr().unwrap());
+    let http = client();
+    let get = |url: String| {
+        let http = http.clone();
+        async move {
+            Reply::from(
+                http.get(url)
+                    .bearer_auth(STATUS_BEARER)
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let public = |path: &str| server.url(path);
+    // The public listener: events and health checks only.
+    assert_eq!(get(public("/v1/apps")).await.status, 404);
+    assert_eq!(get(public(&format!("/v1/apps/{APP_ID}"))).await.status, 404);
+    assert_eq!(get(public("/v1/consumers")).await.status, 404);
+    assert_eq!(get(public("/metrics")).await.status, 404);
+    assert_eq!(get(public("/healthz")).await.status, 200);
+    let events = http
+        .post(public("/events"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(events.status(), 404, "intake stays on the public listener");
+    // The internal API listener: the APIs and health checks, not intake.
+    assert_eq!(get(format!("http://{api}/v1/apps")).await.status, 200);
+    assert_eq!(get(format!("http://{api}/v1/consumers")).await.status, 200);
+    assert_eq!(get(format!("http://{api}/healthz")).await.status, 200);
+    assert_eq!(get(format!("http://{api}/readyz")).await.status, 200);
+    assert_eq!(get(format!("http://{api}/metrics")).await.status, 404);
+    let events = http
+        .post(format!("http://{api}/events"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 404);
+    // The ops listener: metrics, status page, health.
+    assert_eq!(get(format!("http://{ops}/metrics")).await.status, 200);
+    assert_eq!(get(format!("http://{ops}/")).await.status, 200);
+    assert_eq!(get(format!("http://{ops}/v1/apps")).await.status, 404);
+    server.kill();
+}
+
+/// Top-level keys (`listen`, `ops_listen`, `api_listen`) must come before the tables.
+fn top_level_first(path: &std::path::Path) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let (top, rest): (Vec<&str>, Vec<&str>) = text.lines().partition(|l| {
+        l.starts_with("listen") || l.starts_with("ops_listen") || l.starts_with("api_listen")
+    });
+    std::fs::write(path, format!("{}\n{}\n", top.join("\n"), rest.join("\n"))).unwrap();
+}
+
+#[tokio::test]
 async fn ops_listener_serves_metrics_and_health_only() {
     let config = TempConfig::embedded(&format!(
         "ops_listen = \"127.0.0.1:0\"\n{}",
         app_toml(APP_ID, Some(KEY), TOKEN)
     ));
-    // ops_listen is a top-level key: it must come before the tables.
-    let text = std::fs::read_to_string(&config.path).unwrap();
-    let (top, rest): (Vec<&str>, Vec<&str>) = text
-        .lines()
-        .partition(|l| l.starts_with("listen") || l.starts_with("ops_listen"));
-    std::fs::write(
-        &config.path,
-        format!("{}\n{}\n", top.join("\n"), rest.join("\n")),
-    )
-    .unwrap();
+    top_level_first(&config.path);
     let server = Child::serve(&config.path);
     let ops = server
         .ops_addr()

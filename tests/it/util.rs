@@ -222,6 +222,7 @@ impl TestApp {
             Listeners {
                 main: listener,
                 ops: None,
+                api: None,
             },
             state.clone(),
             async {
@@ -415,11 +416,20 @@ impl Child {
 
     /// Where the ops listener is, if the config has one.
     pub fn ops_addr(&self) -> Option<SocketAddr> {
+        self.logged_addr("ops_listen")
+    }
+
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.logged_addr("api_listen")
+    }
+
+    /// A listener's address from the start-up log line (`key`: `ops_listen`, `api_listen`).
+    fn logged_addr(&self, key: &str) -> Option<SocketAddr> {
         let logs = self.logs.lock().unwrap();
         logs.lines().find_map(|line| {
             let v: serde_json::Value = serde_json::from_str(line).ok()?;
             (v["message"] == "lark-ticketd serving")
-                .then(|| v["ops_listen"].as_str()?.parse().ok())
+                .then(|| v[key].as_str()?.parse().ok())
                 .flatten()
         })
     }
