@@ -1348,10 +1348,10 @@ impl RedisCalls {
 }
 
 impl std::fmt::Display for RedisCalls {
-    /// "42 (evalsha 30, ping 12)".
+    /// "42 commands (evalsha 30, ping 12)".
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let each: Vec<String> = self.0.iter().map(|(n, c)| format!("{n} {c}")).collect();
-        write!(f, "{} ({})", self.total(), each.join(", "))
+        write!(f, "{} commands ({})", self.total(), each.join(", "))
     }
 }
 
@@ -1489,7 +1489,7 @@ async fn redis_mode(o: Options) {
     println!();
     for (row, calls) in &cases {
         println!(
-            "{}: Redis ran {calls} commands while lark-ticketd answered {} requests (warm-ups included): {:.4} per request",
+            "{}: lark-ticketd answered {} requests (warm-ups included), Redis ran {calls} meanwhile: {:.4} per request",
             row.case.split('.').next().unwrap_or(row.case),
             row.ours_answered,
             calls.total() as f64 / row.ours_answered.max(1) as f64
