@@ -670,3 +670,76 @@ async fn acknowledged_events_survive_sigkill_and_are_delivered_after_a_restart()
     assert!(total - EVENTS <= 32, "{} duplicates", total - EVENTS);
     drop(server);
 }
+
+/// Found by the attack on the release binary: an authentic event whose id, type or tenant key
+/// could not travel in a delivery header was acknowledged, then failed every attempt inside our
+/// own HTTP client — and five of them tripped the breaker of a healthy consumer.
+#[tokio::test]
+async fn an_event_whose_fields_cannot_be_headers_is_refused_at_intake() {
+    let consumer = Consumer::start().await;
+    let consumers = consumer_toml("one", &consumer.url(), SECRET_A, "[\"*\"]");
+    let app = service(&consumers, "[\"10ms\"]").await;
+    for (id, event_type) in [
+        ("w-nl\r\nX-Injected: 1", "im.message.receive_v1"),
+        ("ev-bad-type", "im.\u{0}x"),
+        ("ev-bad-type-2", "im.message\nreceive"),
+    ] {
+        assert_eq!(push(&app, &event_v2(id, event_type)).await, 400, "{id:?}");
+    }
+    let mut bad_tenant: serde_json::Value =
+        serde_json::from_str(&event_v2("ev-bad-tenant", "im.message.receive_v1")).unwrap();
+    bad_tenant["header"]["tenant_key"] = "<b>t</b>\r\nX: y".into();
+    assert_eq!(push(&app, &bad_tenant.to_string()).await, 400);
+    // The consumer is untouched and the next good event goes straight through.
+    assert_eq!(
+        push(
+            &app,
+            &event_v2("good-after-poison", "im.message.receive_v1")
+        )
+        .await,
+        200
+    );
+    eventually("the good event", || consumer.received().len() == 1).await;
+    assert_eq!(
+        consumer.received()[0].header("webhook-id"),
+        "good-after-poison"
+    );
+    app.stop().await;
+}
+
+/// Found by the attack: a key limited to one app listed and redelivered every app's events
+/// through the consumer API. Consumers carry every app's events, so the API needs `apps = ["*"]`.
+#[tokio::test]
+async fn a_key_limited_to_some_apps_cannot_use_the_consumer_api() {
+    let consumers = consumer_toml("one", "http://127.0.0.1:9/x", SECRET_A, "[\"*\"]");
+    let limited = "limited-operator-key";
+    let app = TestApp::spawn(&format!(
+        "{consumers}[[clients]]\nname = \"limited\"\nkey_sha256 = \"{}\"\napps = [\"{APP_ID}\"]\n\
+         scopes = [\"status\", \"admin\"]\n{}",
+        lark_ticketd::auth::key_sha256_hex(limited),
+        app_toml(APP_ID, Some(KEY), TOKEN),
+    ))
+    .await;
+    for (method, path, body) in [
+        (reqwest::Method::GET, "/v1/consumers", ""),
+        (reqwest::Method::GET, "/v1/consumers/one/dead", ""),
+        (
+            reqwest::Method::POST,
+            "/v1/consumers/one/redeliver",
+            "{\"event_ids\": [\"basic-1\"]}",
+        ),
+    ] {
+        let reply = app
+            .client
+            .request(method, app.url(path))
+            .bearer_auth(limited)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 403, "{path}");
+        let answer: serde_json::Value = reply.json().await.unwrap();
+        assert_eq!(answer["error"]["code"], "forbidden", "{path}");
+    }
+    app.stop().await;
+}
