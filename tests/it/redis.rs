@@ -17,7 +17,7 @@ use lark_ticketd::config::{Config, StoreConfig, StoreKind};
 use lark_ticketd::mock_feishu::{Endpoint, MockFeishu, MockOptions};
 use lark_ticketd::push;
 use lark_ticketd::secret::Secret;
-use lark_ticketd::store::testing::{free_port, RedisServer};
+use lark_ticketd::store::testing::{free_port, RedisServer, TlsFiles};
 use lark_ticketd::store::Store;
 
 use crate::handoff::{consumer_toml, event_v2, refused_port, Consumer};
@@ -663,4 +663,129 @@ async fn a_slow_replicas_stale_token_write_does_not_replace_a_newer_token() {
     assert_eq!(mock.calls(Endpoint::AppAccessToken), 2, "X by S, Y by F");
     let logs = [slow.child.kill(), fast.child.kill()].concat();
     assert_no_secrets(&logs, "two replicas, one behind a slow link");
+}
+
+/// A CA, and a certificate for 127.0.0.1 that it signed, written to `dir` (PEM): what a
+/// `redis-server --tls-port` needs, and the CA file a replica trusts.
+fn tls_files(dir: &std::path::Path) -> TlsFiles {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "lark-ticketd test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let mut server = CertificateParams::new(Vec::<String>::new()).unwrap();
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "redis-server");
+    server.subject_alt_names = vec![SanType::IpAddress([127, 0, 0, 1].into())];
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert = server.signed_by(&server_key, &issuer).unwrap();
+    let files = TlsFiles {
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+        ca: dir.join("ca.pem"),
+    };
+    std::fs::write(&files.cert, server_cert.pem()).unwrap();
+    std::fs::write(&files.key, server_key.serialize_pem()).unwrap();
+    std::fs::write(&files.ca, ca_cert.pem()).unwrap();
+    files
+}
+
+/// `lark-ticketd serve` on this `[store]` table: it must exit 74 (the store cannot be opened)
+/// with one line that names the problem and never the password. Returns its stderr.
+fn serve_refuses_the_store(store: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\n[store]\nkind = \"redis\"\n{store}{}",
+        app_toml_at(APP_ID, Some(KEY), TOKEN, NO_UPSTREAM)
+    );
+    std::fs::write(&path, config).unwrap();
+    let out = crate::util::lark_ticketd()
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(74), "{stderr}");
+    assert!(stderr.contains("cannot open the store: redis"), "{stderr}");
+    assert!(!stderr.contains(REDIS_PASSWORD), "{stderr}");
+    stderr
+}
+
+/// `rediss://`: a replica trusting the server's CA through `store.tls_ca_file` takes pushes
+/// and serves tokens over TLS. Without that CA, with the certificate made out to another name,
+/// or speaking plain TCP to the TLS port, it refuses to start and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_on_redis_over_tls_trusts_the_ca_file_and_nothing_else() {
+    let certs = tempfile::tempdir().unwrap();
+    let files = tls_files(certs.path());
+    let Some(builder) = RedisServer::builder("serve_on_redis_over_tls") else {
+        return;
+    };
+    let redis = builder.password(REDIS_PASSWORD).tls(files.clone()).launch();
+    let tls_url = redis.tls_url().unwrap();
+    let ca = toml_str(files.ca.to_str().unwrap());
+    let port = free_port();
+    let prefix = "it-tls";
+    let mock = mock_for(port, &redis).await;
+    let config = replica_config_at(port, &tls_url, &mock.base_url(), prefix).replacen(
+        "[store]\n",
+        &format!("[store]\ntls_ca_file = {ca}\n"),
+        1,
+    );
+    let replica = Replica::start(&config);
+    assert_eq!(mock.push_ticket(APP_ID).await, Ok(200));
+    let stored = inspect(&redis, prefix).await.ticket(APP_ID).await.unwrap();
+    assert!(stored
+        .expect("the ticket went to Redis over TLS")
+        .ticket
+        .expose()
+        .starts_with("ticket-"));
+    let token = replica.app_token().await;
+    assert_eq!(token.status, 200, "{}", token.text);
+    let ready = replica.get("/readyz", None).await;
+    assert_eq!(ready.status, 200, "{}", ready.text);
+    let (_, logs) = replica.child.terminate();
+    assert_no_secrets(&logs, "lark-ticketd serve on rediss://");
+
+    // The server's CA not trusted: the built-in roots do not know it.
+    let url = toml_str(&tls_url);
+    let untrusted = serve_refuses_the_store(&format!("url = {url}\n"));
+    assert!(
+        untrusted.contains("invalid peer certificate: UnknownIssuer"),
+        "{untrusted}"
+    );
+    // A certificate made out to 127.0.0.1, reached as localhost.
+    let elsewhere = toml_str(&tls_url.replace("127.0.0.1", "localhost"));
+    let wrong_name = serve_refuses_the_store(&format!("url = {elsewhere}\ntls_ca_file = {ca}\n"));
+    assert!(
+        wrong_name.contains("not valid for name \"localhost\""),
+        "{wrong_name}"
+    );
+    // Plain TCP to the TLS port, and TLS to the plain port.
+    let plain = toml_str(&tls_url.replacen("rediss://", "redis://", 1));
+    let plain_to_tls = serve_refuses_the_store(&format!("url = {plain}\n"));
+    assert!(
+        plain_to_tls.contains("if the server speaks TLS on this port, the URL must be rediss://"),
+        "{plain_to_tls}"
+    );
+    let to_plain = toml_str(&redis.url().replacen("redis://", "rediss://", 1));
+    let tls_to_plain = serve_refuses_the_store(&format!("url = {to_plain}\ntls_ca_file = {ca}\n"));
+    assert!(
+        tls_to_plain
+            .contains("if the server speaks plain TCP on this port, the URL must be redis://"),
+        "{tls_to_plain}"
+    );
+    // A CA file that is not there.
+    let missing = toml_str(certs.path().join("nope.pem").to_str().unwrap());
+    let no_file = serve_refuses_the_store(&format!("url = {url}\ntls_ca_file = {missing}\n"));
+    assert!(
+        no_file.contains("cannot read store.tls_ca_file"),
+        "{no_file}"
+    );
+    eprintln!("rediss:// refusals:\n{untrusted}{wrong_name}{plain_to_tls}{tls_to_plain}{no_file}");
 }
