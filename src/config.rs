@@ -445,11 +445,11 @@ impl StoreConfig {
                 "is not a valid Redis URL (redis://[user:password@]host[:port][/db])",
             ));
         }
-        if self.cluster && scheme != "redis" {
+        if self.cluster && !["redis", "rediss"].contains(&scheme) {
             return Err(ConfigError::new(
                 "store.url",
-                "with store.cluster = true must be a redis:// URL of one cluster node (TLS to a \
-                 cluster is not supported by this build)",
+                "with store.cluster = true must be a redis:// (or rediss://) URL of one cluster \
+                 node",
             ));
         }
         let p = &self.key_prefix;
@@ -1101,7 +1101,7 @@ verification_token = "vt-literal"
                 "store.url",
             ),
             (
-                "kind = \"redis\"\nurl = \"rediss://:pw-9f3e@h\"\ncluster = true",
+                "kind = \"redis\"\nurl = \"unix:///run/redis.sock\"\ncluster = true",
                 "store.url",
             ),
             (

@@ -51,6 +51,13 @@
 //! server, so [`RedisStore::open`] reads `appendonly`, `appendfsync` and `maxmemory-policy` and
 //! says so (see [`Durability`]): on disk only with `appendonly yes` + `appendfsync always`; keys
 //! may be evicted under any `maxmemory-policy` but `noeviction`.
+//!
+//! **TLS.** A `rediss://` URL connects over rustls (the one rustls, and its ring provider, that
+//! the Feishu client already uses). The server's certificate is checked against the Mozilla roots
+//! built in (webpki-roots, as for Feishu), or against the CA certificates in `store.tls_ca_file`
+//! instead; there is no way to turn the checks off. On a cluster the seed's scheme decides for
+//! every node (each node tells a TLS client its TLS port). A connect error that looks like TLS on
+//! one end and plain TCP on the other says so ([`tls_hint`]).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -410,7 +417,9 @@ impl RedisStore {
         let tls = tls_certificates(config)?;
         let tls_url = matches!(info.addr, ::redis::ConnectionAddr::TcpTls { .. });
         let client_redactor = redactor.clone();
+        let client_tls = tls.clone();
         let client = move |info: ::redis::ConnectionInfo| {
+            let tls = &client_tls;
             match &tls {
                 Some(certs) => ::redis::Client::build_with_tls(info, certs.clone()),
                 None => ::redis::Client::open(info),
@@ -418,10 +427,15 @@ impl RedisStore {
             .map_err(|e| StoreError::new(client_redactor.clean(format!("redis: {e}"))))
         };
         let conn = if config.cluster {
-            let client = ClusterClientBuilder::new(vec![info.clone()])
+            // TLS (from a rediss:// seed) to every node, which answers with its TLS port.
+            let mut builder = ClusterClientBuilder::new(vec![info.clone()])
                 .connection_timeout(CONNECT_TIMEOUT)
                 .response_timeout(COMMAND_TIMEOUT)
-                .retries(2)
+                .retries(2);
+            if let Some(certs) = &tls {
+                builder = builder.certs(certs.clone());
+            }
+            let client = builder
                 .build()
                 .map_err(|e| StoreError::new(redactor.clean(format!("redis: {e}"))))?;
             let conn = bounded(&redactor, "connect", client.get_async_connection()).await?;

@@ -384,7 +384,17 @@ impl RedisCluster {
         if !redis_available(test) {
             return None;
         }
-        Some(Self::create(test, false))
+        Some(Self::create(test, false, None))
+    }
+
+    /// [`RedisCluster::start`] with a TLS port on every node beside the plain one, and the
+    /// cluster bus over TLS: a TLS client learns the other nodes' TLS ports, a plain one their
+    /// plain ports.
+    pub fn start_tls(test: &str, files: TlsFiles) -> Option<RedisCluster> {
+        if !redis_available(test) {
+            return None;
+        }
+        Some(Self::create(test, false, Some(files)))
     }
 
     /// One cluster for every caller in this test process, started by the first (later callers
@@ -395,10 +405,10 @@ impl RedisCluster {
         if !redis_available(test) {
             return None;
         }
-        Some(SHARED.get_or_init(|| Self::create(test, true)))
+        Some(SHARED.get_or_init(|| Self::create(test, true, None)))
     }
 
-    fn create(test: &str, tied: bool) -> RedisCluster {
+    fn create(test: &str, tied: bool, tls: Option<TlsFiles>) -> RedisCluster {
         let nodes: Vec<RedisServer> = (0..3)
             .map(|_| {
                 // The cluster bus port is given explicitly: port + 10000 may not exist.
@@ -408,6 +418,10 @@ impl RedisCluster {
                     builder.tied_to_this_process()
                 } else {
                     builder
+                };
+                let builder = match &tls {
+                    Some(files) => builder.tls(files.clone()).args(&["--tls-cluster", "yes"]),
+                    None => builder,
                 };
                 builder
                     .args(&[
@@ -442,5 +456,10 @@ impl RedisCluster {
     /// One seed node's URL, as `store.url` with `store.cluster = true`.
     pub fn url(&self) -> String {
         self.nodes[0].url()
+    }
+
+    /// One seed node's `rediss://` URL ([`RedisCluster::start_tls`]).
+    pub fn tls_url(&self) -> Option<String> {
+        self.nodes[0].tls_url()
     }
 }

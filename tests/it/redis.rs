@@ -17,7 +17,7 @@ use lark_ticketd::config::{Config, StoreConfig, StoreKind};
 use lark_ticketd::mock_feishu::{Endpoint, MockFeishu, MockOptions};
 use lark_ticketd::push;
 use lark_ticketd::secret::Secret;
-use lark_ticketd::store::testing::{free_port, RedisServer, TlsFiles};
+use lark_ticketd::store::testing::{free_port, RedisCluster, RedisServer, TlsFiles};
 use lark_ticketd::store::Store;
 
 use crate::handoff::{consumer_toml, event_v2, refused_port, Consumer};
@@ -788,4 +788,65 @@ async fn serve_on_redis_over_tls_trusts_the_ca_file_and_nothing_else() {
         "{no_file}"
     );
     eprintln!("rediss:// refusals:\n{untrusted}{wrong_name}{plain_to_tls}{tls_to_plain}{no_file}");
+}
+
+/// `rediss://` to a Redis Cluster: the seed and every node it redirects to are reached over
+/// TLS (each node answers a TLS client with its TLS port), trusting the CA file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_on_a_redis_cluster_over_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    let files = tls_files(certs.path());
+    let Some(cluster) = RedisCluster::start_tls("serve_on_a_redis_cluster_over_tls", files.clone())
+    else {
+        return;
+    };
+    let port = free_port();
+    let prefix = "it-tls-cluster";
+    let mock = mock_for(port, &cluster.nodes[0]).await;
+    let ca = toml_str(files.ca.to_str().unwrap());
+    let config = replica_config_at(port, &cluster.tls_url().unwrap(), &mock.base_url(), prefix)
+        .replacen(
+            "[store]\n",
+            &format!("[store]\ncluster = true\ntls_ca_file = {ca}\n"),
+            1,
+        );
+    let replica = Replica::start(&config);
+    assert_eq!(mock.push_ticket(APP_ID).await, Ok(200));
+    let token = replica.app_token().await;
+    assert_eq!(token.status, 200, "{}", token.text);
+    let ready = replica.get("/readyz", None).await;
+    assert_eq!(ready.status, 200, "{}", ready.text);
+    let apps = replica.get("/v1/apps", Some(STATUS_BEARER)).await;
+    assert_eq!(
+        apps.json["store"]["redis"]["cluster"], true,
+        "{}",
+        apps.text
+    );
+    // What it wrote is in the cluster (read here over the plain ports), on more than one node:
+    // the replica followed the cluster's redirections over TLS.
+    let plain = StoreConfig {
+        kind: StoreKind::Redis,
+        url: Some(Secret::new(cluster.url())),
+        key_prefix: prefix.to_string(),
+        cluster: true,
+        ..StoreConfig::default()
+    };
+    let stored = Store::open(&plain)
+        .await
+        .unwrap()
+        .ticket(APP_ID)
+        .await
+        .unwrap();
+    assert!(stored.is_some(), "the ticket is in the cluster");
+    let nodes_used = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.cli(&["--scan", "--pattern", &format!("{prefix}:*")]) != "")
+        .count();
+    assert!(
+        nodes_used >= 2,
+        "the replica's keys are on {nodes_used} node(s)"
+    );
+    let (_, logs) = replica.child.terminate();
+    assert_no_secrets(&logs, "lark-ticketd serve on a TLS cluster");
 }
