@@ -841,7 +841,10 @@ async fn serve_on_a_redis_cluster_over_tls() {
     let nodes_used = cluster
         .nodes
         .iter()
-        .filter(|n| n.cli(&["--scan", "--pattern", &format!("{prefix}:*")]) != "")
+        .filter(|n| {
+            !n.cli(&["--scan", "--pattern", &format!("{prefix}:*")])
+                .is_empty()
+        })
         .count();
     assert!(
         nodes_used >= 2,
