@@ -124,6 +124,7 @@ on_every_store! {
         a_slow_delivery_does_not_hold_up_the_next_ones_to_the_same_consumer,
         a_consumer_that_keeps_failing_is_probed_one_delivery_at_a_time,
         mock_feishu_pushes_any_event_and_it_is_handed_on,
+        an_event_whose_fields_cannot_be_headers_is_refused_at_intake,
     ],
     durable: [acknowledged_events_survive_sigkill_and_are_delivered_after_a_restart],
 }
@@ -793,11 +794,10 @@ async fn acknowledged_events_survive_sigkill_and_are_delivered_after_a_restart(
 /// Found by the attack on the release binary: an authentic event whose id, type or tenant key
 /// could not travel in a delivery header was acknowledged, then failed every attempt inside our
 /// own HTTP client — and five of them tripped the breaker of a healthy consumer.
-#[tokio::test]
-async fn an_event_whose_fields_cannot_be_headers_is_refused_at_intake() {
+async fn an_event_whose_fields_cannot_be_headers_is_refused_at_intake(store: StoreUnderTest) {
     let consumer = Consumer::start().await;
     let consumers = consumer_toml("one", &consumer.url(), SECRET_A, "[\"*\"]");
-    let app = service(&consumers, "[\"10ms\"]").await;
+    let app = service(&store, &consumers, "[\"10ms\"]").await;
     for (id, event_type) in [
         ("w-nl\r\nX-Injected: 1", "im.message.receive_v1"),
         ("ev-bad-type", "im.\u{0}x"),
