@@ -661,6 +661,55 @@ mod tests {
     }
 
     #[test]
+    fn oauth_answers_name_feishus_reason_and_user_info_its_tenant() {
+        // protocol.md §6c: errors carry `code` and `error` / `error_description`.
+        let refused: OAuthResponse = serde_json::from_str(
+            r#"{"code":20003,"error":"invalid_grant","error_description":"the code is invalid"}"#,
+        )
+        .unwrap();
+        assert_eq!(refused.code(), 20003);
+        assert_eq!(refused.message(), "the code is invalid");
+        let terse: OAuthResponse =
+            serde_json::from_str(r#"{"code":20002,"error":"invalid_client"}"#).unwrap();
+        assert_eq!(terse.message(), "invalid_client");
+        let ok: OAuthResponse = serde_json::from_str(
+            r#"{"code":0,"access_token":"u-x","expires_in":7200,"refresh_token":"ur-y",
+                "refresh_token_expires_in":604800,"token_type":"Bearer","scope":"offline_access"}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.code(), 0);
+        assert_eq!(
+            expire_s_opt(ok.refresh_token_expires_in.as_ref()),
+            Some(604_800)
+        );
+        assert_eq!(expire_s_opt(None), None);
+        let info: UserInfoResponse = serde_json::from_str(
+            r#"{"code":0,"msg":"success","data":{"name":"Ada","en_name":"Ada","open_id":"ou_1",
+                "union_id":"on_1","user_id":"u1","tenant_key":"736588c9260f175d","email":""}}"#,
+        )
+        .unwrap();
+        let data = info.data.unwrap();
+        assert_eq!(
+            (data.open_id.as_str(), data.tenant_key.as_str()),
+            ("ou_1", "736588c9260f175d")
+        );
+        // Secrets never print.
+        let tokens = UserTokens {
+            access_token: Secret::new("u-secret"),
+            expire_s: 1,
+            refresh_token: Some(Secret::new("ur-secret")),
+            refresh_expire_s: None,
+        };
+        let grant = Grant::Code {
+            code: Secret::new("oc-secret"),
+            redirect_uri: None,
+            code_verifier: Some(Secret::new("verifier-secret")),
+        };
+        let printed = format!("{tokens:?} {grant:?}");
+        assert!(!printed.contains("secret"), "{printed}");
+    }
+
+    #[test]
     fn upstream_builder_errors_are_surfaced() {
         // An invalid header value makes reqwest's builder fail at build().
         let builder = reqwest::Client::builder().user_agent("bad\nagent");
