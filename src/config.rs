@@ -481,27 +481,69 @@ impl StoreConfig {
     }
 }
 
-/// One Feishu / Lark app-store app.
+/// Which kind of Feishu / Lark app an `[[apps]]` entry is (DESIGN.md → *Every kind of Feishu
+/// app*): it decides how the app's tokens are issued, and whether it has an App Ticket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppKind {
+    /// An app-store ("ISV") app: its tokens need the App Ticket Feishu pushes to us, and a
+    /// tenant token is per customer tenant.
+    #[default]
+    Store,
+    /// A self-built app: tokens from app_id + app_secret alone (the `/internal` endpoints),
+    /// one tenant (its own), no ticket.
+    Custom,
+}
+
+impl AppKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppKind::Store => "store",
+            AppKind::Custom => "custom",
+        }
+    }
+}
+
+/// One Feishu / Lark app: an app-store app or a self-built one.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppConfig {
     pub app_id: String,
+    /// `store` (default) or `custom`.
+    #[serde(default)]
+    pub kind: AppKind,
     pub app_secret: Secret,
     /// Optional in Feishu's console; without it events arrive in clear text and unsigned.
     #[serde(default)]
     pub encrypt_key: Option<Secret>,
-    pub verification_token: Secret,
+    /// Required for a store app (its App Ticket arrives as an event); for a custom app only if
+    /// its events are pushed here. `None`: this app's events are refused
+    /// (`events_not_configured`). Empty means not set.
+    #[serde(default)]
+    pub verification_token: Option<Secret>,
     #[serde(default = "default_base_url")]
     pub base_url: String,
+}
+
+impl AppConfig {
+    /// Are this app's events received here (is there a Verification Token to check them with)?
+    pub fn receives_events(&self) -> bool {
+        self.verification_token.is_some()
+    }
 }
 
 /// A scope a downstream client may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
+    /// Fetch and invalidate app and tenant tokens.
     Tokens,
+    /// Read the status API.
     Status,
+    /// Ask Feishu to resend a ticket; redeliver events.
     Admin,
+    /// Exchange OAuth codes and refresh tokens for user access tokens (login).
+    Login,
 }
 
 /// A downstream caller of the token API.
@@ -570,8 +612,11 @@ impl Config {
         for (i, app) in self.apps.iter_mut().enumerate() {
             let key = |field: &str| format!("apps[{i}].{field}");
             app.app_secret = expand_secret(&app.app_secret, &key("app_secret"), env)?;
-            app.verification_token =
-                expand_secret(&app.verification_token, &key("verification_token"), env)?;
+            if let Some(t) = &app.verification_token {
+                let expanded = expand_secret(t, &key("verification_token"), env)?;
+                // Empty means "not set", like the Encrypt Key.
+                app.verification_token = (!expanded.is_empty()).then_some(expanded);
+            }
             if let Some(k) = &app.encrypt_key {
                 let expanded = expand_secret(k, &key("encrypt_key"), env)?;
                 // An empty Encrypt Key means "not set", as in Feishu's console.
@@ -728,11 +773,21 @@ impl Config {
             if app.app_secret.is_empty() {
                 return Err(ConfigError::new(key("app_secret"), "must not be empty"));
             }
-            if app.verification_token.is_empty() {
-                return Err(ConfigError::new(
-                    key("verification_token"),
-                    "must not be empty",
-                ));
+            match (app.kind, &app.verification_token, &app.encrypt_key) {
+                (AppKind::Store, None, _) => {
+                    return Err(ConfigError::new(
+                        key("verification_token"),
+                        "must not be empty: a store app's App Ticket arrives as an event, checked against it",
+                    ));
+                }
+                (AppKind::Custom, None, Some(_)) => {
+                    return Err(ConfigError::new(
+                        key("verification_token"),
+                        "must be set when encrypt_key is (events are checked against both); \
+                         a custom app whose events are not pushed here needs neither",
+                    ));
+                }
+                _ => {}
             }
             validate_base_url(&app.base_url).map_err(|m| ConfigError::new(key("base_url"), m))?;
         }
@@ -765,7 +820,7 @@ impl Config {
             if client.scopes.is_empty() {
                 return Err(ConfigError::new(
                     key("scopes"),
-                    "list at least one of \"tokens\", \"status\", \"admin\"",
+                    "list at least one of \"tokens\", \"status\", \"admin\", \"login\"",
                 ));
             }
         }
@@ -1062,7 +1117,11 @@ verification_token = "vt-literal"
         let app = &c.apps[0];
         assert_eq!(app.app_secret.expose(), "s3cr3t");
         assert_eq!(app.encrypt_key.as_ref().unwrap().expose(), "ek-key-suffix");
-        assert_eq!(app.verification_token.expose(), "vt-literal");
+        assert_eq!(
+            app.verification_token.as_ref().unwrap().expose(),
+            "vt-literal"
+        );
+        assert_eq!(app.kind, AppKind::Store);
         assert_eq!(app.base_url, FEISHU_BASE_URL);
         assert_eq!(c.events.max_age, Duration::from_secs(8 * 3600));
         assert_eq!(c.events.max_skew, Duration::from_secs(300));
@@ -1204,6 +1263,37 @@ verification_token = "vt-literal"
         assert_eq!(parse_bytes("64KiB").unwrap(), 64 << 10);
         assert_eq!(parse_bytes("4096").unwrap(), 4096);
         assert!(parse_bytes("1GiB").is_err());
+    }
+
+    #[test]
+    fn custom_apps_need_no_event_keys() {
+        let text = r#"
+[[apps]]
+app_id = "cli_custom"
+kind = "custom"
+app_secret = "s"
+
+[[apps]]
+app_id = "cli_custom_events"
+kind = "custom"
+app_secret = "s"
+verification_token = "${VT}"
+
+[[clients]]
+name = "login-service"
+key_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+apps = ["cli_custom"]
+scopes = ["login", "tokens"]
+"#;
+        let c = Config::parse(text, &env_of(&[("VT", "")])).unwrap();
+        assert_eq!(c.apps[0].kind, AppKind::Custom);
+        assert!(!c.apps[0].receives_events());
+        // An empty ${VT} means not set, as for the Encrypt Key.
+        assert!(!c.apps[1].receives_events());
+        assert_eq!(c.clients[0].scopes, [Scope::Login, Scope::Tokens]);
+        let c = Config::parse(text, &env_of(&[("VT", "vt")])).unwrap();
+        assert!(c.apps[1].receives_events());
+        assert_eq!(AppKind::Custom.as_str(), "custom");
     }
 
     #[test]
@@ -1532,6 +1622,23 @@ verification_token = "t"
             (
                 "[server]\nmax_body_bytes = \"2MiB\"\nmax_body_bytes_in_flight = \"1MiB\"\n[[apps]]\napp_id = \"cli_x\"\napp_secret = \"s\"\nverification_token = \"t\"",
                 "server.max_body_bytes_in_flight",
+            ),
+            // A store app needs its Verification Token: the ticket arrives as an event.
+            (
+                "[[apps]]\napp_id = \"cli_x\"\napp_secret = \"s\"",
+                "apps[0].verification_token",
+            ),
+            (
+                "[[apps]]\napp_id = \"cli_x\"\nkind = \"store\"\napp_secret = \"s\"\nverification_token = \"\"",
+                "apps[0].verification_token",
+            ),
+            (
+                "[[apps]]\napp_id = \"cli_x\"\nkind = \"custom\"\napp_secret = \"s\"\nencrypt_key = \"k\"",
+                "apps[0].verification_token",
+            ),
+            (
+                "[[apps]]\napp_id = \"cli_x\"\nkind = \"marketplace\"\napp_secret = \"s\"",
+                "apps[0].kind",
             ),
         ];
         for (text, key) in cases {

@@ -4,11 +4,12 @@
 //! store in a temporary directory, with freshly generated credentials. The service finds no
 //! ticket and asks the platform to resend one; the platform pushes it to `/events` encrypted and
 //! signed, exactly as Feishu does; then an app token and a tenant token are fetched through the
-//! token API with a bearer key, and the tenant token is used against the fake platform. Last, a
-//! small local consumer shows the event hand-off: the platform pushes a chat message event,
-//! lark-ticketd queues it and delivers it, signed, and the consumer verifies the signature. Every
-//! step is printed in plain words. Without `--once` it keeps serving and prints `curl` commands to
-//! try.
+//! token API with a bearer key, and the tenant token is used against the fake platform. Next to
+//! the store app runs a self-built ("custom") app: no ticket, its tokens straight from app_id +
+//! app_secret, and a user signs in to it through the login API. Last, a small local consumer
+//! shows the event hand-off: the platform pushes a chat message event, lark-ticketd queues it
+//! and delivers it, signed, and the consumer verifies the signature. Every step is printed in
+//! plain words. Without `--once` it keeps serving and prints `curl` commands to try.
 
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,7 @@ use rand::RngCore;
 use crate::auth::key_sha256_hex;
 use crate::clock::{self, Clock};
 use crate::config::Config;
-use crate::mock_feishu::{MockFeishu, MockOptions, TENANT_QUERY_PATH};
+use crate::mock_feishu::{MockFeishu, MockOptions, AUTHORIZE_PATH, TENANT_QUERY_PATH};
 use crate::server::{self, Listeners};
 use crate::store::Store;
 use crate::webhook::{self, WebhookSecret};
@@ -43,6 +44,7 @@ pub async fn run(once: bool) -> Result<(), String> {
 
 async fn run_in(dir: &std::path::Path, once: bool) -> Result<(), String> {
     let app_id = format!("cli_{}", random_hex(8));
+    let custom_app_id = format!("cli_{}", random_hex(8));
     let tenant_key = format!("demo{}", random_hex(6));
     let client_key = format!("demo-key-{}", random_hex(16));
     let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
@@ -66,11 +68,16 @@ app_secret = "{secret}"
 encrypt_key = "{encrypt_key}"
 verification_token = "{token}"
 base_url = "http://{mock_addr}"
+[[apps]]
+app_id = "{custom_app_id}"
+kind = "custom"
+app_secret = "{custom_secret}"
+base_url = "http://{mock_addr}"
 [[clients]]
 name = "demo"
 key_sha256 = "{key_hash}"
 apps = ["*"]
-scopes = ["tokens", "status", "admin"]
+scopes = ["tokens", "status", "admin", "login"]
 [[consumers]]
 name = "demo-bot"
 url = "http://{consumer_addr}/feishu"
@@ -80,6 +87,7 @@ events = ["im.message.*"]
         consumer_secret = consumer_secret.to_config_value().expose(),
         db = db.display().to_string(),
         secret = random_hex(16),
+        custom_secret = random_hex(16),
         encrypt_key = random_hex(16),
         token = random_hex(16),
         key_hash = key_sha256_hex(&client_key),
@@ -88,7 +96,7 @@ events = ["im.message.*"]
 
     println!("lark-ticketd demo: the whole App Ticket → token flow on this machine.");
     step(1, &format!(
-        "A fake Feishu Open Platform (mock-feishu) is serving the store-app auth API at http://{mock_addr}."
+        "A fake Feishu Open Platform (mock-feishu) is serving the auth API (app-store and self-built\n   apps) and OAuth login at http://{mock_addr}."
     ));
     let mut mock_options = MockOptions::from_config(&config, clock::system());
     mock_options.events_url = Some(format!("http://{service}/events/{{app_id}}"));
@@ -161,7 +169,7 @@ events = ["im.message.*"]
         &serde_json::json!({
             "ts": format!("{}.000000", clock::SystemClock.now_ms() / 1000),
             "uuid": crate::push::random_event_id(),
-            "token": app.verification_token.expose(),
+            "token": app.verification_token.as_ref().map(|t| t.expose()),
             "type": "event_callback",
             "event": {"type": "app_open", "app_id": app_id, "tenant_key": tenant_key,
                       "installer": {"open_id": "ou_demo"}},
@@ -210,8 +218,89 @@ events = ["im.message.*"]
         mock.calls(crate::mock_feishu::Endpoint::AppTicketResend),
     );
 
+    let custom_app_path = format!("/v1/apps/{custom_app_id}/app_access_token");
+    let custom_tenant_path = format!("/v1/apps/{custom_app_id}/tenant_access_token");
     step(
         7,
+        &format!(
+            "Next to it, a self-built app ({custom_app_id}, kind = \"custom\") needs no ticket: its tokens\n   \
+             come from app_id + app_secret alone (/open-apis/auth/v3/*_access_token/internal), with\n   \
+             the same cache and background refresh. Its own tenant's token has no tenant_key:\n   \
+             GET {custom_app_path}\n   GET {custom_tenant_path}"
+        ),
+    );
+    let custom_app_token =
+        get_json(&http, &format!("{base}{custom_app_path}"), &client_key).await?;
+    println!("   → {custom_app_token}");
+    let custom_tenant =
+        get_json(&http, &format!("{base}{custom_tenant_path}"), &client_key).await?;
+    println!("   → {custom_tenant}");
+    let status = get_json(
+        &http,
+        &format!("{base}/v1/apps/{custom_app_id}"),
+        &client_key,
+    )
+    .await?;
+    println!(
+        "   Its status says ticket {} (`lark-ticketd status` does not count it), and no resend was\n   \
+         ever asked for it (app_ticket/resend calls so far: {}, all for {app_id}).",
+        status["ticket"]["state"],
+        mock.calls(crate::mock_feishu::Endpoint::AppTicketResend),
+    );
+
+    step(
+        8,
+        &format!(
+            "A user signs in to the custom app. Their browser opens the authorize URL\n   \
+             http://{mock_addr}{AUTHORIZE_PATH}?client_id={custom_app_id}&redirect_uri=<your callback>&scope=offline_access&state=<random>\n   \
+             and comes back to the callback with ?code=…; the login service hands the code over:\n   \
+             POST /v1/apps/{custom_app_id}/user_access_token {{\"code\": \"…\"}}"
+        ),
+    );
+    let no_redirects = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(15))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let callback = "http://127.0.0.1:1/callback";
+    let authorize = format!(
+        "http://{mock_addr}{AUTHORIZE_PATH}?client_id={custom_app_id}&redirect_uri={}&scope=offline_access&state=demo",
+        urlencode(callback)
+    );
+    let redirected = no_redirects
+        .get(&authorize)
+        .send()
+        .await
+        .map_err(|e| format!("GET {authorize}: {e}"))?;
+    let location = redirected
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or("the authorize page did not redirect")?
+        .to_string();
+    let code = reqwest::Url::parse(&location)
+        .map_err(|e| e.to_string())?
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .map(|(_, v)| v.into_owned())
+        .ok_or("no code in the redirect")?;
+    let login = post_json(
+        &http,
+        &format!("{base}/v1/apps/{custom_app_id}/user_access_token"),
+        &client_key,
+        &serde_json::json!({"code": code, "redirect_uri": callback}),
+    )
+    .await?;
+    println!(
+        "   → signed in: open_id {}, name {}, tenant_key {};\n   \
+         a user access token for {} s and a refresh token (POST …/user_access_token/refresh).\n   \
+         lark-ticketd keeps neither.",
+        login["open_id"], login["name"], login["tenant_key"], login["expire"]
+    );
+
+    step(
+        9,
         &format!(
             "The app's other events are handed on: a local consumer (demo-bot, http://{consumer_addr})\n   \
              wants im.message.*. The platform pushes a chat message event to lark-ticketd…"
@@ -248,6 +337,9 @@ events = ["im.message.*"]
         "\nThe demo keeps running. Try (Ctrl-C to stop):\n\
          \n  curl -H 'Authorization: Bearer {client_key}' {base}{app_path}\
          \n  curl -H 'Authorization: Bearer {client_key}' {base}{tenant_path}\
+         \n  curl -H 'Authorization: Bearer {client_key}' {base}{custom_tenant_path}\
+         \n  curl -X POST http://{mock_addr}/mock/oauth/code -d '{{\"app_id\":\"{custom_app_id}\"}}'   # a login code\
+         \n  curl -X POST -H 'Authorization: Bearer {client_key}' -d '{{\"code\":\"<code>\"}}' {base}/v1/apps/{custom_app_id}/user_access_token\
          \n  curl -X POST -H 'Authorization: Bearer {client_key}' -d '{{\"token\":\"{tenant_token}\"}}' {base}{tenant_path}/invalidate\
          \n  curl http://{mock_addr}/mock/calls\
          \n  curl -X POST http://{mock_addr}/mock/push/{app_id}     # push a new ticket now\
@@ -313,6 +405,44 @@ async fn consume(
                 .await;
         });
     }
+}
+
+/// Percent-encode a query value (RFC 3986 unreserved characters stay).
+fn urlencode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+async fn post_json(
+    http: &reqwest::Client,
+    url: &str,
+    bearer: &str,
+    body: &serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    let response = http
+        .post(url)
+        .bearer_auth(bearer)
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| format!("POST {url}: {e}"))?;
+    let status = response.status();
+    let body: serde_json::Value = response
+        .json()
+        .await
+        .map_err(|e| format!("POST {url}: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("POST {url}: HTTP {status}: {body}"));
+    }
+    Ok(body)
 }
 
 async fn get_json(

@@ -34,6 +34,9 @@ pub enum ErrorKind {
     StaleRequest,
     /// The routed `app_id` is not configured, or no configured app matches the request.
     UnknownApp,
+    /// The app is configured, but not to receive events: a custom app without a
+    /// `verification_token`.
+    EventsNotConfigured,
     /// Consumer API: no `[[consumers]]` entry has this name.
     UnknownConsumer,
     /// The event names an app other than the one it was routed to.
@@ -58,6 +61,11 @@ pub enum ErrorKind {
     TicketMissing,
     /// Feishu answered with an error code.
     UpstreamError,
+    /// A store app asked for the tenant-less tenant token: it has one per customer tenant.
+    TenantKeyRequired,
+    /// Login: Feishu refused the authorization code or refresh token (its code and message are
+    /// in the error's `upstream`).
+    LoginFailed,
     /// Feishu did not answer in time.
     UpstreamTimeout,
     /// The server-wide budget for request bodies in flight (`server.max_body_bytes_in_flight`)
@@ -86,10 +94,12 @@ impl ErrorKind {
             | EncryptKeyNotConfigured
             | AppMismatch
             | BadRequest
+            | TenantKeyRequired
+            | LoginFailed
             | MalformedRequest => 400,
             BadSignature | BadToken | StaleRequest | Unauthorized => 401,
             Forbidden => 403,
-            UnknownApp | UnknownConsumer | NotFound => 404,
+            UnknownApp | EventsNotConfigured | UnknownConsumer | NotFound => 404,
             MethodNotAllowed => 405,
             RequestTimeout => 408,
             PayloadTooLarge => 413,
@@ -115,6 +125,7 @@ impl ErrorKind {
             BadToken => "bad_token",
             StaleRequest => "stale_request",
             UnknownApp => "unknown_app",
+            EventsNotConfigured => "events_not_configured",
             UnknownConsumer => "unknown_consumer",
             AppMismatch => "app_mismatch",
             PayloadTooLarge => "payload_too_large",
@@ -127,6 +138,8 @@ impl ErrorKind {
             StoreUnavailable => "store_unavailable",
             TicketMissing => "ticket_missing",
             UpstreamError => "upstream_error",
+            TenantKeyRequired => "tenant_key_required",
+            LoginFailed => "login_failed",
             UpstreamTimeout => "upstream_timeout",
             Busy => "server_busy",
             TooManyConnections => "too_many_connections",
@@ -256,6 +269,9 @@ impl From<ErrorKind> for Error {
             ErrorKind::BadToken => "the Verification Token is missing or does not match",
             ErrorKind::StaleRequest => "the request or event is too old (a replay?)",
             ErrorKind::UnknownApp => "no configured app matches this request",
+            ErrorKind::EventsNotConfigured => {
+                "this app has no verification_token configured: its events are not received here"
+            }
             ErrorKind::UnknownConsumer => "no consumer with this name is configured",
             ErrorKind::AppMismatch => "the event names a different app than the route",
             ErrorKind::PayloadTooLarge => "the body is larger than the configured limit",
@@ -268,6 +284,10 @@ impl From<ErrorKind> for Error {
             ErrorKind::StoreUnavailable => "storage is unavailable; retry later",
             ErrorKind::TicketMissing => "no app_ticket yet; a resend was requested, retry shortly",
             ErrorKind::UpstreamError => "the Open Platform returned an error",
+            ErrorKind::TenantKeyRequired => {
+                "a store app has a tenant_access_token per customer tenant: use /v1/apps/{app_id}/tenants/{tenant_key}/tenant_access_token"
+            }
+            ErrorKind::LoginFailed => "the Open Platform refused the code or refresh token",
             ErrorKind::UpstreamTimeout => "the Open Platform did not answer in time",
             ErrorKind::Busy => "the server is busy reading other request bodies; retry shortly",
             ErrorKind::TooManyConnections => "too many open connections from this address",
@@ -307,6 +327,9 @@ mod tests {
             (ErrorKind::HeaderTooLarge, 431, "header_too_large"),
             (ErrorKind::UriTooLong, 414, "uri_too_long"),
             (ErrorKind::MalformedRequest, 400, "malformed_request"),
+            (ErrorKind::EventsNotConfigured, 404, "events_not_configured"),
+            (ErrorKind::TenantKeyRequired, 400, "tenant_key_required"),
+            (ErrorKind::LoginFailed, 400, "login_failed"),
         ];
         for (kind, status, code) in table {
             assert_eq!(kind.status(), status, "{kind:?}");

@@ -388,10 +388,18 @@ fn push_credentials(target: &PushTarget) -> Result<PushCredentials, ExitCode> {
             eprintln!("lark-ticketd: --app-id names no app in {}", path.display());
             return Err(ExitCode::from(EXIT_CONFIG));
         };
+        let Some(verification_token) = app.verification_token.clone() else {
+            eprintln!(
+                "lark-ticketd: app {} has no verification_token in {}: its events are not received",
+                app.app_id,
+                path.display()
+            );
+            return Err(ExitCode::from(EXIT_CONFIG));
+        };
         return Ok(PushCredentials {
             app_id: Some(app.app_id.clone()),
             encrypt_key: app.encrypt_key.clone(),
-            verification_token: app.verification_token.clone(),
+            verification_token,
         });
     }
     let Some(token) = target.verification_token.clone() else {

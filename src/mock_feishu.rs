@@ -1,13 +1,28 @@
 //! `mock-feishu`: a local fake of the Feishu / Lark Open Platform, for the demo, the tests, and
 //! developers who have no Feishu tenant at hand.
 //!
-//! It is faithful where lark-ticketd (or any store-app client) depends on the platform's
-//! behaviour (protocol.md §6):
+//! It is faithful where lark-ticketd (or any client) depends on the platform's behaviour
+//! (protocol.md §6, §6b, §6c):
 //! * the three store-app auth endpoints with Feishu's JSON shape (`{"code", "msg", ...}`), its
 //!   error codes — `10003` bad parameters, `10014` unknown app, `10015` wrong app secret,
 //!   `10012` invalid app_ticket, `99991664` invalid app_access_token — answered with HTTP 400;
+//! * the self-built ("custom") app endpoints, `app_access_token/internal` and
+//!   `tenant_access_token/internal` (app_id + app_secret alone; the tenant token is for the app's
+//!   own tenant, [`own_tenant_key`]); a store app asking there, or a custom app asking the
+//!   store-app endpoints or for a ticket resend (`10016`), is refused;
 //! * `expire` counts down; the same token is returned while at least 30 minutes remain and a new
 //!   one below that, the old one staying valid until its own expiry; tenant tokens per tenant_key;
+//! * OAuth login: `GET /open-apis/authen/v1/authorize` (what a browser opens: it signs in a mock
+//!   user at once and redirects to `redirect_uri` with `code` and `state`), the v2 token endpoint
+//!   `POST /open-apis/authen/v2/oauth/token` (authorization codes single-use and valid 5
+//!   minutes, bound to their app, `redirect_uri` and PKCE challenge; refresh tokens single-use,
+//!   issued only with the `offline_access` scope; errors as `{"code", "error",
+//!   "error_description"}` with HTTP 400: `20001` missing parameter, `20002` wrong client
+//!   credentials, `20003` invalid, used or mismatched code, `20004` expired code, `20026`
+//!   invalid or used refresh token, `20037` expired refresh token — the numbers beyond 20003
+//!   are the mock's, not confirmed against Feishu), and `GET /open-apis/authen/v1/user_info`
+//!   (identity and `tenant_key` for a user access token, `99991663` otherwise);
+//!   `POST /mock/oauth/code` mints a code for a (tenant, user) without a browser;
 //! * `app_ticket/resend` answers `{"code":0}` and then pushes a freshly encrypted, signed
 //!   `app_ticket` event to the events URL, as the platform does; an optional periodic push
 //!   imitates the hourly schedule; tickets stay valid for 12 hours;
@@ -38,25 +53,46 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::clock::SharedClock;
-use crate::config::Config;
+use crate::config::{AppKind, Config};
 use crate::push::{self, Seal};
 use crate::secret::Secret;
 use crate::tokens::upstream::{
-    APP_ACCESS_TOKEN_PATH, APP_TICKET_RESEND_PATH, TENANT_ACCESS_TOKEN_PATH,
+    APP_ACCESS_TOKEN_INTERNAL_PATH, APP_ACCESS_TOKEN_PATH, APP_TICKET_RESEND_PATH,
+    OAUTH_TOKEN_PATH, TENANT_ACCESS_TOKEN_INTERNAL_PATH, TENANT_ACCESS_TOKEN_PATH, USER_INFO_PATH,
 };
 
 /// The business endpoint that checks a tenant_access_token.
 pub const TENANT_QUERY_PATH: &str = "/open-apis/tenant/v2/tenant/query";
 /// Feishu returns the same token while at least this much of its life remains.
 pub const SAME_TOKEN_WHILE_MS: u64 = 30 * 60 * 1000;
+/// Where a browser starts a login (Feishu serves it on `accounts.feishu.cn`; the mock on its
+/// own address).
+pub const AUTHORIZE_PATH: &str = "/open-apis/authen/v1/authorize";
+/// An authorization code is valid this long, once.
+pub const CODE_TTL_MS: u64 = 5 * 60 * 1000;
+/// A refresh token is valid this long, once.
+pub const REFRESH_TOKEN_TTL_S: u64 = 7 * 24 * 3600;
+/// The tenant a minted code's user belongs to when none is named (store apps).
+pub const DEFAULT_TENANT_KEY: &str = "736588c9260f175d";
+/// The user a minted code signs in when none is named.
+pub const DEFAULT_USER_ID: &str = "mock-user-1";
 
 /// One app the fake platform knows.
 #[derive(Debug, Clone)]
 pub struct MockApp {
     pub app_id: String,
+    pub kind: AppKind,
     pub app_secret: Secret,
     pub encrypt_key: Option<Secret>,
-    pub verification_token: Secret,
+    /// `None`: the app's events are not pushed anywhere (a custom app without one).
+    pub verification_token: Option<Secret>,
+}
+
+/// The tenant a custom app lives in, as the mock has it: stable per app id, shaped like a
+/// Feishu tenant_key (16 hex digits).
+pub fn own_tenant_key(app_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(format!("tenant-of/{app_id}").as_bytes())[..8])
 }
 
 /// How the fake platform behaves.
@@ -89,6 +125,7 @@ impl MockOptions {
                 .iter()
                 .map(|a| MockApp {
                     app_id: a.app_id.clone(),
+                    kind: a.kind,
                     app_secret: a.app_secret.clone(),
                     encrypt_key: a.encrypt_key.clone(),
                     verification_token: a.verification_token.clone(),
@@ -113,6 +150,12 @@ pub enum Endpoint {
     TenantAccessToken,
     AppTicketResend,
     TenantQuery,
+    /// Self-built apps.
+    AppAccessTokenInternal,
+    TenantAccessTokenInternal,
+    /// OAuth login: the v2 token endpoint and `user_info`.
+    OAuthToken,
+    UserInfo,
 }
 
 impl Endpoint {
@@ -123,11 +166,24 @@ impl Endpoint {
         Endpoint::AppTicketResend,
     ];
 
-    const ALL: [Endpoint; 4] = [
+    /// Every endpoint that issues an app's tokens or asks for a ticket, both kinds.
+    pub const ALL_TOKENS: [Endpoint; 5] = [
+        Endpoint::AppAccessToken,
+        Endpoint::TenantAccessToken,
+        Endpoint::AppTicketResend,
+        Endpoint::AppAccessTokenInternal,
+        Endpoint::TenantAccessTokenInternal,
+    ];
+
+    const ALL: [Endpoint; 8] = [
         Endpoint::AppAccessToken,
         Endpoint::TenantAccessToken,
         Endpoint::AppTicketResend,
         Endpoint::TenantQuery,
+        Endpoint::AppAccessTokenInternal,
+        Endpoint::TenantAccessTokenInternal,
+        Endpoint::OAuthToken,
+        Endpoint::UserInfo,
     ];
 
     fn name(self) -> &'static str {
@@ -136,8 +192,98 @@ impl Endpoint {
             Endpoint::TenantAccessToken => "tenant_access_token",
             Endpoint::AppTicketResend => "app_ticket_resend",
             Endpoint::TenantQuery => "tenant_query",
+            Endpoint::AppAccessTokenInternal => "app_access_token_internal",
+            Endpoint::TenantAccessTokenInternal => "tenant_access_token_internal",
+            Endpoint::OAuthToken => "oauth_token",
+            Endpoint::UserInfo => "user_info",
         }
     }
+}
+
+/// A user of a tenant, as the mock signs them in.
+#[derive(Debug, Clone)]
+struct MockUser {
+    app_id: String,
+    tenant_key: String,
+    user_id: String,
+    name: String,
+}
+
+impl MockUser {
+    /// Per app and user, as Feishu's `open_id`.
+    fn open_id(&self) -> String {
+        format!(
+            "ou_{}",
+            digest_hex(&["open", &self.app_id, &self.tenant_key, &self.user_id])
+        )
+    }
+
+    /// Per developer and user (one developer here), as Feishu's `union_id`.
+    fn union_id(&self) -> String {
+        format!(
+            "on_{}",
+            digest_hex(&["union", &self.tenant_key, &self.user_id])
+        )
+    }
+}
+
+fn digest_hex(parts: &[&str]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(parts.join("/").as_bytes())[..16])
+}
+
+/// An authorization code, until it is used or expires.
+struct Code {
+    user: MockUser,
+    redirect_uri: Option<String>,
+    /// PKCE: the challenge and its method (`S256` or `plain`).
+    challenge: Option<(String, String)>,
+    scope: String,
+    issued_ms: u64,
+}
+
+/// A refresh token, until it is used or expires.
+struct Refresh {
+    user: MockUser,
+    scope: String,
+    expires_ms: u64,
+}
+
+/// What `POST /mock/oauth/code` (and [`MockFeishu::mint_code`]) takes: who signs in.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct CodeRequest {
+    pub app_id: String,
+    /// Default: a custom app's own tenant; [`DEFAULT_TENANT_KEY`] for a store app.
+    #[serde(default)]
+    pub tenant_key: Option<String>,
+    /// Default: [`DEFAULT_USER_ID`].
+    #[serde(default)]
+    pub user_id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// When set, the exchange must name the same one.
+    #[serde(default)]
+    pub redirect_uri: Option<String>,
+    /// Default `offline_access` (so a refresh token is issued); `""` for none.
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// PKCE.
+    #[serde(default)]
+    pub code_challenge: Option<String>,
+    /// `S256` (default) or `plain`.
+    #[serde(default)]
+    pub code_challenge_method: Option<String>,
+}
+
+/// A minted code and who it signs in.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MintedCode {
+    pub code: String,
+    pub expires_in: u64,
+    pub tenant_key: String,
+    pub open_id: String,
+    pub union_id: String,
+    pub user_id: String,
 }
 
 #[derive(Clone)]
@@ -155,6 +301,14 @@ struct Data {
     /// (app_id, tenant_key) → tenant tokens issued, oldest first.
     tenant_tokens: HashMap<(String, String), Vec<Issued>>,
     revoked: HashSet<String>,
+    /// OAuth: authorization codes not used yet.
+    codes: HashMap<String, Code>,
+    /// OAuth: user access tokens → (user, expires at).
+    user_tokens: HashMap<String, (MockUser, u64)>,
+    /// OAuth: refresh tokens not used yet.
+    refresh_tokens: HashMap<String, Refresh>,
+    /// app_id → resend requests received (answered or refused).
+    resends: HashMap<String, u64>,
 }
 
 struct State {
@@ -238,7 +392,13 @@ impl MockFeishu {
                 tick.tick().await; // the first tick is immediate; Feishu's first push is not
                 loop {
                     tick.tick().await;
-                    let mut apps: Vec<String> = state.apps.keys().cloned().collect();
+                    // Only store apps get tickets.
+                    let mut apps: Vec<String> = state
+                        .apps
+                        .values()
+                        .filter(|a| a.kind == AppKind::Store)
+                        .map(|a| a.app_id.clone())
+                        .collect();
                     apps.sort();
                     for app_id in apps {
                         let _ = state.push_new_ticket(&app_id).await;
@@ -290,6 +450,17 @@ impl MockFeishu {
     /// the HTTP status of the push.
     pub async fn push_event(&self, app_id: &str, event: &str) -> Result<u16, String> {
         self.state.push_event(app_id, event).await
+    }
+
+    /// Resend requests received for `app_id` so far (whatever the answer).
+    pub fn resends_for(&self, app_id: &str) -> u64 {
+        self.state.data().resends.get(app_id).copied().unwrap_or(0)
+    }
+
+    /// Mint an authorization code for a (tenant, user) of `request.app_id`, as a browser login
+    /// would end with (also `POST /mock/oauth/code`).
+    pub fn mint_code(&self, request: &CodeRequest) -> Result<MintedCode, String> {
+        self.state.mint_code(request)
     }
 
     /// Make a token invalid from now on (as when Feishu revokes it).
@@ -362,6 +533,25 @@ fn feishu_error(code: i64, msg: &str) -> Response<Full<Bytes>> {
     reply(StatusCode::BAD_REQUEST, json!({"code": code, "msg": msg}))
 }
 
+/// The v2 OAuth endpoint's error shape (RFC 6749 names, plus Feishu's `code`).
+fn oauth_error(code: i64, error: &str, description: &str) -> Response<Full<Bytes>> {
+    reply(
+        StatusCode::BAD_REQUEST,
+        json!({"code": code, "error": error, "error_description": description}),
+    )
+}
+
+/// The PKCE challenge of a verifier (RFC 7636): `S256` is base64url(SHA-256), unpadded.
+pub fn pkce_challenge(verifier: &str, method: &str) -> String {
+    use base64::Engine;
+    use sha2::{Digest, Sha256};
+    match method {
+        "plain" => verifier.to_string(),
+        _ => base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(Sha256::digest(verifier.as_bytes())),
+    }
+}
+
 fn str_field<'a>(body: &'a Value, name: &str) -> Option<&'a str> {
     body.get(name)?.as_str().filter(|s| !s.is_empty())
 }
@@ -405,6 +595,14 @@ impl State {
             (&Method::POST, TENANT_ACCESS_TOKEN_PATH) => Some(Endpoint::TenantAccessToken),
             (&Method::POST, APP_TICKET_RESEND_PATH) => Some(Endpoint::AppTicketResend),
             (&Method::GET, TENANT_QUERY_PATH) => Some(Endpoint::TenantQuery),
+            (&Method::POST, APP_ACCESS_TOKEN_INTERNAL_PATH) => {
+                Some(Endpoint::AppAccessTokenInternal)
+            }
+            (&Method::POST, TENANT_ACCESS_TOKEN_INTERNAL_PATH) => {
+                Some(Endpoint::TenantAccessTokenInternal)
+            }
+            (&Method::POST, OAUTH_TOKEN_PATH) => Some(Endpoint::OAuthToken),
+            (&Method::GET, USER_INFO_PATH) => Some(Endpoint::UserInfo),
             _ => None,
         };
         let Some(endpoint) = endpoint else {
@@ -427,7 +625,7 @@ impl State {
         if let Some(fault) = self.inject_faults().await {
             return fault;
         }
-        if endpoint == Endpoint::TenantQuery {
+        if matches!(endpoint, Endpoint::TenantQuery | Endpoint::UserInfo) {
             let token = req
                 .headers()
                 .get(hyper::header::AUTHORIZATION)
@@ -435,7 +633,10 @@ impl State {
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .unwrap_or("")
                 .to_string();
-            return self.tenant_query(&token);
+            return match endpoint {
+                Endpoint::UserInfo => self.user_info(&token),
+                _ => self.tenant_query(&token),
+            };
         }
         let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
             Ok(b) => serde_json::from_slice::<Value>(&b.to_bytes()).unwrap_or(Value::Null),
@@ -444,6 +645,9 @@ impl State {
         match endpoint {
             Endpoint::AppAccessToken => self.app_access_token(&body),
             Endpoint::TenantAccessToken => self.tenant_access_token(&body),
+            Endpoint::AppAccessTokenInternal => self.app_access_token_internal(&body),
+            Endpoint::TenantAccessTokenInternal => self.tenant_access_token_internal(&body),
+            Endpoint::OAuthToken => self.oauth_token(&body),
             _ => self.resend(&body).await,
         }
     }
@@ -486,8 +690,25 @@ impl State {
         Ok(app)
     }
 
+    /// [`State::check_app`], for an app of `kind`: the store-app endpoints refuse a self-built
+    /// app and the `/internal` ones an app-store app.
+    fn check_app_of(&self, body: &Value, kind: AppKind) -> Result<&MockApp, (i64, &'static str)> {
+        let app = self.check_app(body)?;
+        match (app.kind, kind) {
+            (a, b) if a == b => Ok(app),
+            (AppKind::Custom, _) => Err((
+                10014,
+                "app unauthorized: a self-built app gets its tokens from the /internal endpoints",
+            )),
+            (AppKind::Store, _) => Err((
+                10014,
+                "app unauthorized: an app-store app gets its tokens with its app_ticket",
+            )),
+        }
+    }
+
     fn app_access_token(&self, body: &Value) -> Response<Full<Bytes>> {
-        let app = match self.check_app(body) {
+        let app = match self.check_app_of(body, AppKind::Store) {
             Ok(app) => app,
             Err((code, msg)) => return feishu_error(code, msg),
         };
@@ -519,6 +740,283 @@ impl State {
                 "expire": issued.expires_ms.saturating_sub(now) / 1000,
             }),
         )
+    }
+
+    /// A self-built app's `app_access_token`: app_id + app_secret alone (protocol.md §6b).
+    fn app_access_token_internal(&self, body: &Value) -> Response<Full<Bytes>> {
+        let app = match self.check_app_of(body, AppKind::Custom) {
+            Ok(app) => app,
+            Err((code, msg)) => return feishu_error(code, msg),
+        };
+        let now = self.clock.now_ms();
+        let mut data = self.data();
+        let Data {
+            app_tokens,
+            revoked,
+            ..
+        } = &mut *data;
+        let list = app_tokens.entry(app.app_id.clone()).or_default();
+        let issued = issue(list, revoked, now, self.token_ttl_ms, "a-");
+        reply(
+            StatusCode::OK,
+            json!({
+                "code": 0,
+                "msg": "ok",
+                "app_access_token": issued.token,
+                "expire": issued.expires_ms.saturating_sub(now) / 1000,
+            }),
+        )
+    }
+
+    /// A self-built app's `tenant_access_token`, for its own tenant ([`own_tenant_key`]).
+    fn tenant_access_token_internal(&self, body: &Value) -> Response<Full<Bytes>> {
+        let app = match self.check_app_of(body, AppKind::Custom) {
+            Ok(app) => app,
+            Err((code, msg)) => return feishu_error(code, msg),
+        };
+        let now = self.clock.now_ms();
+        let mut data = self.data();
+        let Data {
+            tenant_tokens,
+            revoked,
+            ..
+        } = &mut *data;
+        let list = tenant_tokens
+            .entry((app.app_id.clone(), own_tenant_key(&app.app_id)))
+            .or_default();
+        let issued = issue(list, revoked, now, self.token_ttl_ms, "t-");
+        reply(
+            StatusCode::OK,
+            json!({
+                "code": 0,
+                "msg": "ok",
+                "tenant_access_token": issued.token,
+                "expire": issued.expires_ms.saturating_sub(now) / 1000,
+            }),
+        )
+    }
+
+    /// Mint an authorization code for a (tenant, user) of an app.
+    fn mint_code(&self, request: &CodeRequest) -> Result<MintedCode, String> {
+        let app = self
+            .apps
+            .get(&request.app_id)
+            .ok_or_else(|| format!("unknown app {:?}", request.app_id))?;
+        let tenant_key = match (&request.tenant_key, app.kind) {
+            (Some(t), _) if !t.is_empty() => t.clone(),
+            (_, AppKind::Custom) => own_tenant_key(&app.app_id),
+            (_, AppKind::Store) => DEFAULT_TENANT_KEY.to_string(),
+        };
+        if app.kind == AppKind::Custom && tenant_key != own_tenant_key(&app.app_id) {
+            return Err("a self-built app's users are in its own tenant only".to_string());
+        }
+        let user_id = request
+            .user_id
+            .clone()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| DEFAULT_USER_ID.to_string());
+        let user = MockUser {
+            app_id: app.app_id.clone(),
+            name: request
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("Mock User {user_id}")),
+            tenant_key,
+            user_id,
+        };
+        let challenge = match &request.code_challenge {
+            Some(c) if !c.is_empty() => {
+                let method = request
+                    .code_challenge_method
+                    .clone()
+                    .unwrap_or_else(|| "S256".to_string());
+                if method != "S256" && method != "plain" {
+                    return Err("code_challenge_method must be S256 or plain".to_string());
+                }
+                Some((c.clone(), method))
+            }
+            _ => None,
+        };
+        let code = format!("oc-{}", random_hex(16));
+        let minted = MintedCode {
+            code: code.clone(),
+            expires_in: CODE_TTL_MS / 1000,
+            tenant_key: user.tenant_key.clone(),
+            open_id: user.open_id(),
+            union_id: user.union_id(),
+            user_id: user.user_id.clone(),
+        };
+        let scope = request
+            .scope
+            .clone()
+            .unwrap_or_else(|| "offline_access".to_string());
+        self.data().codes.insert(
+            code,
+            Code {
+                user,
+                redirect_uri: request.redirect_uri.clone().filter(|u| !u.is_empty()),
+                challenge,
+                scope,
+                issued_ms: self.clock.now_ms(),
+            },
+        );
+        Ok(minted)
+    }
+
+    /// The v2 OAuth token endpoint: an authorization code or a refresh token for a user's tokens.
+    fn oauth_token(&self, body: &Value) -> Response<Full<Bytes>> {
+        let (Some(grant_type), Some(client_id), Some(client_secret)) = (
+            str_field(body, "grant_type"),
+            str_field(body, "client_id"),
+            str_field(body, "client_secret"),
+        ) else {
+            return oauth_error(
+                20001,
+                "invalid_request",
+                "grant_type, client_id and client_secret are required",
+            );
+        };
+        let app = match self.apps.get(client_id) {
+            Some(app) if app.app_secret.ct_eq(client_secret) => app,
+            _ => return oauth_error(20002, "invalid_client", "client authentication failed"),
+        };
+        let now = self.clock.now_ms();
+        let mut data = self.data();
+        let (user, scope) = match grant_type {
+            "authorization_code" => {
+                let Some(code) = str_field(body, "code") else {
+                    return oauth_error(20001, "invalid_request", "code is required");
+                };
+                // Used once, whatever the outcome: a second try is refused as invalid.
+                let Some(grant) = data.codes.remove(code) else {
+                    return oauth_error(
+                        20003,
+                        "invalid_grant",
+                        "the authorization code is invalid or has been used",
+                    );
+                };
+                if now.saturating_sub(grant.issued_ms) >= CODE_TTL_MS {
+                    return oauth_error(
+                        20004,
+                        "invalid_grant",
+                        "the authorization code has expired",
+                    );
+                }
+                if grant.user.app_id != app.app_id {
+                    return oauth_error(
+                        20003,
+                        "invalid_grant",
+                        "the authorization code is for another app",
+                    );
+                }
+                if let Some(uri) = &grant.redirect_uri {
+                    if str_field(body, "redirect_uri") != Some(uri.as_str()) {
+                        return oauth_error(
+                            20003,
+                            "invalid_grant",
+                            "redirect_uri does not match the authorization request",
+                        );
+                    }
+                }
+                if let Some((challenge, method)) = &grant.challenge {
+                    let verified = str_field(body, "code_verifier").is_some_and(|v| {
+                        pkce_challenge(v, method).as_bytes() == challenge.as_bytes()
+                    });
+                    if !verified {
+                        return oauth_error(
+                            20003,
+                            "invalid_grant",
+                            "code_verifier does not match the code_challenge",
+                        );
+                    }
+                }
+                (grant.user, grant.scope)
+            }
+            "refresh_token" => {
+                let Some(token) = str_field(body, "refresh_token") else {
+                    return oauth_error(20001, "invalid_request", "refresh_token is required");
+                };
+                let Some(refresh) = data.refresh_tokens.remove(token) else {
+                    return oauth_error(
+                        20026,
+                        "invalid_grant",
+                        "the refresh token is invalid or has been used",
+                    );
+                };
+                if now >= refresh.expires_ms {
+                    return oauth_error(20037, "invalid_grant", "the refresh token has expired");
+                }
+                if refresh.user.app_id != app.app_id {
+                    return oauth_error(
+                        20026,
+                        "invalid_grant",
+                        "the refresh token is for another app",
+                    );
+                }
+                (refresh.user, refresh.scope)
+            }
+            _ => {
+                return oauth_error(
+                    20001,
+                    "unsupported_grant_type",
+                    "grant_type must be authorization_code or refresh_token",
+                )
+            }
+        };
+        let access_token = format!("u-{}", random_hex(20));
+        data.user_tokens.insert(
+            access_token.clone(),
+            (user.clone(), now.saturating_add(self.token_ttl_ms)),
+        );
+        let mut answer = json!({
+            "code": 0,
+            "access_token": access_token,
+            "expires_in": self.token_ttl_ms / 1000,
+            "token_type": "Bearer",
+            "scope": scope,
+        });
+        if scope.split_whitespace().any(|s| s == "offline_access") {
+            let refresh_token = format!("ur-{}", random_hex(20));
+            data.refresh_tokens.insert(
+                refresh_token.clone(),
+                Refresh {
+                    user,
+                    scope: scope.clone(),
+                    expires_ms: now.saturating_add(REFRESH_TOKEN_TTL_S * 1000),
+                },
+            );
+            answer["refresh_token"] = refresh_token.into();
+            answer["refresh_token_expires_in"] = REFRESH_TOKEN_TTL_S.into();
+        }
+        reply(StatusCode::OK, answer)
+    }
+
+    /// Who a user access token belongs to.
+    fn user_info(&self, token: &str) -> Response<Full<Bytes>> {
+        let now = self.clock.now_ms();
+        let data = self.data();
+        let user = data
+            .user_tokens
+            .get(token)
+            .filter(|(_, expires)| *expires > now && !data.revoked.contains(token))
+            .map(|(user, _)| user.clone());
+        match user {
+            Some(user) => reply(
+                StatusCode::OK,
+                json!({"code": 0, "msg": "success", "data": {
+                    "name": user.name,
+                    "en_name": user.name,
+                    "open_id": user.open_id(),
+                    "union_id": user.union_id(),
+                    "user_id": user.user_id,
+                    "tenant_key": user.tenant_key,
+                }}),
+            ),
+            None => feishu_error(
+                99991663,
+                "Invalid access token for authorization. Please make a request with token attached.",
+            ),
+        }
     }
 
     /// The app a valid (unexpired, unrevoked) app_access_token belongs to.
@@ -590,7 +1088,16 @@ impl State {
     }
 
     async fn resend(self: &Arc<Self>, body: &Value) -> Response<Full<Bytes>> {
+        if let Some(app_id) = str_field(body, "app_id") {
+            *self.data().resends.entry(app_id.to_string()).or_default() += 1;
+        }
         let app_id = match self.check_app(body) {
+            Ok(app) if app.kind == AppKind::Custom => {
+                return feishu_error(
+                    10016,
+                    "app resend fail: resend only works for app-store apps",
+                )
+            }
             Ok(app) => app.app_id.clone(),
             Err((code, msg)) => return feishu_error(code, msg),
         };
@@ -610,6 +1117,15 @@ impl State {
             .apps
             .get(app_id)
             .ok_or_else(|| format!("unknown app {app_id}"))?;
+        if app.kind == AppKind::Custom {
+            return Err(format!(
+                "{app_id} is a self-built app: it gets no app_ticket"
+            ));
+        }
+        let token = app
+            .verification_token
+            .as_ref()
+            .ok_or_else(|| format!("{app_id} has no verification_token: no events are pushed"))?;
         let ticket = format!("ticket-{}", random_hex(16));
         let now = self.clock.now_ms();
         self.data()
@@ -620,7 +1136,7 @@ impl State {
         let json = push::app_ticket_json(
             app_id,
             &Secret::new(ticket),
-            &app.verification_token,
+            token,
             now as i64 * 1000,
             &push::random_event_id(),
         );
@@ -634,7 +1150,11 @@ impl State {
             .apps
             .get(app_id)
             .ok_or_else(|| format!("unknown app {app_id}"))?;
-        let json = push::with_token(event, &app.verification_token)?;
+        let token = app
+            .verification_token
+            .as_ref()
+            .ok_or_else(|| format!("{app_id} has no verification_token: no events are pushed"))?;
+        let json = push::with_token(event, token)?;
         self.push_json(app_id, &json).await
     }
 
@@ -674,6 +1194,57 @@ impl State {
                 Err(e.to_string())
             }
         }
+    }
+
+    /// `GET /open-apis/authen/v1/authorize`: the page a browser opens to sign in. The mock signs
+    /// in a user at once (`user_id`, `tenant_key` and `name` may be given in the query, an
+    /// extension of the mock) and redirects to `redirect_uri` with `code` and `state`.
+    fn authorize(&self, uri: &hyper::Uri) -> Response<Full<Bytes>> {
+        let query: HashMap<String, String> = reqwest::Url::parse(&format!("http://mock{uri}"))
+            .map(|u| u.query_pairs().into_owned().collect())
+            .unwrap_or_default();
+        let get = |name: &str| query.get(name).filter(|v| !v.is_empty()).cloned();
+        let (Some(app_id), Some(redirect_uri)) = (get("client_id"), get("redirect_uri")) else {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "client_id and redirect_uri are required"}),
+            );
+        };
+        let Ok(mut location) = reqwest::Url::parse(&redirect_uri) else {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "redirect_uri must be an absolute URL"}),
+            );
+        };
+        let request = CodeRequest {
+            app_id,
+            tenant_key: get("tenant_key"),
+            user_id: get("user_id"),
+            name: get("name"),
+            redirect_uri: Some(redirect_uri),
+            // Feishu issues a refresh token only when the user granted offline_access.
+            scope: Some(get("scope").unwrap_or_default()),
+            code_challenge: get("code_challenge"),
+            code_challenge_method: get("code_challenge_method"),
+        };
+        let minted = match self.mint_code(&request) {
+            Ok(minted) => minted,
+            Err(e) => return reply(StatusCode::BAD_REQUEST, json!({"error": e})),
+        };
+        {
+            let mut pairs = location.query_pairs_mut();
+            pairs.append_pair("code", &minted.code);
+            if let Some(state) = get("state") {
+                pairs.append_pair("state", &state);
+            }
+        }
+        let mut response = reply(StatusCode::FOUND, json!({"redirect": "see Location"}));
+        if let Ok(value) = hyper::header::HeaderValue::from_str(location.as_str()) {
+            response
+                .headers_mut()
+                .insert(hyper::header::LOCATION, value);
+        }
+        response
     }
 
     async fn handle_admin(
@@ -729,6 +1300,23 @@ impl State {
                     ),
                 }
             }
+            (&Method::POST, ["mock", "oauth", "code"]) => {
+                let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
+                    Ok(b) => serde_json::from_slice::<CodeRequest>(&b.to_bytes()).ok(),
+                    Err(_) => None,
+                };
+                let Some(request) = body else {
+                    return reply(
+                        StatusCode::BAD_REQUEST,
+                        json!({"error": "send {\"app_id\", \"tenant_key\"?, \"user_id\"?, \"name\"?, \"redirect_uri\"?, \"scope\"?, \"code_challenge\"?, \"code_challenge_method\"?}"}),
+                    );
+                };
+                match self.mint_code(&request) {
+                    Ok(minted) => reply(StatusCode::OK, json!(minted)),
+                    Err(e) => reply(StatusCode::BAD_REQUEST, json!({"error": e})),
+                }
+            }
+            (&Method::GET, ["open-apis", "authen", "v1", "authorize"]) => self.authorize(req.uri()),
             (&Method::POST, ["mock", "revoke"]) => {
                 let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
                     Ok(b) => serde_json::from_slice::<Value>(&b.to_bytes()).unwrap_or(Value::Null),

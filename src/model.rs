@@ -13,11 +13,13 @@
 
 /// How fresh an app's ticket is (`ops::status` computes it; metrics and the status API show it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum TicketState {
     Fresh,
     Stale,
     Missing,
+    /// A custom (self-built) app: it has no ticket and needs none.
+    NotNeeded,
 }
 
 impl TicketState {
@@ -26,6 +28,7 @@ impl TicketState {
             TicketState::Fresh => "fresh",
             TicketState::Stale => "stale",
             TicketState::Missing => "missing",
+            TicketState::NotNeeded => "not_needed",
         }
     }
 }

@@ -32,6 +32,8 @@ use crate::events::signature::{
 };
 use crate::events::{self, Outcome, Target};
 use crate::ops::{consumers, status};
+use crate::secret::Secret;
+use crate::tokens::login::Grant;
 use crate::tokens::TokenKey;
 use crate::AppState;
 
@@ -72,7 +74,7 @@ struct RequestLog {
     served: Option<&'static str>,
     /// Token API: the authenticated client's name.
     client: Option<String>,
-    /// Token API: `app` or `tenant`.
+    /// Token API: `app`, `tenant`, or `user` (login).
     token_kind: Option<&'static str>,
 }
 
@@ -156,6 +158,12 @@ enum Route<'p> {
     AppTokenInvalidate(&'p str),
     TenantToken(&'p str, &'p str),
     TenantTokenInvalidate(&'p str, &'p str),
+    /// A custom app's own tenant token (no tenant_key).
+    OwnTenantToken(&'p str),
+    OwnTenantTokenInvalidate(&'p str),
+    /// Login: exchange an authorization code, or a refresh token.
+    UserToken(&'p str),
+    UserTokenRefresh(&'p str),
     Consumers,
     DeadLetters(&'p str),
     Redeliver(&'p str),
@@ -195,6 +203,12 @@ impl<'p> Route<'p> {
             ["v1", "apps", app, "tenants", tenant, "tenant_access_token", "invalidate"] => {
                 Route::TenantTokenInvalidate(app, tenant)
             }
+            ["v1", "apps", app, "tenant_access_token"] => Route::OwnTenantToken(app),
+            ["v1", "apps", app, "tenant_access_token", "invalidate"] => {
+                Route::OwnTenantTokenInvalidate(app)
+            }
+            ["v1", "apps", app, "user_access_token"] => Route::UserToken(app),
+            ["v1", "apps", app, "user_access_token", "refresh"] => Route::UserTokenRefresh(app),
             ["v1", "consumers"] => Route::Consumers,
             ["v1", "consumers", name, "dead"] => Route::DeadLetters(name),
             ["v1", "consumers", name, "redeliver"] => Route::Redeliver(name),
@@ -221,6 +235,12 @@ impl<'p> Route<'p> {
             Route::TenantTokenInvalidate(..) => {
                 "/v1/apps/{app_id}/tenants/{tenant_key}/tenant_access_token/invalidate"
             }
+            Route::OwnTenantToken(_) => "/v1/apps/{app_id}/tenant_access_token",
+            Route::OwnTenantTokenInvalidate(_) => {
+                "/v1/apps/{app_id}/tenant_access_token/invalidate"
+            }
+            Route::UserToken(_) => "/v1/apps/{app_id}/user_access_token",
+            Route::UserTokenRefresh(_) => "/v1/apps/{app_id}/user_access_token/refresh",
             Route::Consumers => "/v1/consumers",
             Route::DeadLetters(_) => "/v1/consumers/{name}/dead",
             Route::Redeliver(_) => "/v1/consumers/{name}/redeliver",
@@ -307,7 +327,7 @@ where
         Route::Resend(app_id) => {
             only(&req, &[Method::POST])?;
             caller(state, &req, Scope::Admin, Some(app_id), log)?;
-            let requested = state.broker().request_resend(app_id).await;
+            let requested = state.broker().resend_for_operator(app_id).await?;
             let app = status::app_status(state, app_id).await?;
             Ok(json(
                 StatusCode::ACCEPTED,
@@ -374,6 +394,25 @@ where
             let key = TokenKey::Tenant(app_id.to_string(), tenant.to_string());
             token_request(state, req, key, invalidate, log).await
         }
+        Route::OwnTenantToken(app_id) | Route::OwnTenantTokenInvalidate(app_id) => {
+            let invalidate = matches!(route, Route::OwnTenantTokenInvalidate(_));
+            only(
+                &req,
+                &[if invalidate {
+                    Method::POST
+                } else {
+                    Method::GET
+                }],
+            )?;
+            // The broker answers `tenant_key_required` for a store app.
+            let key = TokenKey::OwnTenant(app_id.to_string());
+            token_request(state, req, key, invalidate, log).await
+        }
+        Route::UserToken(app_id) | Route::UserTokenRefresh(app_id) => {
+            only(&req, &[Method::POST])?;
+            let refresh = matches!(route, Route::UserTokenRefresh(_));
+            login_request(state, req, app_id, refresh, log).await
+        }
         Route::Unknown => Err(ErrorKind::NotFound.into()),
     }
 }
@@ -395,7 +434,7 @@ fn caller<'s, B>(
     auth::authorize(client, scope, app_id)?;
     if let Some(app_id) = app_id {
         log.app_id = Some(app_id.to_string());
-        if !state.verifier().knows(app_id) {
+        if state.config().app(app_id).is_none() {
             return Err(Error::new(
                 ErrorKind::UnknownApp,
                 "no app with this app_id is configured",
@@ -422,6 +461,22 @@ const MAX_API_BODY_BYTES: usize = 16 * 1024;
 #[derive(serde::Deserialize)]
 struct InvalidateRequest {
     token: String,
+}
+
+/// `POST …/user_access_token`: what Feishu's redirect brought the login service.
+#[derive(serde::Deserialize)]
+struct CodeRequest {
+    code: Secret,
+    #[serde(default)]
+    redirect_uri: Option<String>,
+    #[serde(default)]
+    code_verifier: Option<Secret>,
+}
+
+/// `POST …/user_access_token/refresh`.
+#[derive(serde::Deserialize)]
+struct RefreshRequest {
+    refresh_token: Secret,
 }
 
 /// The token API's answer, in Feishu's field names.
@@ -489,6 +544,7 @@ where
         TokenKey::Tenant(_, tenant_key) => {
             (Some(tenant_key.as_str()), None, Some(token.value.expose()))
         }
+        TokenKey::OwnTenant(_) => (None, None, Some(token.value.expose())),
     };
     let body = TokenResponse {
         app_id: key.app_id(),
@@ -500,6 +556,61 @@ where
         invalidated,
     };
     let mut response = json(StatusCode::OK, &body);
+    response.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    Ok(response)
+}
+
+/// `POST …/user_access_token` (`refresh`: `…/refresh`): a login through the broker. The body
+/// holds a code or a refresh token: it is parsed into [`Secret`]s and never logged.
+async fn login_request<B>(
+    state: &AppState,
+    req: Request<B>,
+    app_id: &str,
+    refresh: bool,
+    log: &mut RequestLog,
+) -> Result<Response<Full<Bytes>>, Error>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    log.token_kind = Some("user");
+    caller(state, &req, Scope::Login, Some(app_id), log)?;
+    let (parts, body) = req.into_parts();
+    let timeout = state.config().server.request_timeout;
+    let (body, _budget) = read_body(&parts, body, MAX_API_BODY_BYTES, timeout).await?;
+    let grant = if refresh {
+        let r: RefreshRequest = serde_json::from_slice(&body)
+            .ok()
+            .filter(|r: &RefreshRequest| !r.refresh_token.is_empty())
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::BadRequest,
+                    "send {\"refresh_token\": \"<the refresh token of the last exchange>\"}",
+                )
+            })?;
+        Grant::Refresh(r.refresh_token)
+    } else {
+        let r: CodeRequest = serde_json::from_slice(&body)
+            .ok()
+            .filter(|r: &CodeRequest| !r.code.is_empty())
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::BadRequest,
+                    "send {\"code\": \"<the authorization code>\", \"redirect_uri\"?, \"code_verifier\"?}",
+                )
+            })?;
+        Grant::Code {
+            code: r.code,
+            redirect_uri: r.redirect_uri.filter(|u| !u.is_empty()),
+            code_verifier: r.code_verifier.filter(|v| !v.is_empty()),
+        }
+    };
+    let login = state.broker().login(app_id, grant).await?;
+    log.served = Some(if refresh { "refreshed" } else { "exchanged" });
+    let mut response = json(StatusCode::OK, &login);
     response.headers_mut().insert(
         hyper::header::CACHE_CONTROL,
         HeaderValue::from_static("no-store"),
@@ -550,7 +661,10 @@ async fn metrics(state: &AppState) -> Result<Response<Full<Bytes>>, Error> {
     let now = state.clock().now_ms();
     let stale_after_ms = state.config().tickets.stale_after.as_millis() as u64;
     for app in &state.config().apps {
-        let record = state.store().ticket(&app.app_id).await?;
+        // An app without a ticket (a custom app) has no ticket gauges: nothing to alert on.
+        let Some(record) = status::ticket_record(state, &app.app_id).await? else {
+            continue;
+        };
         let ticket_state = status::ticket_state(record.as_ref(), now, stale_after_ms);
         let age = record.map(|r| now.saturating_sub(r.received_at_ms) as f64 / 1000.0);
         state.metrics().set_ticket(&app.app_id, ticket_state, age);

@@ -9,7 +9,8 @@
 //!   it runs as its own task, so a request whose client disconnects (hyper then drops its
 //!   future) cannot leave a committed ticket unannounced and its waiters asleep until their
 //!   timeout.
-//! * **The wake-up channels**: one `watch` per configured app, bumped whenever a ticket is
+//! * **The wake-up channels**: one `watch` per configured store app (a custom app has no
+//!   ticket: no channel, and [`Tickets::request_resend`] never asks for one), bumped whenever a ticket is
 //!   stored as the newest. Token requests waiting for a ticket subscribe to it
 //!   ([`Tickets::ticket_watch`]); its value is also the app's ticket *generation*
 //!   ([`Tickets::generation`]), which the broker compares to forget a failure remembered before
@@ -49,7 +50,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
 use crate::clock::SharedClock;
-use crate::config::{Config, TicketConfig};
+use crate::config::{AppKind, Config, TicketConfig};
 use crate::error::{Error, ErrorKind};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
@@ -147,9 +148,12 @@ impl Tickets {
         metrics: Metrics,
         fleet: bool,
     ) -> Tickets {
+        // Only store apps have a ticket: a custom app has no wake-up channel, and a resend is
+        // never requested for it.
         let signals = config
             .apps
             .iter()
+            .filter(|a| a.kind == AppKind::Store)
             .map(|a| (a.app_id.clone(), watch::channel(0u64).0))
             .collect();
         let started_ms = clock.now_ms();

@@ -39,7 +39,7 @@ pub mod envelope;
 pub mod freshness;
 pub mod signature;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::clock::SharedClock;
 use crate::config::{AppConfig, EventsConfig};
@@ -117,21 +117,33 @@ impl Verified {
 /// Checks requests against the configured apps' keys and tokens.
 #[derive(Debug)]
 pub struct Verifier {
+    /// The apps whose events are received here (they have a Verification Token).
     apps: Vec<AppKeys>,
     index: HashMap<String, usize>,
+    /// Configured apps whose events are not received here: custom apps without a Verification
+    /// Token. A request routed to one is refused as `events_not_configured`, never checked
+    /// against an empty token.
+    without_events: HashSet<String>,
 }
 
 impl Verifier {
     pub fn new(apps: &[AppConfig]) -> Self {
+        let without_events = apps
+            .iter()
+            .filter(|a| a.verification_token.is_none())
+            .map(|a| a.app_id.clone())
+            .collect();
         let apps: Vec<AppKeys> = apps
             .iter()
-            .map(|a| AppKeys {
-                app_id: a.app_id.clone(),
-                verification_token: a.verification_token.clone(),
-                encrypt_key: a
-                    .encrypt_key
-                    .as_ref()
-                    .map(|k| (k.clone(), EventCipher::new(k.expose()))),
+            .filter_map(|a| {
+                Some(AppKeys {
+                    app_id: a.app_id.clone(),
+                    verification_token: a.verification_token.clone()?,
+                    encrypt_key: a
+                        .encrypt_key
+                        .as_ref()
+                        .map(|k| (k.clone(), EventCipher::new(k.expose()))),
+                })
             })
             .collect();
         let index = apps
@@ -139,10 +151,14 @@ impl Verifier {
             .enumerate()
             .map(|(i, a)| (a.app_id.clone(), i))
             .collect();
-        Verifier { apps, index }
+        Verifier {
+            apps,
+            index,
+            without_events,
+        }
     }
 
-    /// Is this app configured?
+    /// Are this app's events received here?
     pub fn knows(&self, app_id: &str) -> bool {
         self.index.contains_key(app_id)
     }
@@ -156,7 +172,24 @@ impl Verifier {
         body: &[u8],
     ) -> Result<Verified, Error> {
         let candidates: &[AppKeys] = match target {
+            Target::AnyApp if self.apps.is_empty() => {
+                return Err(Error::new(
+                    ErrorKind::EventsNotConfigured,
+                    "no configured app receives events here: set verification_token (and \
+                     encrypt_key) in an [[apps]] entry",
+                ))
+            }
             Target::AnyApp => &self.apps,
+            Target::App(id) if self.without_events.contains(id) => {
+                return Err(Error::new(
+                    ErrorKind::EventsNotConfigured,
+                    format!(
+                        "app {id} has no verification_token configured, so its events are not \
+                         received here; set verification_token (and encrypt_key) in its [[apps]] \
+                         entry to receive them"
+                    ),
+                ))
+            }
             Target::App(id) => {
                 let i = *self.index.get(id).ok_or_else(|| {
                     Error::new(

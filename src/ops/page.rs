@@ -114,9 +114,9 @@ body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 
 h1{font-size:1.4rem;margin:.2rem 0}h2{font-size:1.1rem;margin:1.5rem 0 .5rem;border-bottom:1px solid #d0d7de}\
 h3{font-size:1rem;margin:0 0 .4rem;word-break:break-all}.meta{color:#57606a;font-size:.85rem;margin:0}\
 article{border:1px solid #d0d7de;border-left-width:6px;border-radius:6px;padding:.6rem .8rem;margin:.6rem 0}\
-article.fresh{border-left-color:#1a7f37}article.stale{border-left-color:#bf8700}article.missing{border-left-color:#cf222e}\
+article.fresh,article.not-needed{border-left-color:#1a7f37}article.stale{border-left-color:#bf8700}article.missing{border-left-color:#cf222e}\
 .badge{font-size:.8rem;padding:.05rem .45rem;border-radius:1rem;color:#fff;vertical-align:middle}\
-.badge.fresh{background:#1a7f37}.badge.stale{background:#9a6700}.badge.missing,.badge.dead{background:#cf222e}.badge.ok{background:#1a7f37}.badge.backing-off{background:#9a6700}\
+.badge.fresh,.badge.not-needed{background:#1a7f37}.badge.stale{background:#9a6700}.badge.missing,.badge.dead{background:#cf222e}.badge.ok{background:#1a7f37}.badge.backing-off{background:#9a6700}\
 dl{display:grid;grid-template-columns:max-content 1fr;gap:.15rem .8rem;margin:.3rem 0}dt{color:#57606a}dd{margin:0}\
 .timeline{display:flex;gap:2px;margin:.4rem 0 .1rem}.timeline span{flex:1;height:1.1rem;border-radius:2px}\
 .pushed{background:#2da44e}.missed{background:#cf222e}.unknown{background:#d0d7de}\
@@ -130,6 +130,7 @@ fn state_word(state: TicketState) -> &'static str {
         TicketState::Fresh => "fresh",
         TicketState::Stale => "stale",
         TicketState::Missing => "missing",
+        TicketState::NotNeeded => "not-needed",
     }
 }
 
@@ -193,7 +194,8 @@ fn render_app(h: &mut String, app: &AppStatus, hours: &[Hour], now_s: u64) {
     let _ = write!(
         h,
         "<article class=\"app {word}\" data-app-id=\"{id}\" data-ticket-state=\"{word}\">\
-         <h3>{id} <span class=\"badge {word}\">ticket {word}</span></h3><dl>"
+         <h3>{id} <span class=\"badge {word}\">ticket {label}</span></h3><dl>",
+        label = word.replace('-', " ")
     );
     let ticket = match (app.ticket.age_seconds, app.ticket.received_at) {
         (Some(age), Some(at)) => format!(
@@ -205,6 +207,9 @@ fn render_app(h: &mut String, app: &AppStatus, hours: &[Hour], now_s: u64) {
                 .map(|via| format!(", by {}", format!("{via:?}").to_lowercase()))
                 .unwrap_or_default()
         ),
+        _ if app.ticket.state == TicketState::NotNeeded => {
+            "not needed (a custom app: tokens from its app secret alone)".to_string()
+        }
         _ => "none yet".to_string(),
     };
     let _ = write!(h, "<dt>Ticket</dt><dd>{}</dd>", escape(&ticket));

@@ -2,11 +2,14 @@
 //! from the store, the ticket bookkeeping and the broker, and how the `status` command renders it.
 //!
 //! A ticket is `missing` (none stored), `stale` (older than `tickets.stale_after`, 75 minutes by
-//! default: Feishu pushes hourly, so one missed push is tolerated), or `fresh`. Nothing here ever
-//! holds a ticket or a token: only ages, expiries, counts and an 8-hex-digit fingerprint.
+//! default: Feishu pushes hourly, so one missed push is tolerated), or `fresh`; a custom
+//! (self-built) app has none and needs none: `not_needed`, which never counts against the
+//! `status` command's exit code and has no ticket gauges. Nothing here ever holds a ticket or a
+//! token: only ages, expiries, counts and an 8-hex-digit fingerprint.
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::AppKind;
 use crate::error::Error;
 use crate::store::{Durability, TenantRecord, TenantState, TicketRecord, TicketSource};
 use crate::tickets::ResendOutcome;
@@ -32,10 +35,16 @@ pub fn ticket_state(
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AppStatus {
     pub app_id: String,
+    /// `store` or `custom` (an older service does not say: `store`).
+    #[serde(default)]
+    pub kind: AppKind,
     pub ticket: TicketStatus,
     /// The last resend request since this process started.
     pub last_resend: Option<ResendInfo>,
     pub app_token: TokenStatus,
+    /// A custom app's own tenant token (a store app has one per tenant: see `tenants`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_token: Option<TokenStatus>,
     pub tenants: TenantCounts,
 }
 
@@ -106,17 +115,39 @@ fn token_status(state: &AppState, key: &TokenKey, now_ms: u64) -> TokenStatus {
     }
 }
 
+/// The stored ticket of an app that has one (`Some(None)`: none stored yet); `None` for an app
+/// that needs none (a custom app).
+pub async fn ticket_record(
+    state: &AppState,
+    app_id: &str,
+) -> Result<Option<Option<TicketRecord>>, Error> {
+    match state.broker().kind(app_id) {
+        Some(AppKind::Custom) => Ok(None),
+        _ => Ok(Some(state.store().ticket(app_id).await?)),
+    }
+}
+
 /// The status of one configured app.
 pub async fn app_status(state: &AppState, app_id: &str) -> Result<AppStatus, Error> {
     let now = state.clock().now_ms();
     let stale_after_ms = state.config().tickets.stale_after.as_millis() as u64;
-    let record = state.store().ticket(app_id).await?;
+    let kind = state.broker().kind(app_id).unwrap_or_default();
+    let ticket = ticket_record(state, app_id).await?;
+    let state_now = match &ticket {
+        Some(record) => ticket_state(record.as_ref(), now, stale_after_ms),
+        None => TicketState::NotNeeded,
+    };
+    let record = ticket.flatten();
     let tenants = state.store().tenants(app_id).await?;
     let count = |s: TenantState| tenants.iter().filter(|t| t.state == s).count();
+    let tenant_token = (kind == AppKind::Custom)
+        .then(|| token_status(state, &TokenKey::OwnTenant(app_id.to_string()), now));
     Ok(AppStatus {
         app_id: app_id.to_string(),
+        kind,
+        tenant_token,
         ticket: TicketStatus {
-            state: ticket_state(record.as_ref(), now, stale_after_ms),
+            state: state_now,
             received_at: record.as_ref().map(|r| r.received_at_ms / 1000),
             age_seconds: record
                 .as_ref()
@@ -164,7 +195,8 @@ pub async fn tenants(state: &AppState, app_id: &str) -> Result<Vec<TenantStatus>
         .collect())
 }
 
-/// The `status` command's exit code: 0 all fresh, 1 some stale, 2 some missing.
+/// The `status` command's exit code: 0 all fresh, 1 some stale, 2 some missing. An app that
+/// needs no ticket (`not_needed`, a custom app) never counts.
 pub fn exit_code(apps: &[AppStatus]) -> u8 {
     if apps.iter().any(|a| a.ticket.state == TicketState::Missing) {
         2
@@ -220,6 +252,7 @@ pub fn utc(unix_s: u64) -> String {
 pub fn render_table(apps: &[AppStatus], colour: bool) -> String {
     let header = [
         "APP",
+        "KIND",
         "TICKET",
         "AGE",
         "RECEIVED AT (UTC)",
@@ -227,11 +260,12 @@ pub fn render_table(apps: &[AppStatus], colour: bool) -> String {
         "TENANTS",
         "LAST RESEND",
     ];
-    let mut rows: Vec<[String; 7]> = Vec::new();
+    let mut rows: Vec<[String; 8]> = Vec::new();
     for a in apps {
         let t = &a.ticket;
         rows.push([
             a.app_id.clone(),
+            a.kind.as_str().to_string(),
             t.state.as_str().to_string(),
             t.age_seconds.map_or("-".into(), human_duration),
             t.received_at.map_or("-".into(), utc),
@@ -288,12 +322,13 @@ pub fn render_table(apps: &[AppStatus], colour: bool) -> String {
             .enumerate()
             .map(|(i, (cell, w))| {
                 let padded = format!("{cell:<w$}");
-                if i == 1 && colour {
-                    let code = match app.ticket.state {
-                        TicketState::Fresh => "32",
-                        TicketState::Stale => "33",
-                        TicketState::Missing => "31",
-                    };
+                let code = match app.ticket.state {
+                    TicketState::Fresh => Some("32"),
+                    TicketState::Stale => Some("33"),
+                    TicketState::Missing => Some("31"),
+                    TicketState::NotNeeded => None,
+                };
+                if let (2, true, Some(code)) = (i, colour, code) {
                     format!("\x1b[{code}m{padded}\x1b[0m")
                 } else {
                     padded
@@ -394,6 +429,8 @@ mod tests {
     fn exit_codes_rank_missing_over_stale() {
         let app = |state| AppStatus {
             app_id: "cli_a".into(),
+            kind: AppKind::Store,
+            tenant_token: None,
             ticket: TicketStatus {
                 state,
                 received_at: None,
@@ -426,6 +463,19 @@ mod tests {
             exit_code(&[app(TicketState::Stale), app(TicketState::Missing)]),
             2
         );
+        // A custom app needs no ticket: it never raises the exit code.
+        let custom = AppStatus {
+            kind: AppKind::Custom,
+            ..app(TicketState::NotNeeded)
+        };
+        assert_eq!(exit_code(std::slice::from_ref(&custom)), 0);
+        assert_eq!(exit_code(&[app(TicketState::Fresh), custom.clone()]), 0);
+        let table = render_table(&[custom], true);
+        assert!(
+            table.contains("custom") && table.contains("not_needed"),
+            "{table}"
+        );
+        assert!(!table.contains('\x1b'), "no colour for not_needed: {table}");
         let table = render_table(&[app(TicketState::Stale)], false);
         assert!(table.starts_with("APP"), "{table}");
         assert!(table.contains("stale"));

@@ -1,5 +1,7 @@
-//! The Feishu / Lark auth API for store apps (protocol.md §6): `app_access_token`,
-//! `tenant_access_token`, `app_ticket/resend`, on each app's `base_url`.
+//! The Feishu / Lark auth API on each app's `base_url`: the store-app endpoints (protocol.md §6:
+//! `app_access_token`, `tenant_access_token`, `app_ticket/resend`), the self-built ("custom")
+//! app endpoints (§6b: the same two tokens from `/internal`, app_id + app_secret alone), and
+//! OAuth login (§6c: the v2 token endpoint, then `user_info`).
 //!
 //! Every call has a timeout. Transport failures (including timeouts) and 5xx answers are retried
 //! with exponential backoff and jitter; an answered error (`code != 0`, HTTP < 500) is never
@@ -9,10 +11,18 @@
 //! carries a `code` keeps it ([`UpstreamError::Server`]), so the caller's `502 upstream_error`
 //! says what Feishu said.
 //!
+//! The OAuth token call is the exception: it is **never retried**. Its authorization code and
+//! refresh token are single-use, so a retry after a lost answer would be refused (the first
+//! attempt spent the credential) and turn a timeout into a misleading `login_failed`. A timeout is
+//! reported as such, and the user signs in again.
+//!
 //! `expire` is checked against Feishu's range (protocol.md §6: a token lives at most 2 hours):
 //! 1 to [`MAX_EXPIRE_S`] seconds is taken as given, a larger value is clamped to
 //! [`MAX_EXPIRE_S`] (a token must never be cached for longer than Feishu can have meant), and 0,
 //! a negative, fractional or missing `expire` makes the answer unusable (`upstream_error`).
+//! A user access token's `expires_in` is taken as given (it is never cached here).
+//!
+//! Nothing here logs a request or an answer: the bodies hold app secrets, tokens, codes.
 //!
 //! Building the HTTP client can fail (TLS set-up); [`Upstream::new`] returns that error so the
 //! service refuses to start instead of running with a default client.
@@ -21,6 +31,7 @@ use std::fmt;
 use std::time::Duration;
 
 use rand::Rng;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::error::{Error, ErrorKind};
@@ -30,6 +41,13 @@ use crate::secret::Secret;
 pub const APP_ACCESS_TOKEN_PATH: &str = "/open-apis/auth/v3/app_access_token";
 pub const TENANT_ACCESS_TOKEN_PATH: &str = "/open-apis/auth/v3/tenant_access_token";
 pub const APP_TICKET_RESEND_PATH: &str = "/open-apis/auth/v3/app_ticket/resend";
+/// Self-built apps (protocol.md §6b).
+pub const APP_ACCESS_TOKEN_INTERNAL_PATH: &str = "/open-apis/auth/v3/app_access_token/internal";
+pub const TENANT_ACCESS_TOKEN_INTERNAL_PATH: &str =
+    "/open-apis/auth/v3/tenant_access_token/internal";
+/// OAuth login (protocol.md §6c): the v2 token endpoint and the user's identity.
+pub const OAUTH_TOKEN_PATH: &str = "/open-apis/authen/v2/oauth/token";
+pub const USER_INFO_PATH: &str = "/open-apis/authen/v1/user_info";
 
 /// The longest token lifetime Feishu issues (2 hours), in seconds: a larger `expire` is clamped.
 pub const MAX_EXPIRE_S: u64 = 2 * 3600;
@@ -115,6 +133,12 @@ pub struct IssuedToken {
     pub expire_s: u64,
 }
 
+/// What every Open Platform answer carries: Feishu's `code`, and a message for a refusal.
+trait Answer: DeserializeOwned {
+    fn code(&self) -> i64;
+    fn message(self) -> String;
+}
+
 #[derive(Deserialize)]
 struct AuthResponse {
     code: i64,
@@ -124,6 +148,106 @@ struct AuthResponse {
     tenant_access_token: Option<Secret>,
     /// Any JSON number, so an out-of-range value is judged here rather than failing the parse.
     expire: Option<serde_json::Number>,
+}
+
+impl Answer for AuthResponse {
+    fn code(&self) -> i64 {
+        self.code
+    }
+    fn message(self) -> String {
+        self.msg
+    }
+}
+
+/// The v2 OAuth token endpoint's flat answer (RFC 6749 names, plus Feishu's `code`).
+#[derive(Deserialize)]
+struct OAuthResponse {
+    code: i64,
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    error_description: String,
+    #[serde(default)]
+    msg: String,
+    access_token: Option<Secret>,
+    expires_in: Option<serde_json::Number>,
+    refresh_token: Option<Secret>,
+    refresh_token_expires_in: Option<serde_json::Number>,
+}
+
+impl Answer for OAuthResponse {
+    fn code(&self) -> i64 {
+        self.code
+    }
+    fn message(self) -> String {
+        [self.error_description, self.error, self.msg]
+            .into_iter()
+            .find(|m| !m.is_empty())
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Deserialize)]
+struct UserInfoResponse {
+    code: i64,
+    #[serde(default)]
+    msg: String,
+    data: Option<UserInfo>,
+}
+
+impl Answer for UserInfoResponse {
+    fn code(&self) -> i64 {
+        self.code
+    }
+    fn message(self) -> String {
+        self.msg
+    }
+}
+
+/// A user's tokens, as the OAuth token endpoint issued them. Never stored or cached.
+#[derive(Debug, Clone)]
+pub struct UserTokens {
+    pub access_token: Secret,
+    /// Seconds the access token lives.
+    pub expire_s: u64,
+    /// Only with the `offline_access` scope.
+    pub refresh_token: Option<Secret>,
+    pub refresh_expire_s: Option<u64>,
+}
+
+/// Who signed in, as `user_info` tells it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UserInfo {
+    pub open_id: String,
+    #[serde(default)]
+    pub union_id: String,
+    #[serde(default)]
+    pub user_id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    pub tenant_key: String,
+}
+
+/// What a login exchanges for a user's tokens.
+#[derive(Debug, Clone)]
+pub enum Grant {
+    /// An authorization code (single-use, valid 5 minutes), with the `redirect_uri` it was issued
+    /// for and the PKCE `code_verifier`, when the authorization request had them.
+    Code {
+        code: Secret,
+        redirect_uri: Option<String>,
+        code_verifier: Option<Secret>,
+    },
+    /// A refresh token (single-use: each refresh returns a new one).
+    Refresh(Secret),
+}
+
+/// How one call is sent.
+enum Outgoing<'a> {
+    /// POST a JSON body.
+    Post(&'a serde_json::Value),
+    /// GET with `Authorization: Bearer`.
+    Get { bearer: &'a Secret },
 }
 
 /// The auth API client.
@@ -178,7 +302,15 @@ impl Upstream {
             "app_secret": app_secret.expose(),
             "app_ticket": app_ticket.expose(),
         });
-        let r = self.call(base_url, APP_ACCESS_TOKEN_PATH, &body).await?;
+        let r: AuthResponse = self
+            .call(
+                base_url,
+                APP_ACCESS_TOKEN_PATH,
+                "app_access_token",
+                Outgoing::Post(&body),
+                self.retries,
+            )
+            .await?;
         issued(r.app_access_token, expire_s(r.expire.as_ref()))
     }
 
@@ -193,7 +325,55 @@ impl Upstream {
             "app_access_token": app_access_token.expose(),
             "tenant_key": tenant_key,
         });
-        let r = self.call(base_url, TENANT_ACCESS_TOKEN_PATH, &body).await?;
+        let r: AuthResponse = self
+            .call(
+                base_url,
+                TENANT_ACCESS_TOKEN_PATH,
+                "tenant_access_token",
+                Outgoing::Post(&body),
+                self.retries,
+            )
+            .await?;
+        issued(r.tenant_access_token, expire_s(r.expire.as_ref()))
+    }
+
+    /// `app_access_token` for a self-built app: app_id + app_secret alone.
+    pub async fn app_access_token_internal(
+        &self,
+        base_url: &str,
+        app_id: &str,
+        app_secret: &Secret,
+    ) -> Result<IssuedToken, UpstreamError> {
+        let body = serde_json::json!({ "app_id": app_id, "app_secret": app_secret.expose() });
+        let r: AuthResponse = self
+            .call(
+                base_url,
+                APP_ACCESS_TOKEN_INTERNAL_PATH,
+                "app_access_token_internal",
+                Outgoing::Post(&body),
+                self.retries,
+            )
+            .await?;
+        issued(r.app_access_token, expire_s(r.expire.as_ref()))
+    }
+
+    /// The `tenant_access_token` of a self-built app's own tenant: app_id + app_secret alone.
+    pub async fn tenant_access_token_internal(
+        &self,
+        base_url: &str,
+        app_id: &str,
+        app_secret: &Secret,
+    ) -> Result<IssuedToken, UpstreamError> {
+        let body = serde_json::json!({ "app_id": app_id, "app_secret": app_secret.expose() });
+        let r: AuthResponse = self
+            .call(
+                base_url,
+                TENANT_ACCESS_TOKEN_INTERNAL_PATH,
+                "tenant_access_token_internal",
+                Outgoing::Post(&body),
+                self.retries,
+            )
+            .await?;
         issued(r.tenant_access_token, expire_s(r.expire.as_ref()))
     }
 
@@ -205,30 +385,129 @@ impl Upstream {
         app_secret: &Secret,
     ) -> Result<(), UpstreamError> {
         let body = serde_json::json!({ "app_id": app_id, "app_secret": app_secret.expose() });
-        self.call(base_url, APP_TICKET_RESEND_PATH, &body)
-            .await
-            .map(|_| ())
+        self.call::<AuthResponse>(
+            base_url,
+            APP_TICKET_RESEND_PATH,
+            "app_ticket_resend",
+            Outgoing::Post(&body),
+            self.retries,
+        )
+        .await
+        .map(|_| ())
     }
 
-    async fn call(
+    /// Exchange an authorization code or a refresh token for a user's tokens (the v2 OAuth
+    /// token endpoint; client credentials in the body). Never retried (module docs).
+    pub async fn user_tokens(
+        &self,
+        base_url: &str,
+        app_id: &str,
+        app_secret: &Secret,
+        grant: &Grant,
+    ) -> Result<UserTokens, UpstreamError> {
+        let mut body = serde_json::json!({
+            "client_id": app_id,
+            "client_secret": app_secret.expose(),
+        });
+        match grant {
+            Grant::Code {
+                code,
+                redirect_uri,
+                code_verifier,
+            } => {
+                body["grant_type"] = "authorization_code".into();
+                body["code"] = code.expose().into();
+                if let Some(uri) = redirect_uri {
+                    body["redirect_uri"] = uri.as_str().into();
+                }
+                if let Some(verifier) = code_verifier {
+                    body["code_verifier"] = verifier.expose().into();
+                }
+            }
+            Grant::Refresh(token) => {
+                body["grant_type"] = "refresh_token".into();
+                body["refresh_token"] = token.expose().into();
+            }
+        }
+        let r: OAuthResponse = self
+            .call(
+                base_url,
+                OAUTH_TOKEN_PATH,
+                "oauth_token",
+                Outgoing::Post(&body),
+                0,
+            )
+            .await?;
+        let access_token = r.access_token.filter(|t| !t.is_empty()).ok_or_else(|| {
+            UpstreamError::Transport("a success answer without an access_token".to_string())
+        })?;
+        let expire_s = expire_s(r.expires_in.as_ref())
+            .filter(|s| *s > 0)
+            .ok_or_else(|| {
+                UpstreamError::Transport(
+                    "a success answer whose expires_in is missing or not a positive number of seconds"
+                        .to_string(),
+                )
+            })?;
+        let refresh_token = r.refresh_token.filter(|t| !t.is_empty());
+        let refresh_expire_s = refresh_token
+            .as_ref()
+            .and(expire_s_opt(r.refresh_token_expires_in.as_ref()));
+        Ok(UserTokens {
+            access_token,
+            expire_s,
+            refresh_token,
+            refresh_expire_s,
+        })
+    }
+
+    /// Who a user access token belongs to, and in which tenant.
+    pub async fn user_info(
+        &self,
+        base_url: &str,
+        user_access_token: &Secret,
+    ) -> Result<UserInfo, UpstreamError> {
+        let r: UserInfoResponse = self
+            .call(
+                base_url,
+                USER_INFO_PATH,
+                "user_info",
+                Outgoing::Get {
+                    bearer: user_access_token,
+                },
+                self.retries,
+            )
+            .await?;
+        match r.data {
+            Some(info) if !info.open_id.is_empty() && !info.tenant_key.is_empty() => Ok(info),
+            _ => Err(UpstreamError::Transport(
+                "a user_info answer without open_id or tenant_key".to_string(),
+            )),
+        }
+    }
+
+    /// One call, with up to `retries` retries after an outage (module docs). `endpoint` names
+    /// it in metrics.
+    async fn call<T: Answer>(
         &self,
         base_url: &str,
         path: &str,
-        body: &serde_json::Value,
-    ) -> Result<AuthResponse, UpstreamError> {
+        endpoint: &'static str,
+        send: Outgoing<'_>,
+        retries: u32,
+    ) -> Result<T, UpstreamError> {
         let url = format!("{}{path}", base_url.trim_end_matches('/'));
-        let endpoint = path.rsplit("/v3/").next().unwrap_or(path).replace('/', "_");
         let started = std::time::Instant::now();
         let mut attempt = 0;
         loop {
-            let outcome = self.call_once(&url, body).await;
+            let outcome = self.call_once::<T>(&url, &send).await;
             let retryable = matches!(
                 outcome,
                 Err(UpstreamError::Timeout
                     | UpstreamError::Transport(_)
                     | UpstreamError::Server { .. })
             );
-            if !retryable || attempt >= self.retries {
+            if !retryable || attempt >= retries {
                 let code = match &outcome {
                     Ok(_) => "0".to_string(),
                     Err(UpstreamError::Api { code, .. }) => code.to_string(),
@@ -237,7 +516,7 @@ impl Upstream {
                     Err(UpstreamError::Transport(_)) => "transport".to_string(),
                 };
                 self.metrics
-                    .upstream_call(&endpoint, &code, started.elapsed().as_secs_f64());
+                    .upstream_call(endpoint, &code, started.elapsed().as_secs_f64());
                 return outcome;
             }
             tokio::time::sleep(backoff(attempt)).await;
@@ -245,33 +524,37 @@ impl Upstream {
         }
     }
 
-    async fn call_once(
+    async fn call_once<T: Answer>(
         &self,
         url: &str,
-        body: &serde_json::Value,
-    ) -> Result<AuthResponse, UpstreamError> {
-        let response = self
-            .http
-            .post(url)
+        send: &Outgoing<'_>,
+    ) -> Result<T, UpstreamError> {
+        let request = match send {
+            Outgoing::Post(body) => self
+                .http
+                .post(url)
+                .header("content-type", "application/json; charset=utf-8")
+                .json(body),
+            Outgoing::Get { bearer } => self.http.get(url).bearer_auth(bearer.expose()),
+        };
+        let response = request
             .timeout(self.timeout)
-            .header("content-type", "application/json; charset=utf-8")
-            .json(body)
             .send()
             .await
             .map_err(transport)?;
         let status = response.status().as_u16();
         let bytes = response.bytes().await.map_err(transport)?;
-        let parsed = serde_json::from_slice::<AuthResponse>(&bytes);
+        let parsed = serde_json::from_slice::<T>(&bytes);
         match parsed {
-            Ok(r) if r.code == 0 && status < 300 => Ok(r),
-            Ok(r) if r.code != 0 && status < 500 => Err(UpstreamError::Api {
-                code: r.code,
-                msg: r.msg,
+            Ok(r) if r.code() == 0 && status < 300 => Ok(r),
+            Ok(r) if r.code() != 0 && status < 500 => Err(UpstreamError::Api {
+                code: r.code(),
+                msg: r.message(),
                 status,
             }),
-            Ok(r) if r.code != 0 => Err(UpstreamError::Server {
-                code: r.code,
-                msg: r.msg,
+            Ok(r) if r.code() != 0 => Err(UpstreamError::Server {
+                code: r.code(),
+                msg: r.message(),
                 status,
             }),
             _ => Err(UpstreamError::Transport(format!(
@@ -293,6 +576,11 @@ fn transport(e: reqwest::Error) -> UpstreamError {
 /// `expire` as whole seconds: a negative or fractional number is 0 (unusable).
 fn expire_s(expire: Option<&serde_json::Number>) -> Option<u64> {
     expire.map(|n| n.as_u64().unwrap_or(0))
+}
+
+/// An optional lifetime in seconds: present and positive, else `None`.
+fn expire_s_opt(expire: Option<&serde_json::Number>) -> Option<u64> {
+    expire_s(expire).filter(|s| *s > 0)
 }
 
 /// A success answer's token, with `expire` checked against Feishu's range (module docs).
@@ -370,6 +658,55 @@ mod tests {
                 .expire_s,
             MAX_EXPIRE_S
         );
+    }
+
+    #[test]
+    fn oauth_answers_name_feishus_reason_and_user_info_its_tenant() {
+        // protocol.md §6c: errors carry `code` and `error` / `error_description`.
+        let refused: OAuthResponse = serde_json::from_str(
+            r#"{"code":20003,"error":"invalid_grant","error_description":"the code is invalid"}"#,
+        )
+        .unwrap();
+        assert_eq!(refused.code(), 20003);
+        assert_eq!(refused.message(), "the code is invalid");
+        let terse: OAuthResponse =
+            serde_json::from_str(r#"{"code":20002,"error":"invalid_client"}"#).unwrap();
+        assert_eq!(terse.message(), "invalid_client");
+        let ok: OAuthResponse = serde_json::from_str(
+            r#"{"code":0,"access_token":"u-x","expires_in":7200,"refresh_token":"ur-y",
+                "refresh_token_expires_in":604800,"token_type":"Bearer","scope":"offline_access"}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.code(), 0);
+        assert_eq!(
+            expire_s_opt(ok.refresh_token_expires_in.as_ref()),
+            Some(604_800)
+        );
+        assert_eq!(expire_s_opt(None), None);
+        let info: UserInfoResponse = serde_json::from_str(
+            r#"{"code":0,"msg":"success","data":{"name":"Ada","en_name":"Ada","open_id":"ou_1",
+                "union_id":"on_1","user_id":"u1","tenant_key":"736588c9260f175d","email":""}}"#,
+        )
+        .unwrap();
+        let data = info.data.unwrap();
+        assert_eq!(
+            (data.open_id.as_str(), data.tenant_key.as_str()),
+            ("ou_1", "736588c9260f175d")
+        );
+        // Secrets never print.
+        let tokens = UserTokens {
+            access_token: Secret::new("u-secret"),
+            expire_s: 1,
+            refresh_token: Some(Secret::new("ur-secret")),
+            refresh_expire_s: None,
+        };
+        let grant = Grant::Code {
+            code: Secret::new("oc-secret"),
+            redirect_uri: None,
+            code_verifier: Some(Secret::new("verifier-secret")),
+        };
+        let printed = format!("{tokens:?} {grant:?}");
+        assert!(!printed.contains("secret"), "{printed}");
     }
 
     #[test]

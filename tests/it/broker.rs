@@ -1,5 +1,9 @@
 //! Regression tests for the token broker's defects of issue 8 (3, 4, 5, 9, 10, 11), each named
 //! after its defect; the real server and mock-feishu on port 0, time moved by hand.
+//!
+//! The fixes that are about the cache and its refresh hold for every kind of app: those tests run
+//! for the store app and the custom app (`for_each_kind!`, issue 11). The ticket's (5, 11's
+//! 10012) and the per-tenant bounds (9, 10) are the store app's alone.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +14,16 @@ use lark_ticketd::push::{self, Seal};
 use lark_ticketd::secret::Secret;
 use lark_ticketd::tokens::{BrokerEvent, TokenKey};
 
-use crate::util::{eventually, Stack, StackOptions, APP_ID, BEARER, KEY, TOKEN};
+use crate::util::{eventually, Kind, Stack, StackOptions, APP_ID, BEARER, KEY, TOKEN};
+
+for_each_kind!(
+    defect_3_a_refresh_that_returns_the_same_token_keeps_the_throttle,
+    defect_3_a_token_issued_inside_the_margin_is_fetched_once_for_all_waiters,
+    defect_4_a_dropped_first_caller_does_not_cancel_the_shared_fetch,
+    defect_11_feishus_error_answers_back_off_per_key,
+    defect_11_a_5xx_with_a_feishu_code_keeps_the_code,
+    defect_11_shutdown_stops_background_refreshes,
+);
 
 fn tenant_path(tenant: &str) -> String {
     format!("/v1/apps/{APP_ID}/tenants/{tenant}/tenant_access_token")
@@ -50,13 +63,12 @@ async fn invalidate_bogus(stack: &Stack, path: &str) {
 
 // ---- Defect 3: one upstream call per request when a refresh returns the same token ----------
 
-#[tokio::test]
-async fn defect_3_a_refresh_that_returns_the_same_token_keeps_the_throttle() {
+async fn defect_3_a_refresh_that_returns_the_same_token_keeps_the_throttle(kind: Kind) {
     let clock = manual_clock();
     let stack = Stack::with_clock(&clock, "[tokens]\nrefresh_jitter = \"0s\"\n").await;
-    let path = tenant_path("t-boundary");
+    let path = kind.tenant_path("t-boundary");
     let t1 = stack.get(&path).await.json["tenant_access_token"].clone();
-    assert_eq!(stack.mock.calls(Endpoint::TenantAccessToken), 1);
+    assert_eq!(stack.mock.calls(kind.tenant_endpoint()), 1);
 
     // Exactly 30:00 left: due for refresh, and Feishu still answers with the same token.
     clock.advance(Duration::from_secs(90 * 60));
@@ -67,15 +79,14 @@ async fn defect_3_a_refresh_that_returns_the_same_token_keeps_the_throttle() {
         invalidate_bogus(&stack, &path).await;
     }
     assert_eq!(
-        stack.mock.calls(Endpoint::TenantAccessToken),
+        stack.mock.calls(kind.tenant_endpoint()),
         2,
         "one refresh (answered with the same token), then the throttle holds"
     );
     stack.stop().await;
 }
 
-#[tokio::test]
-async fn defect_3_a_token_issued_inside_the_margin_is_fetched_once_for_all_waiters() {
+async fn defect_3_a_token_issued_inside_the_margin_is_fetched_once_for_all_waiters(kind: Kind) {
     let clock = manual_clock();
     let stack = Stack::start(StackOptions {
         clock: Some(Arc::clone(&clock)),
@@ -85,7 +96,7 @@ async fn defect_3_a_token_issued_inside_the_margin_is_fetched_once_for_all_waite
     })
     .await;
     stack.wait_for_ticket(APP_ID).await;
-    let path = tenant_path("t-short");
+    let path = kind.tenant_path("t-short");
     let callers: Vec<_> = (0..30).map(|_| spawn_get(&stack, &path)).collect();
     for c in callers {
         let (status, body) = c.await.unwrap();
@@ -95,9 +106,12 @@ async fn defect_3_a_token_issued_inside_the_margin_is_fetched_once_for_all_waite
     for _ in 0..3 {
         assert_eq!(stack.get(&path).await.status, 200);
     }
-    assert_eq!(stack.mock.calls(Endpoint::AppAccessToken), 1);
     assert_eq!(
-        stack.mock.calls(Endpoint::TenantAccessToken),
+        stack.mock.calls(kind.app_endpoint()),
+        kind.app_calls_per_cold_tenant_token()
+    );
+    assert_eq!(
+        stack.mock.calls(kind.tenant_endpoint()),
         1,
         "30 waiters and 3 later callers: one fetch"
     );
@@ -106,14 +120,14 @@ async fn defect_3_a_token_issued_inside_the_margin_is_fetched_once_for_all_waite
 
 // ---- Defect 4: a disconnecting client cancels the shared fetch ------------------------------
 
-#[tokio::test]
-async fn defect_4_a_dropped_first_caller_does_not_cancel_the_shared_fetch() {
+async fn defect_4_a_dropped_first_caller_does_not_cancel_the_shared_fetch(kind: Kind) {
+    let app_path = || kind.app_path();
     let stack = Stack::start(StackOptions::default()).await;
     stack.wait_for_ticket(APP_ID).await;
     stack.mock.set_latency(Duration::from_millis(1500));
     let first = spawn_get(&stack, &app_path());
     eventually("the first caller's fetch reaching Feishu", || {
-        stack.mock.calls(Endpoint::AppAccessToken) == 1
+        stack.mock.calls(kind.app_endpoint()) == 1
     })
     .await;
     // The first client gives up: its connection closes and hyper drops its request.
@@ -128,7 +142,7 @@ async fn defect_4_a_dropped_first_caller_does_not_cancel_the_shared_fetch() {
     }
     assert!(tokens.iter().all(|t| *t == tokens[0]));
     assert_eq!(
-        stack.mock.calls(Endpoint::AppAccessToken),
+        stack.mock.calls(kind.app_endpoint()),
         1,
         "the abandoned fetch completed and served the others"
     );
@@ -315,8 +329,7 @@ async fn defect_11_a_10012_inside_the_resend_interval_does_not_wait_in_vain() {
     stack.stop().await;
 }
 
-#[tokio::test]
-async fn defect_11_feishus_error_answers_back_off_per_key() {
+async fn defect_11_feishus_error_answers_back_off_per_key(kind: Kind) {
     let clock = manual_clock();
     let stack = Stack::start(StackOptions {
         clock: Some(Arc::clone(&clock)),
@@ -324,21 +337,21 @@ async fn defect_11_feishus_error_answers_back_off_per_key() {
         ..Default::default()
     })
     .await;
-    assert_eq!(stack.mock.push_ticket(APP_ID).await.unwrap(), 200);
+    kind.provide_ticket(&stack).await;
     for _ in 0..3 {
-        let r = stack.get(&app_path()).await;
+        let r = stack.get(&kind.app_path()).await;
         assert_eq!((r.status, r.code()), (502, "upstream_error"), "{}", r.text);
         assert_eq!(r.json["error"]["upstream"]["code"], 10015);
     }
     assert_eq!(
-        stack.mock.calls(Endpoint::AppAccessToken),
+        stack.mock.calls(kind.app_endpoint()),
         1,
         "one answer, shared"
     );
     clock.advance(Duration::from_secs(6)); // past tokens.error_backoff
-    let r = stack.get(&app_path()).await;
+    let r = stack.get(&kind.app_path()).await;
     assert_eq!(r.status, 502);
-    assert_eq!(stack.mock.calls(Endpoint::AppAccessToken), 2);
+    assert_eq!(stack.mock.calls(kind.app_endpoint()), 2);
     stack.stop().await;
 }
 
@@ -370,8 +383,7 @@ async fn a_newly_stored_ticket_clears_the_apps_remembered_failure() {
     stack.stop().await;
 }
 
-#[tokio::test]
-async fn defect_11_a_5xx_with_a_feishu_code_keeps_the_code() {
+async fn defect_11_a_5xx_with_a_feishu_code_keeps_the_code(kind: Kind) {
     let stack = Stack::start(StackOptions {
         config: "[tokens]\nupstream_retries = 0\n".into(),
         ..Default::default()
@@ -379,30 +391,29 @@ async fn defect_11_a_5xx_with_a_feishu_code_keeps_the_code() {
     .await;
     stack.wait_for_ticket(APP_ID).await;
     stack.mock.set_down(true);
-    let r = stack.get(&app_path()).await;
+    let r = stack.get(&kind.app_path()).await;
     assert_eq!((r.status, r.code()), (502, "upstream_error"), "{}", r.text);
     assert_eq!(r.json["error"]["upstream"]["code"], -1, "{}", r.text);
     assert_eq!(r.json["error"]["upstream"]["msg"], "service unavailable");
     stack.stop().await;
 }
 
-#[tokio::test]
-async fn defect_11_shutdown_stops_background_refreshes() {
+async fn defect_11_shutdown_stops_background_refreshes(kind: Kind) {
     let clock = manual_clock();
     let stack = Stack::with_clock(&clock, "[tokens]\nupstream_timeout = \"10s\"\n").await;
-    let path = tenant_path("t-shutdown");
+    let path = kind.tenant_path("t-shutdown");
     assert_eq!(stack.get(&path).await.status, 200);
     let mut events = stack.app.state.broker().subscribe();
     stack.mock.set_latency(Duration::from_secs(3));
     clock.advance(Duration::from_secs(95 * 60));
-    let calls = stack.mock.calls(Endpoint::TenantAccessToken);
+    let calls = stack.mock.calls(kind.tenant_endpoint());
     assert_eq!(
         stack.get(&path).await.status,
         200,
         "served; a refresh starts"
     );
     eventually("the background refresh reaching Feishu", || {
-        stack.mock.calls(Endpoint::TenantAccessToken) == calls + 1
+        stack.mock.calls(kind.tenant_endpoint()) == calls + 1
     })
     .await;
     stack.stop().await;

@@ -25,7 +25,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::util::{
-    app_toml_at, client, eventually, Reply, ADMIN_BEARER, APP_ID, BEARER, KEY, TOKEN,
+    app_toml_at, client, custom_app_toml, eventually, Reply, ADMIN_BEARER, APP_ID, BEARER,
+    CUSTOM_APP_ID, KEY, TOKEN,
 };
 
 fn app_path() -> String {
@@ -129,6 +130,8 @@ struct FleetOptions {
     clock: Option<Arc<ManualClock>>,
     /// mock-feishu answers 503 to everything until told otherwise.
     mock_down: bool,
+    /// The self-built app [`CUSTOM_APP_ID`] next to the store app.
+    custom_app: bool,
 }
 
 /// Replicas over one memory store and mock-feishu, which pushes tickets to the first replica.
@@ -157,7 +160,12 @@ impl Fleet {
              [[clients]]\nname = \"orders\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"tokens\"]\n\
              [[clients]]\nname = \"operators\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"status\", \"admin\"]\n",
             options.config,
-            app_toml_at(APP_ID, Some(KEY), TOKEN, &mock_url),
+            app_toml_at(APP_ID, Some(KEY), TOKEN, &mock_url)
+                + &if options.custom_app {
+                    custom_app_toml(CUSTOM_APP_ID, &mock_url)
+                } else {
+                    String::new()
+                },
             lark_ticketd::auth::key_sha256_hex(BEARER),
             lark_ticketd::auth::key_sha256_hex(ADMIN_BEARER),
         );
@@ -339,6 +347,86 @@ async fn an_invalidation_on_one_replica_reaches_every_near_cache() {
     }
     // They took the new token from the store: B's fetch was the only one.
     assert_eq!(fleet.mock.calls(Endpoint::AppAccessToken), 2);
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_apps_tokens_take_one_fetch_and_one_invalidation_for_the_fleet() {
+    // The fleet's leases and near-caches are the broker's, not a kind's: a self-built app's
+    // tokens get them too (issue 11).
+    let fleet = Fleet::start(
+        3,
+        FleetOptions {
+            custom_app: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    fleet.mock.set_latency(Duration::from_millis(20));
+    let app_path = format!("/v1/apps/{CUSTOM_APP_ID}/app_access_token");
+    let tenant_path = format!("/v1/apps/{CUSTOM_APP_ID}/tenant_access_token");
+    let calls: Vec<JoinHandle<Reply>> = (0..300)
+        .map(|i| {
+            let path = if i % 2 == 0 { &app_path } else { &tenant_path };
+            fleet.replicas[i % 3].spawn_get(path)
+        })
+        .collect();
+    let mut tokens = std::collections::HashSet::new();
+    for call in calls {
+        let r = call.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text);
+        for field in ["app_access_token", "tenant_access_token"] {
+            if let Some(t) = r.json[field].as_str() {
+                tokens.insert(t.to_string());
+            }
+        }
+    }
+    assert_eq!(
+        tokens.len(),
+        2,
+        "one app token and one tenant token, fleet-wide"
+    );
+    assert_eq!(fleet.mock.calls(Endpoint::AppAccessTokenInternal), 1);
+    assert_eq!(fleet.mock.calls(Endpoint::TenantAccessTokenInternal), 1);
+
+    // Invalidated on B: A and C drop it and serve B's replacement, fetched once.
+    let (a, b, c) = (&fleet.replicas[0], &fleet.replicas[1], &fleet.replicas[2]);
+    let old = a.get(&tenant_path).await.json["tenant_access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let key = TokenKey::OwnTenant(CUSTOM_APP_ID.into());
+    let old_expiry = a.state.broker().cached_expiry(&key);
+    assert!(old_expiry.is_some());
+    assert_eq!(c.state.broker().cached_expiry(&key), old_expiry);
+    fleet.mock.revoke(&old);
+    let r = b
+        .post_json(
+            &format!("{tenant_path}/invalidate"),
+            BEARER,
+            serde_json::json!({ "token": old }),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.json["invalidated"].as_bool()),
+        (200, Some(true)),
+        "{}",
+        r.text
+    );
+    let new = r.json["tenant_access_token"].as_str().unwrap().to_string();
+    assert_ne!(new, old);
+    for replica in [a, c] {
+        let broker = replica.state.broker().clone();
+        eventually("the old token to leave the near-cache", || {
+            broker.cached_expiry(&key) != old_expiry
+        })
+        .await;
+        let r = replica.get(&tenant_path).await;
+        assert_eq!(r.json["tenant_access_token"], new.as_str());
+    }
+    assert_eq!(fleet.mock.calls(Endpoint::TenantAccessTokenInternal), 2);
+    // Never a ticket or a resend for it.
+    assert_eq!(fleet.mock.resends_for(CUSTOM_APP_ID), 0);
     fleet.stop().await;
 }
 

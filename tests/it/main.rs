@@ -5,10 +5,12 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 mod util;
 
 mod abuse;
 mod broker;
+mod custom_apps;
 mod deploy;
 mod fleet;
 mod fuzz_corpus;
@@ -17,6 +19,7 @@ mod handoff;
 mod intake;
 mod layering;
 mod leaks;
+mod login;
 mod mock;
 mod ops;
 mod page;

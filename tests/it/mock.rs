@@ -1,15 +1,18 @@
-//! mock-feishu behaves like the documented platform (protocol.md §6).
+//! mock-feishu behaves like the documented platform (protocol.md §6, §6b, §6c).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use lark_ticketd::clock::ManualClock;
 use lark_ticketd::config::Config;
-use lark_ticketd::mock_feishu::{Endpoint, MockFeishu, MockOptions};
+use lark_ticketd::mock_feishu::{own_tenant_key, CodeRequest, Endpoint, MockFeishu, MockOptions};
+use lark_ticketd::tokens::upstream::{OAUTH_TOKEN_PATH as OAUTH, USER_INFO_PATH};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-use crate::util::{app_toml, client, eventually, TestApp, APP_ID, APP_SECRET, KEY, TOKEN};
+use crate::util::{
+    app_toml, client, eventually, TestApp, APP_ID, APP_SECRET, CUSTOM_APP_ID, KEY, TOKEN,
+};
 
 struct Mock {
     mock: MockFeishu,
@@ -227,4 +230,192 @@ async fn periodic_pushes_arrive_without_being_asked() {
     assert!(ticket.pushes_seen >= 2);
     assert_eq!(mock.calls(Endpoint::AppTicketResend), 0, "nobody asked");
     app.stop().await;
+}
+
+/// mock-feishu with the store app and a self-built app, on a hand-moved clock, pushing nowhere.
+async fn mock_with_a_custom_app() -> Mock {
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+    let config_text = format!(
+        "{}{}",
+        app_toml(APP_ID, Some(KEY), TOKEN),
+        crate::util::custom_app_toml(CUSTOM_APP_ID, crate::util::NO_UPSTREAM)
+    );
+    let config = Config::parse(&config_text, &|_| None).unwrap();
+    let options = MockOptions::from_config(&config, clock.clone());
+    let mock = MockFeishu::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), options).unwrap();
+    Mock {
+        mock,
+        clock,
+        http: client(),
+    }
+}
+
+#[tokio::test]
+async fn the_internal_endpoints_serve_self_built_apps_only() {
+    let m = mock_with_a_custom_app().await;
+    let creds = |app_id: &str| json!({"app_id": app_id, "app_secret": APP_SECRET});
+    let (status, body) = m
+        .post(
+            "/open-apis/auth/v3/app_access_token/internal",
+            creds(CUSTOM_APP_ID),
+        )
+        .await;
+    assert_eq!((status, body["code"].as_i64()), (200, Some(0)), "{body}");
+    assert_eq!(body["expire"], 7200);
+    let a1 = body["app_access_token"].clone();
+    let (_, body) = m
+        .post(
+            "/open-apis/auth/v3/tenant_access_token/internal",
+            creds(CUSTOM_APP_ID),
+        )
+        .await;
+    let t1 = body["tenant_access_token"].clone();
+    assert!(t1.as_str().unwrap().starts_with("t-"), "{body}");
+    // The 30-minute rule, as for store apps: the same token until fewer than 30 minutes remain.
+    m.clock.advance(Duration::from_secs(89 * 60));
+    let (_, body) = m
+        .post(
+            "/open-apis/auth/v3/app_access_token/internal",
+            creds(CUSTOM_APP_ID),
+        )
+        .await;
+    assert_eq!(
+        (body["app_access_token"].clone(), body["expire"].as_u64()),
+        (a1.clone(), Some(31 * 60))
+    );
+    m.clock.advance(Duration::from_secs(2 * 60));
+    let (_, body) = m
+        .post(
+            "/open-apis/auth/v3/app_access_token/internal",
+            creds(CUSTOM_APP_ID),
+        )
+        .await;
+    assert_ne!(body["app_access_token"], a1);
+    // A wrong secret, a store app here, a custom app on the store-app endpoint or asking for
+    // a ticket: refused.
+    let (_, body) = m
+        .post(
+            "/open-apis/auth/v3/tenant_access_token/internal",
+            json!({"app_id": CUSTOM_APP_ID, "app_secret": "wrong"}),
+        )
+        .await;
+    assert_eq!(body["code"], 10015);
+    let (_, body) = m
+        .post(
+            "/open-apis/auth/v3/app_access_token/internal",
+            creds(APP_ID),
+        )
+        .await;
+    assert_eq!(body["code"], 10014);
+    let (_, body) = m
+        .post(
+            "/open-apis/auth/v3/app_access_token",
+            json!({"app_id": CUSTOM_APP_ID, "app_secret": APP_SECRET, "app_ticket": "x"}),
+        )
+        .await;
+    assert_eq!(body["code"], 10014);
+    let (_, body) = m
+        .post("/open-apis/auth/v3/app_ticket/resend", creds(CUSTOM_APP_ID))
+        .await;
+    assert_eq!(body["code"], 10016);
+    assert!(m.mock.push_ticket(CUSTOM_APP_ID).await.is_err());
+    assert_eq!(m.mock.resends_for(CUSTOM_APP_ID), 1);
+    assert_eq!(m.mock.calls(Endpoint::AppAccessTokenInternal), 4);
+}
+
+#[tokio::test]
+async fn oauth_codes_live_five_minutes_once_and_refresh_tokens_once() {
+    let m = mock_with_a_custom_app().await;
+    let exchange = |code: &str| {
+        json!({"grant_type": "authorization_code", "client_id": CUSTOM_APP_ID,
+               "client_secret": APP_SECRET, "code": code})
+    };
+    let minted = m
+        .mock
+        .mint_code(&CodeRequest {
+            app_id: CUSTOM_APP_ID.into(),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(minted.expires_in, 300);
+    // A code 5 minutes old is refused.
+    m.clock.advance(Duration::from_secs(300));
+    let (status, body) = m.post(OAUTH, exchange(&minted.code)).await;
+    assert_eq!(
+        (status, body["code"].as_i64()),
+        (400, Some(20004)),
+        "{body}"
+    );
+    assert_eq!(body["error"], "invalid_grant");
+
+    let minted = m
+        .mock
+        .mint_code(&CodeRequest {
+            app_id: CUSTOM_APP_ID.into(),
+            ..Default::default()
+        })
+        .unwrap();
+    m.clock.advance(Duration::from_secs(299));
+    // Wrong client credentials leave the code alone.
+    let mut wrong = exchange(&minted.code);
+    wrong["client_secret"] = "wrong".into();
+    let (_, body) = m.post(OAUTH, wrong).await;
+    assert_eq!(body["code"], 20002);
+    let (status, body) = m.post(OAUTH, exchange(&minted.code)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["expires_in"], 7200);
+    let access = body["access_token"].as_str().unwrap().to_string();
+    let refresh = body["refresh_token"].as_str().unwrap().to_string();
+    let (_, body) = m.post(OAUTH, exchange(&minted.code)).await;
+    assert_eq!(body["code"], 20003, "single-use");
+
+    // user_info knows the user and the tenant.
+    let info: Value = m
+        .http
+        .get(format!("{}{USER_INFO_PATH}", m.mock.base_url()))
+        .bearer_auth(&access)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["data"]["open_id"], minted.open_id);
+    assert_eq!(info["data"]["tenant_key"], own_tenant_key(CUSTOM_APP_ID));
+    let bad: Value = m
+        .http
+        .get(format!("{}{USER_INFO_PATH}", m.mock.base_url()))
+        .bearer_auth("u-not-a-token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(bad["code"], 99991663);
+
+    let refresh_with = |token: &str| {
+        json!({"grant_type": "refresh_token", "client_id": CUSTOM_APP_ID,
+               "client_secret": APP_SECRET, "refresh_token": token})
+    };
+    let (status, body) = m.post(OAUTH, refresh_with(&refresh)).await;
+    assert_eq!(status, 200, "{body}");
+    let next = body["refresh_token"].as_str().unwrap().to_string();
+    assert_ne!(next, refresh);
+    let (_, body) = m.post(OAUTH, refresh_with(&refresh)).await;
+    assert_eq!(body["code"], 20026, "single-use");
+    // A refresh token expires too.
+    m.clock.advance(Duration::from_secs(7 * 24 * 3600));
+    let (_, body) = m.post(OAUTH, refresh_with(&next)).await;
+    assert_eq!(body["code"], 20037);
+    // A code for another app's user, or a tenant the custom app is not in, is not minted.
+    assert!(m
+        .mock
+        .mint_code(&CodeRequest {
+            app_id: CUSTOM_APP_ID.into(),
+            tenant_key: Some("another-tenant".into()),
+            ..Default::default()
+        })
+        .is_err());
 }

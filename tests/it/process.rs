@@ -226,6 +226,12 @@ fn demo_once_prints_a_tenant_token_fetched_through_the_api() {
         stdout.contains("app_access_token 1, tenant_access_token 1, app_ticket/resend 1"),
         "{stdout}"
     );
+    // A custom app next to the store app: its tokens without a ticket, and a user's login.
+    assert!(
+        stdout.contains("kind = \"custom\"") && stdout.contains("ticket \"not_needed\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("signed in: open_id \"ou_"), "{stdout}");
     // The hand-off: a pushed chat message reached the demo's consumer, signature verified.
     assert!(
         stdout.contains("checked the signature with its secret: valid"),

@@ -1,4 +1,8 @@
 //! The token broker end to end: the real server and mock-feishu, both on port 0.
+//!
+//! The cache, refresh and invalidation rules hold for every kind of app alike: those tests are
+//! written once, `async fn(kind: Kind)`, and run for the store app and the custom app
+//! (`for_each_kind!`, issue 11).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -6,10 +10,10 @@ use std::time::Duration;
 use lark_ticketd::clock::ManualClock;
 use lark_ticketd::mock_feishu::Endpoint;
 use lark_ticketd::store::TicketSource;
-use lark_ticketd::tokens::{BrokerEvent, TokenKey};
+use lark_ticketd::tokens::BrokerEvent;
 
 use crate::util::{
-    eventually, Stack, StackOptions, APP_ID, BEARER, SECOND_APP_BEARER, STATUS_BEARER,
+    eventually, Kind, Stack, StackOptions, APP_ID, BEARER, SECOND_APP_BEARER, STATUS_BEARER,
 };
 
 const TENANT: &str = "2ed263bf32cf1651";
@@ -112,11 +116,21 @@ async fn token_api_answers_in_feishu_terms() {
     stack.stop().await;
 }
 
-#[tokio::test]
-async fn background_refresh_happens_before_expiry_without_making_callers_wait() {
+for_each_kind!(
+    background_refresh_happens_before_expiry_without_making_callers_wait,
+    the_sweep_refreshes_app_tokens_nobody_asks_for,
+    compare_and_invalidate_drops_only_the_current_token,
+    upstream_down_serves_the_still_valid_token_then_reports_the_failure,
+    callers_queued_behind_a_failing_fetch_share_its_failure,
+    a_failing_background_refresh_is_retried_once_per_interval_not_per_hit,
+    restart_on_the_embedded_store_serves_tokens_without_upstream_calls,
+    feishu_error_codes_reach_the_caller,
+);
+
+async fn background_refresh_happens_before_expiry_without_making_callers_wait(kind: Kind) {
     let clock = manual_clock();
     let stack = Stack::with_clock(&clock, "").await;
-    let first = stack.get(&tenant_path(TENANT)).await;
+    let first = stack.get(&kind.tenant_path(TENANT)).await;
     let t1 = first.json["tenant_access_token"]
         .as_str()
         .unwrap()
@@ -125,51 +139,45 @@ async fn background_refresh_happens_before_expiry_without_making_callers_wait() 
     // 91 minutes later, 29 remain: Feishu would now issue a new token.
     clock.advance(Duration::from_secs(91 * 60));
     let mut events = stack.app.state.broker().subscribe();
-    let r = stack.get(&tenant_path(TENANT)).await;
+    let r = stack.get(&kind.tenant_path(TENANT)).await;
     assert_eq!(r.status, 200);
     assert_eq!(
         r.json["tenant_access_token"], t1,
         "the caller got the still-valid token at once; the refresh runs behind it"
     );
     assert_eq!(r.json["expire"], 29 * 60);
-    let key = TokenKey::Tenant(APP_ID.into(), TENANT.into());
-    await_event(&mut events, BrokerEvent::Refreshed(key)).await;
+    await_event(&mut events, BrokerEvent::Refreshed(kind.tenant_key(TENANT))).await;
 
-    let r = stack.get(&tenant_path(TENANT)).await;
+    let r = stack.get(&kind.tenant_path(TENANT)).await;
     let t2 = r.json["tenant_access_token"].as_str().unwrap();
     assert_ne!(t2, t1, "the refreshed token is served");
     assert_eq!(r.json["expire"], 7200);
-    assert_eq!(stack.mock.calls(Endpoint::TenantAccessToken), 2);
+    assert_eq!(stack.mock.calls(kind.tenant_endpoint()), 2);
     stack.stop().await;
 }
 
-#[tokio::test]
-async fn the_sweep_refreshes_app_tokens_nobody_asks_for() {
+async fn the_sweep_refreshes_app_tokens_nobody_asks_for(kind: Kind) {
     let clock = manual_clock();
     let stack = Stack::with_clock(&clock, "[tokens]\nrefresh_check_interval = \"20ms\"\n").await;
-    let a1 = stack.get(&app_path()).await.json["app_access_token"].clone();
+    let a1 = stack.get(&kind.app_path()).await.json["app_access_token"].clone();
     let mut events = stack.app.state.broker().subscribe();
     clock.advance(Duration::from_secs(100 * 60));
-    await_event(
-        &mut events,
-        BrokerEvent::Refreshed(TokenKey::App(APP_ID.into())),
-    )
-    .await;
-    assert_eq!(stack.mock.calls(Endpoint::AppAccessToken), 2);
-    let a2 = stack.get(&app_path()).await.json["app_access_token"].clone();
+    await_event(&mut events, BrokerEvent::Refreshed(kind.app_key())).await;
+    assert_eq!(stack.mock.calls(kind.app_endpoint()), 2);
+    let a2 = stack.get(&kind.app_path()).await.json["app_access_token"].clone();
     assert_ne!(a1, a2);
     assert_eq!(
-        stack.mock.calls(Endpoint::AppAccessToken),
+        stack.mock.calls(kind.app_endpoint()),
         2,
         "served from the cache"
     );
     stack.stop().await;
 }
 
-#[tokio::test]
-async fn compare_and_invalidate_drops_only_the_current_token() {
+async fn compare_and_invalidate_drops_only_the_current_token(kind: Kind) {
     let stack = Stack::start(StackOptions::default()).await;
     stack.wait_for_ticket(APP_ID).await;
+    let tenant_path = |t: &str| kind.tenant_path(t);
     let t1 = stack.get(&tenant_path(TENANT)).await.json["tenant_access_token"]
         .as_str()
         .unwrap()
@@ -186,7 +194,7 @@ async fn compare_and_invalidate_drops_only_the_current_token() {
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.json["invalidated"], false);
     assert_eq!(r.json["tenant_access_token"], t1);
-    assert_eq!(stack.mock.calls(Endpoint::TenantAccessToken), 1);
+    assert_eq!(stack.mock.calls(kind.tenant_endpoint()), 1);
 
     // Feishu revoked the current one: it is replaced with exactly one upstream call.
     stack.mock.revoke(&t1);
@@ -197,7 +205,7 @@ async fn compare_and_invalidate_drops_only_the_current_token() {
     assert_eq!(r.json["invalidated"], true);
     let t2 = r.json["tenant_access_token"].as_str().unwrap().to_string();
     assert_ne!(t2, t1);
-    assert_eq!(stack.mock.calls(Endpoint::TenantAccessToken), 2);
+    assert_eq!(stack.mock.calls(kind.tenant_endpoint()), 2);
     // Reporting t1 again (a second replica's late report) keeps t2.
     let r = stack
         .post_json(&invalidate, serde_json::json!({"token": t1}))
@@ -209,7 +217,7 @@ async fn compare_and_invalidate_drops_only_the_current_token() {
         ),
         (false.into(), t2.clone().into())
     );
-    assert_eq!(stack.mock.calls(Endpoint::TenantAccessToken), 2);
+    assert_eq!(stack.mock.calls(kind.tenant_endpoint()), 2);
 
     let r = stack
         .post_json(&invalidate, serde_json::json!({"nope": 1}))
@@ -218,8 +226,8 @@ async fn compare_and_invalidate_drops_only_the_current_token() {
     stack.stop().await;
 }
 
-#[tokio::test]
-async fn upstream_down_serves_the_still_valid_token_then_reports_the_failure() {
+async fn upstream_down_serves_the_still_valid_token_then_reports_the_failure(kind: Kind) {
+    let tenant_path = |t: &str| kind.tenant_path(t);
     let clock = manual_clock();
     let stack = Stack::with_clock(
         &clock,
@@ -254,16 +262,15 @@ async fn upstream_down_serves_the_still_valid_token_then_reports_the_failure() {
     stack.stop().await;
 }
 
-#[tokio::test]
-async fn feishu_error_codes_reach_the_caller() {
+async fn feishu_error_codes_reach_the_caller(kind: Kind) {
     let stack = Stack::start(StackOptions {
         wrong_secret: true,
         ..Default::default()
     })
     .await;
     // The resend is refused (wrong secret), so push a ticket the way the platform would.
-    assert_eq!(stack.mock.push_ticket(APP_ID).await.unwrap(), 200);
-    let r = stack.get(&app_path()).await;
+    kind.provide_ticket(&stack).await;
+    let r = stack.get(&kind.app_path()).await;
     assert_eq!((r.status, r.code()), (502, "upstream_error"), "{}", r.text);
     assert_eq!(r.json["error"]["upstream"]["code"], 10015);
     assert_eq!(r.json["error"]["upstream"]["msg"], "app secret invalid");
@@ -311,8 +318,7 @@ async fn missing_ticket_one_resend_and_the_push_wakes_waiting_callers() {
     stack.stop().await;
 }
 
-#[tokio::test]
-async fn callers_queued_behind_a_failing_fetch_share_its_failure() {
+async fn callers_queued_behind_a_failing_fetch_share_its_failure(kind: Kind) {
     let stack = Stack::start(StackOptions {
         config: "[tokens]\nupstream_retries = 0\nupstream_timeout = \"5s\"\n".into(),
         ..Default::default()
@@ -322,36 +328,38 @@ async fn callers_queued_behind_a_failing_fetch_share_its_failure() {
     // Every auth call now fails after 300 ms: the callers below all arrive while the first fails.
     stack.mock.set_latency(Duration::from_millis(300));
     stack.mock.set_error_rate(1.0);
-    for call in spawn_gets(&stack, vec![app_path(); 10]) {
+    for call in spawn_gets(&stack, vec![kind.app_path(); 10]) {
         assert_eq!(call.await.unwrap().0, 502);
     }
     assert_eq!(
-        stack.mock.calls(Endpoint::AppAccessToken),
+        stack.mock.calls(kind.app_endpoint()),
         1,
         "one upstream attempt for the whole wave"
     );
     stack.stop().await;
 }
 
-#[tokio::test]
-async fn a_failing_background_refresh_is_retried_once_per_interval_not_per_hit() {
+async fn a_failing_background_refresh_is_retried_once_per_interval_not_per_hit(kind: Kind) {
     let clock = manual_clock();
     let stack = Stack::with_clock(&clock, "[tokens]\nupstream_retries = 0\n").await;
-    let t1 = stack.get(&tenant_path(TENANT)).await.json["tenant_access_token"].clone();
+    let t1 = stack.get(&kind.tenant_path(TENANT)).await.json["tenant_access_token"].clone();
     stack.mock.set_down(true);
     clock.advance(Duration::from_secs(91 * 60));
-    let before = stack.mock.calls(Endpoint::TenantAccessToken);
+    let before = stack.mock.calls(kind.tenant_endpoint());
     let mut events = stack.app.state.broker().subscribe();
     for _ in 0..5 {
-        let r = stack.get(&tenant_path(TENANT)).await;
+        let r = stack.get(&kind.tenant_path(TENANT)).await;
         assert_eq!(
             r.json["tenant_access_token"], t1,
             "the valid token is still served"
         );
     }
-    let key = TokenKey::Tenant(APP_ID.into(), TENANT.into());
-    await_event(&mut events, BrokerEvent::RefreshFailed(key)).await;
-    assert_eq!(stack.mock.calls(Endpoint::TenantAccessToken), before + 1);
+    await_event(
+        &mut events,
+        BrokerEvent::RefreshFailed(kind.tenant_key(TENANT)),
+    )
+    .await;
+    assert_eq!(stack.mock.calls(kind.tenant_endpoint()), before + 1);
     stack.stop().await;
 }
 
@@ -425,8 +433,9 @@ async fn rejected_app_token_on_the_tenant_call_is_replaced_once() {
     stack.stop().await;
 }
 
-#[tokio::test]
-async fn restart_on_the_embedded_store_serves_tokens_without_upstream_calls() {
+async fn restart_on_the_embedded_store_serves_tokens_without_upstream_calls(kind: Kind) {
+    let tenant_path = |t: &str| kind.tenant_path(t);
+    let app_path = || kind.app_path();
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
         "[store]\nkind = \"embedded\"\npath = {}\n",
@@ -439,7 +448,8 @@ async fn restart_on_the_embedded_store_serves_tokens_without_upstream_calls() {
     .await;
     stack.wait_for_ticket(APP_ID).await;
     let t1 = stack.get(&tenant_path(TENANT)).await.json["tenant_access_token"].clone();
-    let calls = |s: &Stack| Endpoint::ALL_AUTH.map(|e| s.mock.calls(e));
+    let a1 = stack.get(&app_path()).await.json["app_access_token"].clone();
+    let calls = |s: &Stack| Endpoint::ALL_TOKENS.map(|e| s.mock.calls(e));
     let before = calls(&stack);
     let stack = stack.restart().await;
     let r = stack.get(&tenant_path(TENANT)).await;
@@ -447,6 +457,7 @@ async fn restart_on_the_embedded_store_serves_tokens_without_upstream_calls() {
     assert_eq!(r.json["tenant_access_token"], t1);
     let r = stack.get(&app_path()).await;
     assert_eq!(r.status, 200);
+    assert_eq!(r.json["app_access_token"], a1);
     assert_eq!(
         calls(&stack),
         before,

@@ -20,6 +20,8 @@ use tokio::task::JoinHandle;
 
 /// The fake credentials the shared vectors use.
 pub const APP_ID: &str = "cli_a5f0e9d8c7b6a5f4";
+/// The self-built ("custom") app of every [`Stack`]: no ticket, no event keys.
+pub const CUSTOM_APP_ID: &str = "cli_c0ffee0c5a17b0e1";
 pub const TOKEN: &str = "Vt0kExampleVerificationTok3n0001";
 pub const KEY: &str = "EkEyExampleEncryptKey000000000001";
 pub const APP_SECRET: &str = "AppSecretExampleValue0000000001";
@@ -55,6 +57,16 @@ pub fn app_toml_at(app_id: &str, encrypt_key: Option<&str>, token: &str, base_ur
         toml_str(app_id),
         toml_str(APP_SECRET),
         toml_str(token),
+        toml_str(base_url)
+    )
+}
+
+/// An `[[apps]]` table for a self-built app without event keys.
+pub fn custom_app_toml(app_id: &str, base_url: &str) -> String {
+    format!(
+        "[[apps]]\napp_id = {}\nkind = \"custom\"\napp_secret = {}\nbase_url = {}\n",
+        toml_str(app_id),
+        toml_str(APP_SECRET),
         toml_str(base_url)
     )
 }
@@ -115,11 +127,15 @@ pub fn secrets_used() -> Vec<String> {
         "second-key",
         "second-token",
         "a-different-secret",
+        "custom-key",
+        "custom-token",
+        "custom-app-secret",
         BEARER,
         STATUS_BEARER,
         SECOND_APP_BEARER,
         ADMIN_BEARER,
         REDIS_PASSWORD,
+        LOGIN_BEARER,
         // Consumer secrets (Standard Webhooks), whole and as the key part alone.
         CONSUMER_SECRET_A,
         CONSUMER_SECRET_B,
@@ -142,17 +158,25 @@ pub fn secrets_used() -> Vec<String> {
     secrets
 }
 
-/// Does `text` hold something shaped like a token or ticket mock-feishu issues (`a-`/`t-` + 40
-/// hex digits, `ticket-` + 32)?
-fn holds_issued_secret(text: &str) -> bool {
-    [("a-", 40), ("t-", 40), ("ticket-", 32)]
-        .iter()
-        .any(|(prefix, len)| {
-            text.match_indices(prefix).any(|(i, _)| {
-                let rest = &text.as_bytes()[i + prefix.len()..];
-                rest.len() >= *len && rest[..*len].iter().all(u8::is_ascii_hexdigit)
-            })
+/// Does `text` hold something shaped like a token, ticket or login secret mock-feishu issues
+/// (`a-`/`t-` + 40 hex digits, `ticket-` + 32; user access tokens `u-` + 40, refresh tokens
+/// `ur-` + 40, authorization codes `oc-` + 32)?
+pub fn holds_issued_secret(text: &str) -> bool {
+    [
+        ("a-", 40),
+        ("t-", 40),
+        ("ticket-", 32),
+        ("u-", 40),
+        ("ur-", 40),
+        ("oc-", 32),
+    ]
+    .iter()
+    .any(|(prefix, len)| {
+        text.match_indices(prefix).any(|(i, _)| {
+            let rest = &text.as_bytes()[i + prefix.len()..];
+            rest.len() >= *len && rest[..*len].iter().all(u8::is_ascii_hexdigit)
         })
+    })
 }
 
 pub fn assert_no_secrets(logs: &str, what: &str) {
@@ -508,10 +532,12 @@ pub const BEARER: &str = "test-bearer-key-orders";
 pub const STATUS_BEARER: &str = "test-bearer-key-status";
 /// A key allowed the tokens scope on `cli_second` only.
 pub const SECOND_APP_BEARER: &str = "test-bearer-key-second";
-/// A key with the admin and status scopes.
+/// A key with only the `login` scope (all apps).
+pub const LOGIN_BEARER: &str = "test-bearer-key-login";
 /// Consumer secrets of the hand-off tests: 24 and 32 bytes, base64.
 pub const CONSUMER_SECRET_A: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 pub const CONSUMER_SECRET_B: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+/// A key with the admin and status scopes.
 pub const ADMIN_BEARER: &str = "test-bearer-key-admin";
 /// The password of the Redis servers the Redis tests start (in their store URLs).
 pub const REDIS_PASSWORD: &str = "redis-pw-Xq7v2Lk9Tc";
@@ -549,18 +575,21 @@ impl Stack {
             None => clock::system(),
         };
         let config = format!(
-            "{}\n{}{}\
+            "{}\n{}{}{}\
              [[clients]]\nname = \"orders\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"tokens\"]\n\
              [[clients]]\nname = \"dashboards\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"status\"]\n\
              [[clients]]\nname = \"second\"\nkey_sha256 = \"{}\"\napps = [\"cli_second\"]\nscopes = [\"tokens\"]\n\
-             [[clients]]\nname = \"operators\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"status\", \"admin\"]\n",
+             [[clients]]\nname = \"operators\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"status\", \"admin\"]\n\
+             [[clients]]\nname = \"login-service\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"login\"]\n",
             options.config,
             app_toml_at(APP_ID, Some(KEY), TOKEN, &mock_url),
             app_toml_at("cli_second", Some("second-key"), "second-token", &mock_url),
+            custom_app_toml(CUSTOM_APP_ID, &mock_url),
             lark_ticketd::auth::key_sha256_hex(BEARER),
             lark_ticketd::auth::key_sha256_hex(STATUS_BEARER),
             lark_ticketd::auth::key_sha256_hex(SECOND_APP_BEARER),
             lark_ticketd::auth::key_sha256_hex(ADMIN_BEARER),
+            lark_ticketd::auth::key_sha256_hex(LOGIN_BEARER),
         );
         let parsed = Config::parse(&config, &|_| None).expect("stack config");
         let mut mock_options =
@@ -682,4 +711,99 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// The two kinds of app, for tests that must hold for both (`for_each_kind!`): the store app
+/// [`APP_ID`] and the custom app [`CUSTOM_APP_ID`] of every [`Stack`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Store,
+    Custom,
+}
+
+impl Kind {
+    pub fn app_id(self) -> &'static str {
+        match self {
+            Kind::Store => APP_ID,
+            Kind::Custom => CUSTOM_APP_ID,
+        }
+    }
+
+    pub fn app_path(self) -> String {
+        format!("/v1/apps/{}/app_access_token", self.app_id())
+    }
+
+    /// A tenant token's path: the store app's for `tenant`, the custom app's own (one tenant,
+    /// so `tenant` is not used).
+    pub fn tenant_path(self, tenant: &str) -> String {
+        match self {
+            Kind::Store => format!("/v1/apps/{APP_ID}/tenants/{tenant}/tenant_access_token"),
+            Kind::Custom => format!("/v1/apps/{CUSTOM_APP_ID}/tenant_access_token"),
+        }
+    }
+
+    pub fn app_key(self) -> lark_ticketd::tokens::TokenKey {
+        lark_ticketd::tokens::TokenKey::App(self.app_id().into())
+    }
+
+    pub fn tenant_key(self, tenant: &str) -> lark_ticketd::tokens::TokenKey {
+        use lark_ticketd::tokens::TokenKey;
+        match self {
+            Kind::Store => TokenKey::Tenant(APP_ID.into(), tenant.into()),
+            Kind::Custom => TokenKey::OwnTenant(CUSTOM_APP_ID.into()),
+        }
+    }
+
+    /// The mock endpoint that issues this kind's app tokens.
+    pub fn app_endpoint(self) -> lark_ticketd::mock_feishu::Endpoint {
+        use lark_ticketd::mock_feishu::Endpoint;
+        match self {
+            Kind::Store => Endpoint::AppAccessToken,
+            Kind::Custom => Endpoint::AppAccessTokenInternal,
+        }
+    }
+
+    /// The mock endpoint that issues this kind's tenant tokens.
+    pub fn tenant_endpoint(self) -> lark_ticketd::mock_feishu::Endpoint {
+        use lark_ticketd::mock_feishu::Endpoint;
+        match self {
+            Kind::Store => Endpoint::TenantAccessToken,
+            Kind::Custom => Endpoint::TenantAccessTokenInternal,
+        }
+    }
+
+    /// App-token calls a cold tenant token costs: the store app fetches its app token first.
+    pub fn app_calls_per_cold_tenant_token(self) -> u64 {
+        match self {
+            Kind::Store => 1,
+            Kind::Custom => 0,
+        }
+    }
+
+    /// Make the app able to get tokens where the stack does not (a store app whose start-up
+    /// resend was refused needs a ticket pushed; a custom app needs nothing).
+    pub async fn provide_ticket(self, stack: &Stack) {
+        if self == Kind::Store {
+            assert_eq!(stack.mock.push_ticket(APP_ID).await.unwrap(), 200);
+        }
+    }
+}
+
+/// One `#[tokio::test]` per kind of app, `store_app` and `custom_app`, for a test written as
+/// `async fn name(kind: Kind)`: the same behaviour, asserted for both (issue 11).
+macro_rules! for_each_kind {
+    ($($test:ident),+ $(,)?) => {
+        $(
+            mod $test {
+                #[tokio::test]
+                async fn store_app() {
+                    super::$test(crate::util::Kind::Store).await
+                }
+                #[tokio::test]
+                async fn custom_app() {
+                    super::$test(crate::util::Kind::Custom).await
+                }
+            }
+        )+
+    };
 }
