@@ -1,4 +1,13 @@
-//! The token broker: tickets in, `app_access_token` and per-tenant `tenant_access_token` out.
+//! The token broker: `app_access_token` and `tenant_access_token` out, for every kind of app —
+//! an app-store app's from its tickets (one tenant token per customer tenant), a self-built
+//! ("custom") app's from its app_id + app_secret (one tenant token, its own tenant).
+//!
+//! **How a token is issued is the one thing that differs between the kinds**, and it lives in
+//! one place, [`issuer`]: the store-app issuer keeps the ticket, the resend and the `10012`
+//! logic; the custom-app issuer calls the `/internal` endpoints. Everything below — the cache,
+//! single-flight, background refresh, compare-and-invalidate, the error back-off, the fleet —
+//! applies to every token of every app alike, and never asks which kind an app is. OAuth login
+//! ([`login`]) exchanges codes through the same credentials; user tokens never enter the cache.
 //!
 //! What it guarantees (DESIGN.md, "Tokens"):
 //! * **Cache** until `expire` minus `tokens.refresh_margin`; expiry is a pure function of
@@ -35,13 +44,14 @@
 //!   margin but not yet expired is still served when the upstream fails.
 //! * **Compare-and-invalidate**: a caller reports the token Feishu rejected; it is dropped only if
 //!   it is still the cached one (after any fetch in flight has landed), then a new one is fetched.
-//! * Feishu's verdicts: `99991663` / `99991664` on the tenant call drop exactly that app token
+//! * Feishu's verdicts (store apps, in [`issuer`]): `99991663` / `99991664` on the tenant call drop exactly that app token
 //!   and fetch once more; `10012` means the ticket is invalid: it is demoted
 //!   ([`Tickets::demote`]: the next different ticket replaces it whatever its event time), a
 //!   resend is requested, and the fetch retries once with the pushed ticket. A stored ticket
 //!   marked refused counts as missing.
-//! * **Tickets come from [`crate::tickets`]**, the bookkeeping shared with intake: the broker asks
-//!   it for the current ticket ([`Tickets::current`]) and hands it the resend call to make
+//! * **A store app's tickets come from [`crate::tickets`]**, the bookkeeping shared with intake:
+//!   the store-app issuer asks it for the current ticket ([`Tickets::current`]) and hands it the
+//!   resend call to make
 //!   ([`Broker::request_resend`]); the rules — at most one resend request per app per
 //!   `tickets.resend_interval`, waiting up to `tickets.resend_wait` only while a resend awaits its
 //!   push, `503 ticket_missing` at once otherwise — live there. The broker never hears from
@@ -88,6 +98,8 @@
 //! and the sweep, never by a hit, and never held across an `.await`; it may take a shard lock
 //! while held (index → shard), never the other way round.
 
+mod issuer;
+pub mod login;
 pub mod upstream;
 
 use std::collections::{BTreeSet, HashMap};
@@ -104,13 +116,14 @@ use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::clock::SharedClock;
-use crate::config::{Config, TokenConfig};
+use crate::config::{AppKind, Config, TokenConfig};
 use crate::error::{Error, ErrorKind};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::store::{Change, Store, TokenRecord};
-use crate::tickets::{ResendOutcome, Tickets};
-use upstream::{codes, IssuedToken, Upstream};
+use crate::tickets::Tickets;
+use issuer::{Issuer, Prepared};
+use upstream::{codes, Upstream};
 
 /// How often the sweep deletes expired tokens from the store (by the injected clock).
 pub const STORE_PRUNE_INTERVAL: Duration = Duration::from_secs(10 * 60);
@@ -126,14 +139,18 @@ const FETCH_LEASE_SLACK: Duration = Duration::from_secs(1);
 /// Which token.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TokenKey {
+    /// An app's `app_access_token` (both kinds).
     App(String),
+    /// A store app's `tenant_access_token` for one customer tenant.
     Tenant(String, String),
+    /// A custom app's `tenant_access_token`: its own tenant, so no tenant_key.
+    OwnTenant(String),
 }
 
 impl TokenKey {
     pub fn app_id(&self) -> &str {
         match self {
-            TokenKey::App(a) | TokenKey::Tenant(a, _) => a,
+            TokenKey::App(a) | TokenKey::Tenant(a, _) | TokenKey::OwnTenant(a) => a,
         }
     }
 
@@ -141,15 +158,17 @@ impl TokenKey {
     pub fn kind(&self) -> &'static str {
         match self {
             TokenKey::App(_) => "app",
-            TokenKey::Tenant(..) => "tenant",
+            TokenKey::Tenant(..) | TokenKey::OwnTenant(_) => "tenant",
         }
     }
 
-    /// The key the store keeps the token under.
+    /// The key the store keeps the token under: `app/{app_id}`, `tenant/{app_id}/{tenant_key}`,
+    /// or `tenant/{app_id}` for a custom app's own tenant.
     pub fn store_key(&self) -> String {
         match self {
             TokenKey::App(a) => format!("app/{a}"),
             TokenKey::Tenant(a, t) => format!("tenant/{a}/{t}"),
+            TokenKey::OwnTenant(a) => format!("tenant/{a}"),
         }
     }
 
@@ -158,6 +177,7 @@ impl TokenKey {
         let mut parts = key.splitn(3, '/');
         match (parts.next()?, parts.next()?, parts.next()) {
             ("app", app_id, None) => Some(TokenKey::App(app_id.to_string())),
+            ("tenant", app_id, None) => Some(TokenKey::OwnTenant(app_id.to_string())),
             ("tenant", app_id, Some(tenant_key)) => {
                 Some(TokenKey::Tenant(app_id.to_string(), tenant_key.to_string()))
             }
@@ -165,7 +185,10 @@ impl TokenKey {
         }
     }
 
-    fn is_tenant(&self) -> bool {
+    /// One of a store app's per-customer tenant tokens: there may be very many, so they are
+    /// bounded by `tokens.max_tenant_tokens` and refreshed only while recently used. An app
+    /// token and a custom app's own tenant token are one per app: always kept and refreshed.
+    fn is_per_tenant(&self) -> bool {
         matches!(self, TokenKey::Tenant(..))
     }
 }
@@ -253,11 +276,6 @@ pub enum BrokerEvent {
     RefreshFailed(TokenKey),
 }
 
-struct AppCreds {
-    secret: Secret,
-    base_url: String,
-}
-
 /// A cached token. Immutable but for the atomics; a refresh installs a new entry.
 struct Entry {
     token: Arc<Token>,
@@ -314,13 +332,6 @@ enum Replace {
     IfNewer,
 }
 
-/// What the upstream call for a token needs, got before its fetch lease is taken (waiting for
-/// a ticket push or for the app token must not hold the lease).
-enum Prepared {
-    Ticket(Secret),
-    AppToken(Arc<Token>),
-}
-
 /// A token write for the background writer.
 enum Persist {
     Put(String, TokenRecord),
@@ -344,7 +355,8 @@ impl Drop for Running {
 }
 
 struct Inner {
-    apps: HashMap<String, AppCreds>,
+    /// Per app: how its tokens are issued (the one place the kinds differ).
+    issuers: HashMap<String, Issuer>,
     tokens_cfg: TokenConfig,
     store: Store,
     clock: SharedClock,
@@ -409,18 +421,10 @@ impl Broker {
         clock: SharedClock,
         metrics: Metrics,
     ) -> Result<Broker, Error> {
-        let apps = config
+        let issuers = config
             .apps
             .iter()
-            .map(|a| {
-                (
-                    a.app_id.clone(),
-                    AppCreds {
-                        secret: a.app_secret.clone(),
-                        base_url: a.base_url.clone(),
-                    },
-                )
-            })
+            .map(|a| (a.app_id.clone(), Issuer::new(a)))
             .collect();
         let upstream = Upstream::new(
             config.tokens.upstream_timeout,
@@ -437,7 +441,7 @@ impl Broker {
         let (persist_tx, persist_rx) = mpsc::channel(PERSIST_QUEUE);
         let fleet = tickets.in_fleet();
         Ok(Broker(Arc::new(Inner {
-            apps,
+            issuers,
             tokens_cfg: config.tokens.clone(),
             store,
             clock,
@@ -482,6 +486,8 @@ impl Broker {
         if let Some(token) = self.hit(key) {
             return Ok((token, Served::Hit));
         }
+        // Only a key the app's kind has can be cached, so the hit path never needs this.
+        self.issuer(key.app_id())?.check(key)?;
         if let Some(e) = self.recent_failure(key) {
             return self.stale_or(key, e);
         }
@@ -518,12 +524,17 @@ impl Broker {
             .then(|| failure.error.public_copy())
     }
 
-    /// For an app token, the app's ticket generation: a failure remembered under an older one
-    /// is forgotten (a newly stored ticket may be the cure).
+    /// For an app token, the app's ticket generation (store apps; see
+    /// [`Issuer::ticket_generation`]): a failure remembered under an older one is forgotten (a
+    /// newly stored ticket may be the cure).
     fn ticket_generation(&self, key: &TokenKey) -> Option<u64> {
         match key {
-            TokenKey::App(app_id) => Some(self.0.tickets.generation(app_id)),
-            TokenKey::Tenant(..) => None,
+            TokenKey::App(app_id) => self
+                .0
+                .issuers
+                .get(app_id)
+                .and_then(|i| i.ticket_generation(self)),
+            TokenKey::Tenant(..) | TokenKey::OwnTenant(_) => None,
         }
     }
 
@@ -534,6 +545,7 @@ impl Broker {
         key: &TokenKey,
         rejected: &str,
     ) -> Result<(Arc<Token>, bool), Error> {
+        self.issuer(key.app_id())?.check(key)?;
         // A fetch in flight may already bring a newer token: compare with what it lands.
         let in_flight = self.0.flights.get(key).map(|f| f.clone());
         if let Some(flight) = in_flight {
@@ -679,7 +691,7 @@ impl Broker {
         let old = self.0.cache.insert(key.clone(), entry);
         match old {
             Some(old) => unindex(&mut index, key, &old),
-            None if key.is_tenant() => {
+            None if key.is_per_tenant() => {
                 let n = self.0.tenant_tokens.fetch_add(1, Ordering::Relaxed) + 1;
                 if n > cfg.max_tenant_tokens {
                     self.evict_least_recently_used(&mut index, key);
@@ -707,7 +719,7 @@ impl Broker {
             .is_some();
         if removed {
             unindex(index, key, entry);
-            if key.is_tenant() {
+            if key.is_per_tenant() {
                 self.0.tenant_tokens.fetch_sub(1, Ordering::Relaxed);
             }
         }
@@ -723,7 +735,7 @@ impl Broker {
             .0
             .cache
             .iter()
-            .filter(|e| e.key().is_tenant() && e.key() != keep)
+            .filter(|e| e.key().is_per_tenant() && e.key() != keep)
             .map(|e| {
                 (
                     e.last_used_ms.load(Ordering::Relaxed),
@@ -1101,15 +1113,8 @@ impl Broker {
         tracing::warn!(
             "the store came back without its data (tickets and tokens lost); asking Feishu to resend every app's ticket"
         );
-        let mut apps: Vec<&String> = self.0.apps.keys().collect();
-        apps.sort();
-        for app_id in apps {
-            if let Some(call) = self.resend_call(app_id) {
-                self.0
-                    .tickets
-                    .request_resend_after_data_loss(app_id, call)
-                    .await;
-            }
+        for issuer in self.issuers_in_order() {
+            issuer.after_data_loss(self).await;
         }
     }
 
@@ -1139,7 +1144,7 @@ impl Broker {
                     }
                     Some(entry) => {
                         entry.indexed_at_ms.store(NOT_INDEXED, Ordering::Relaxed);
-                        let wanted = !key.is_tenant()
+                        let wanted = !key.is_per_tenant()
                             || now.saturating_sub(entry.last_used_ms.load(Ordering::Relaxed))
                                 <= recent;
                         let next_attempt = entry.next_attempt_ms.load(Ordering::Relaxed);
@@ -1213,8 +1218,9 @@ impl Broker {
         self.call_and_store(key, prepared).await
     }
 
-    fn creds(&self, app_id: &str) -> Result<&AppCreds, Error> {
-        self.0.apps.get(app_id).ok_or_else(|| {
+    /// How `app_id`'s tokens are issued; `unknown_app` if it is not configured.
+    fn issuer(&self, app_id: &str) -> Result<&Issuer, Error> {
+        self.0.issuers.get(app_id).ok_or_else(|| {
             Error::new(
                 ErrorKind::UnknownApp,
                 "no app with this app_id is configured",
@@ -1222,18 +1228,22 @@ impl Broker {
         })
     }
 
-    /// What the upstream call for `key` needs: the app's ticket (requesting a resend and waiting
-    /// for the push if there is none), or the app token for a tenant token.
+    /// Every app's issuer, by app id (a stable order for start-up work).
+    fn issuers_in_order(&self) -> Vec<&Issuer> {
+        let mut issuers: Vec<(&String, &Issuer)> = self.0.issuers.iter().collect();
+        issuers.sort_by(|a, b| a.0.cmp(b.0));
+        issuers.into_iter().map(|(_, i)| i).collect()
+    }
+
+    /// Which kind of app `app_id` is, if it is configured.
+    pub fn kind(&self, app_id: &str) -> Option<AppKind> {
+        self.0.issuers.get(app_id).map(Issuer::kind)
+    }
+
+    /// What the upstream call for `key` needs (the issuer decides: a store app's ticket or app
+    /// token; nothing for a custom app).
     async fn prepare(&self, key: &TokenKey) -> Result<Prepared, Error> {
-        self.creds(key.app_id())?;
-        match key {
-            TokenKey::App(app_id) => Ok(Prepared::Ticket(self.current_ticket(app_id).await?)),
-            TokenKey::Tenant(app_id, _) => {
-                let app_key = TokenKey::App(app_id.clone());
-                let (app_token, _) = Box::pin(self.get(&app_key)).await?;
-                Ok(Prepared::AppToken(app_token))
-            }
-        }
+        self.issuer(key.app_id())?.prepare(self, key).await
     }
 
     /// Call Feishu for `key`, then cache the token and write it to the store: queued for the
@@ -1244,23 +1254,10 @@ impl Broker {
         key: &TokenKey,
         prepared: Prepared,
     ) -> Result<Arc<Token>, Error> {
-        let app_id = key.app_id();
-        let creds = self.creds(app_id)?;
-        let issued = match (key, prepared) {
-            (TokenKey::App(_), Prepared::Ticket(ticket)) => {
-                self.fetch_app(app_id, creds, ticket).await?
-            }
-            (TokenKey::Tenant(_, tenant_key), Prepared::AppToken(app_token)) => {
-                self.fetch_tenant(app_id, tenant_key, creds, app_token)
-                    .await?
-            }
-            _ => {
-                return Err(Error::new(
-                    ErrorKind::Internal,
-                    "a token fetch was prepared for another kind of token",
-                ))
-            }
-        };
+        let issued = self
+            .issuer(key.app_id())?
+            .issue(self, key, prepared)
+            .await?;
         let now = self.now();
         let token = Token {
             value: issued.token,
@@ -1272,10 +1269,25 @@ impl Broker {
             fetched_at_ms: now,
         };
         let token = if self.0.fleet {
-            if let Err(e) = self.0.store.put_token(&key.store_key(), record).await {
-                tracing::warn!(key = %key, error = %e, "cannot write a token to the store; it stays cached in this replica only");
+            match self
+                .0
+                .store
+                .put_token_if_later(&key.store_key(), record)
+                .await
+            {
+                Ok(true) => self.install(key, token, true, Replace::Always),
+                // The store kept a token that expires later: another replica fetched one after
+                // ours (this replica was slow to write). Serve that one, not ours: ours may be
+                // the one Feishu has revoked since.
+                Ok(false) => match self.adopt_stored(key, 0).await {
+                    Some(newer) => newer,
+                    None => self.install(key, token, true, Replace::Always),
+                },
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "cannot write a token to the store; it stays cached in this replica only");
+                    self.install(key, token, true, Replace::Always)
+                }
             }
-            self.install(key, token, true, Replace::Always)
         } else {
             let token = self.install(key, token, true, Replace::Always);
             self.persist(Persist::Put(key.store_key(), record));
@@ -1295,39 +1307,6 @@ impl Broker {
         if self.0.persist_tx.try_send(op).is_err() {
             tracing::warn!("the token write queue is full; the token stays cached in memory only");
         }
-    }
-
-    async fn fetch_app(
-        &self,
-        app_id: &str,
-        creds: &AppCreds,
-        ticket: Secret,
-    ) -> Result<IssuedToken, Error> {
-        let key = TokenKey::App(app_id.to_string());
-        let up = &self.0.upstream;
-        let answer = match up
-            .app_access_token(&creds.base_url, app_id, &creds.secret, &ticket)
-            .await
-        {
-            Err(e) if e.code() == Some(codes::APP_TICKET_INVALID) => {
-                tracing::warn!(
-                    app_id,
-                    ticket = %ticket.fingerprint(),
-                    "Feishu rejected the app_ticket (10012); asking for a resend"
-                );
-                self.demote_ticket(app_id, &ticket).await;
-                let fresh = self.ticket_other_than(app_id, &ticket).await?;
-                let answer = up
-                    .app_access_token(&creds.base_url, app_id, &creds.secret, &fresh)
-                    .await;
-                if matches!(&answer, Err(e) if e.code() == Some(codes::APP_TICKET_INVALID)) {
-                    self.demote_ticket(app_id, &fresh).await;
-                }
-                answer
-            }
-            other => other,
-        };
-        answer.map_err(|e| self.upstream_failed(&key, e))
     }
 
     /// Convert an upstream failure; Feishu's verdicts (an error answer, or a rate limit however
@@ -1354,46 +1333,6 @@ impl Broker {
         error
     }
 
-    /// Mark a ticket Feishu refused, so the next different ticket replaces it.
-    async fn demote_ticket(&self, app_id: &str, ticket: &Secret) {
-        self.0.tickets.demote(app_id, ticket).await;
-    }
-
-    async fn fetch_tenant(
-        &self,
-        app_id: &str,
-        tenant_key: &str,
-        creds: &AppCreds,
-        app_token: Arc<Token>,
-    ) -> Result<IssuedToken, Error> {
-        let key = TokenKey::Tenant(app_id.to_string(), tenant_key.to_string());
-        let app_key = TokenKey::App(app_id.to_string());
-        let up = &self.0.upstream;
-        let answer = match up
-            .tenant_access_token(&creds.base_url, &app_token.value, tenant_key)
-            .await
-        {
-            Err(e)
-                if matches!(
-                    e.code(),
-                    Some(codes::INVALID_ACCESS_TOKEN | codes::INVALID_APP_TOKEN)
-                ) =>
-            {
-                tracing::warn!(
-                    app_id,
-                    code = e.code(),
-                    "Feishu rejected the app_access_token; fetching a new one"
-                );
-                let (fresh, _) =
-                    Box::pin(self.invalidate(&app_key, app_token.value.expose())).await?;
-                up.tenant_access_token(&creds.base_url, &fresh.value, tenant_key)
-                    .await
-            }
-            other => other,
-        };
-        answer.map_err(|e| self.upstream_failed(&key, e))
-    }
-
     /// How many token requests are waiting for a ticket of `app_id` to be pushed (the channels
     /// live in [`Tickets`]; kept here for callers that hold the broker).
     pub fn ticket_waiters(&self, app_id: &str) -> usize {
@@ -1406,52 +1345,33 @@ impl Broker {
         self.0.tickets.ticket_watch(app_id)
     }
 
-    /// The stored ticket, or: request a resend and wait for the push. A ticket Feishu refused
-    /// counts as missing.
-    async fn current_ticket(&self, app_id: &str) -> Result<Secret, Error> {
-        self.0
-            .tickets
-            .current(app_id, None, || self.request_resend(app_id))
-            .await
-    }
-
-    /// A ticket other than `rejected`: request a resend and wait for the push.
-    async fn ticket_other_than(&self, app_id: &str, rejected: &Secret) -> Result<Secret, Error> {
-        self.0
-            .tickets
-            .current(app_id, Some(rejected), || self.request_resend(app_id))
-            .await
-    }
-
     /// Ask Feishu to push the ticket again, at most once per app per `tickets.resend_interval`
     /// (across the fleet too; the bookkeeping is [`Tickets::request_resend`]'s; the call is the
-    /// Open Platform client's). Returns whether a request was sent now.
+    /// Open Platform client's). Returns whether a request was sent now; never for a custom app
+    /// (it has no ticket).
     pub async fn request_resend(&self, app_id: &str) -> bool {
-        match self.resend_call(app_id) {
+        let call = self
+            .0
+            .issuers
+            .get(app_id)
+            .and_then(|i| i.resend_call(&self.0.upstream));
+        match call {
             Some(call) => self.0.tickets.request_resend(app_id, call).await,
             None => false,
         }
     }
 
-    /// The resend request to Feishu for `app_id`, to run in the background.
-    fn resend_call(
-        &self,
-        app_id: &str,
-    ) -> Option<impl std::future::Future<Output = ResendOutcome> + Send + 'static> {
-        let creds = self.0.apps.get(app_id)?;
-        let upstream = self.0.upstream.clone();
-        let base_url = creds.base_url.clone();
-        let secret = creds.secret.clone();
-        let app = app_id.to_string();
-        Some(async move {
-            match upstream.resend_app_ticket(&base_url, &app, &secret).await {
-                Ok(()) => ResendOutcome::Accepted,
-                Err(e) => ResendOutcome::Failed {
-                    code: e.code(),
-                    message: e.to_string(),
-                },
-            }
-        })
+    /// An operator's resend request: as [`Broker::request_resend`], but an app without a ticket
+    /// (a custom app) is an error the operator should see, not a quiet `false`.
+    pub async fn resend_for_operator(&self, app_id: &str) -> Result<bool, Error> {
+        let issuer = self.issuer(app_id)?;
+        if issuer.resend_call(&self.0.upstream).is_none() {
+            return Err(Error::new(
+                ErrorKind::BadRequest,
+                format!("{app_id} is a custom app: it has no App Ticket to resend"),
+            ));
+        }
+        Ok(self.request_resend(app_id).await)
     }
 
     /// When the cached token for `key` expires, if one is cached (never the token itself).
@@ -1495,18 +1415,9 @@ impl Broker {
         }
         let this = self.clone();
         let sweep = tokio::spawn(async move {
-            let mut apps: Vec<&String> = this.0.apps.keys().collect();
-            apps.sort();
-            for app_id in apps {
-                match this.0.store.ticket(app_id).await {
-                    Ok(None) => {
-                        this.request_resend(app_id).await;
-                    }
-                    Ok(Some(_)) => {}
-                    Err(e) => {
-                        tracing::warn!(app_id = %app_id, error = %e, "cannot read the stored ticket")
-                    }
-                }
+            // A store app without a ticket asks for one; a custom app needs none.
+            for issuer in this.issuers_in_order() {
+                issuer.start(&this).await;
             }
             let mut tick = tokio::time::interval(this.0.tokens_cfg.refresh_check_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1678,10 +1589,15 @@ mod tests {
             TokenKey::App("cli_a".into()),
             TokenKey::Tenant("cli_a".into(), "t1".into()),
             TokenKey::Tenant("cli_a".into(), "with/slash".into()),
+            TokenKey::OwnTenant("cli_a".into()),
         ] {
             assert_eq!(TokenKey::from_store_key(&key.store_key()), Some(key));
         }
-        for bad in ["", "app", "app/a/b", "tenant/a", "other/a"] {
+        assert_eq!(
+            TokenKey::OwnTenant("cli_a".into()).store_key(),
+            "tenant/cli_a"
+        );
+        for bad in ["", "app", "app/a/b", "tenant", "other/a"] {
             assert_eq!(TokenKey::from_store_key(bad), None, "{bad}");
         }
     }
@@ -1692,6 +1608,7 @@ mod tests {
         use super::*;
         use crate::clock::ManualClock;
         use crate::store::memory::MemoryStore;
+        use crate::tickets::ResendOutcome;
 
         const APP: &str = "cli_fleet";
         const START_MS: u64 = 1_800_000_000_000;
