@@ -18,6 +18,7 @@ mod intake;
 mod layering;
 mod leaks;
 mod mock;
+mod openapi;
 mod ops;
 mod page;
 mod process;
