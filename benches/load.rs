@@ -31,9 +31,20 @@
 //! latency from our POST to the consumer receiving it; (i) a backlog of N events (default
 //! 1,000,000) built with the consumer down — RSS and bytes on disk per event — then the time to
 //! drain it once the consumer is up.
+//!
+//! `cargo bench --bench load -- --redis` runs lark-ticketd on `store.kind = "redis"` instead
+//! (issue 10), against a `redis-server` it starts itself on a free port (`--save ""
+//! --appendonly yes --appendfsync always`, in a temporary directory, pinned with the servers,
+//! killed at the end; no `redis-server` means exit status 1), each case against bare hyper in the
+//! same run: (r1) case d's cache hit, with the Redis commands run meanwhile (`INFO
+//! commandstats` before and after: a hit must come from the replica's near-cache); (r2) case c's
+//! durable app_tickets; (r3) case g's queued events with one consumer. The smoke check under
+//! `cargo test` runs these three briefly when `redis-server` is installed (under `CI=true` its
+//! absence is a failure).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,12 +59,13 @@ use tokio::net::{TcpListener, TcpStream};
 
 use lark_ticketd::push::{self, Seal};
 use lark_ticketd::secret::Secret;
+use lark_ticketd::store::testing::RedisServer;
 
 mod common;
 
 use common::{
-    command, embedded_store, free_port, machine, now_ms, now_us, pin_self_to_core_1, spawn_ready,
-    ticketd_binary, Proc, APP_ID, KEY, TOKEN,
+    command, embedded_store, free_port, machine, now_ms, now_us, pin_process, pin_self_to_core_1,
+    redis_store, spawn_ready, ticketd_binary, Proc, APP_ID, KEY, TOKEN,
 };
 
 const SECRET: &str = "load-bench-app-secret";
@@ -192,6 +204,9 @@ struct RunResult {
     errors: u64,
     latencies_us: Vec<u32>,
     seconds: f64,
+    /// Every request the server answered in this run, warm-up and wind-down included (`ok` and
+    /// `errors` count the measuring window only): what the server did while it ran.
+    answered: u64,
 }
 
 impl RunResult {
@@ -255,6 +270,7 @@ async fn run(
                 if !ok && sender.is_closed() {
                     sender = connect(addr).await;
                 }
+                result.answered += 1;
                 if measuring.load(Ordering::Relaxed) {
                     if ok {
                         result.ok += 1;
@@ -284,6 +300,7 @@ async fn run(
         let r = t.await.unwrap();
         total.ok += r.ok;
         total.errors += r.errors;
+        total.answered += r.answered;
         total.latencies_us.extend(r.latencies_us);
     }
     total.latencies_us.sort_unstable();
@@ -356,6 +373,11 @@ fn tickets() -> Source {
     })
 }
 
+/// The tenant token of cases d and r1: fetched once before the run, then always a cache hit.
+fn cached_tenant_token() -> String {
+    format!("/v1/apps/{APP_ID}/tenants/2ed263bf32cf1651/tenant_access_token")
+}
+
 fn get(path: String) -> Prepared {
     Prepared {
         method: Method::GET,
@@ -409,10 +431,12 @@ struct Row {
     case: &'static str,
     bare: RunResult,
     ours: RunResult,
+    /// Requests lark-ticketd answered over all rounds, warm-ups included.
+    ours_answered: u64,
 }
 
 /// The comparison table, one row per case.
-fn print_rows(rows: &[Row]) {
+fn print_rows<'a>(rows: impl IntoIterator<Item = &'a Row>) {
     println!(
         "| case | bare hyper req/s | lark-ticketd req/s | ratio | bare p50 / p99 ms | lark-ticketd p50 / p99 ms | errors |"
     );
@@ -453,6 +477,7 @@ async fn compare(
     }
     let row = Row {
         case,
+        ours_answered: t.iter().map(|r| r.answered).sum(),
         bare: median_run(b),
         ours: median_run(t),
     };
@@ -482,23 +507,19 @@ fn main() {
     let o = options();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if args.iter().any(|a| a == "--handoff") {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(handoff(
+        runtime().block_on(handoff(
             o,
             arg_value(&args, "--backlog").unwrap_or(1_000_000.0) as usize,
         ));
         return;
     }
+    if args.iter().any(|a| a == "--redis") {
+        runtime().block_on(redis_mode(o));
+        return;
+    }
     if let Some(seconds) = arg_value(&args, "--soak") {
         let rate = arg_value(&args, "--rate").unwrap_or(200.0);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(soak(seconds, rate));
+        runtime().block_on(soak(seconds, rate));
         return;
     }
     if !args.iter().any(|a| a == "--bench") {
@@ -508,11 +529,14 @@ fn main() {
     let can_pin = pin_self_to_core_1(cores, o.pin);
     let server_cpu = can_pin.then_some("0");
     let client_cpu = can_pin.then_some("1");
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    runtime().block_on(bench(o, cores, server_cpu, client_cpu, can_pin));
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .unwrap();
-    rt.block_on(bench(o, cores, server_cpu, client_cpu, can_pin));
+        .unwrap()
 }
 
 async fn bench(
@@ -547,7 +571,7 @@ async fn bench(
         memory,
     );
     wait_for_ticket(ours.addr).await;
-    let tenant_path = format!("/v1/apps/{APP_ID}/tenants/2ed263bf32cf1651/tenant_access_token");
+    let tenant_path = cached_tenant_token();
     assert_eq!(http_get(ours.addr, &tenant_path, true).await.0, 200);
     let mut rows = vec![
         compare(
@@ -703,10 +727,10 @@ async fn bench(
     );
 }
 
-/// `cargo test`: the benchmark's machinery works (servers start, the client gets 2xx).
+/// `cargo test`: the benchmark's machinery works (servers start, the client gets 2xx), and the
+/// `--redis` cases run briefly when `redis-server` is installed.
 fn smoke() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
+    runtime().block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let bare = start_bare(None);
         let memory = "[store]\nkind = \"memory\"";
@@ -720,7 +744,41 @@ fn smoke() {
                 r.errors
             );
         }
-        println!("load benchmark smoke check: 1 passed, 0 failed");
+        drop((bare, ours));
+        // `None` after a loud notice when redis-server is missing; under CI=true that panics.
+        let Some(redis) = RedisServer::builder("load benchmark smoke check, --redis") else {
+            println!("load benchmark smoke check: 1 passed, 0 failed, 1 skipped (--redis)");
+            return;
+        };
+        let redis = redis.persistent().launch();
+        let brief = Options {
+            seconds: 0.2,
+            warmup: 0.05,
+            connections: 4,
+            rounds: 1,
+            pin: false,
+        };
+        let cases = redis_cases(&brief, &redis, None, None).await;
+        for (row, _) in &cases {
+            assert!(
+                row.ours.ok > 0 && row.ours.errors == 0 && row.bare.errors == 0,
+                "{}: {} ok, {} errors (bare: {} errors)",
+                row.case,
+                row.ours.ok,
+                row.ours.errors,
+                row.bare.errors
+            );
+        }
+        // A hit that went to Redis would cost at least one command: only background work
+        // (subscription pings, lease renewals) may show.
+        let (hits, calls) = &cases[0];
+        assert!(
+            calls.total() < hits.ours_answered / 2,
+            "cache hits touched Redis: {} for {} hits",
+            calls,
+            hits.ours_answered
+        );
+        println!("load benchmark smoke check: 2 passed, 0 failed");
     });
 }
 
@@ -986,6 +1044,11 @@ fn fresh_v2_event() -> Prepared {
     v2_event_numbered(NEXT_EVENT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// Cases g and r3: a new event for every request.
+fn fresh_v2_events() -> Source {
+    Arc::new(|_| fresh_v2_event())
+}
+
 /// A signed ~1 KB v2 event whose id is `i` in 32 hex digits.
 fn v2_event_numbered(i: u64) -> Prepared {
     let json = serde_json::json!({
@@ -1001,12 +1064,12 @@ fn v2_event_numbered(i: u64) -> Prepared {
     sealed(&json, true)
 }
 
-fn handoff_store(db: &Path, consumer_port: u16, retry_schedule: &str) -> String {
+/// `store` (a `[store]` table) with one consumer, "sink", at `consumer_port`.
+fn with_consumer(store: &str, consumer_port: u16, retry_schedule: &str) -> String {
     format!(
-        "{}[forwarding]\nretry_schedule = {retry_schedule}\n\
+        "{store}[forwarding]\nretry_schedule = {retry_schedule}\n\
          [[consumers]]\nname = \"sink\"\nurl = \"http://127.0.0.1:{consumer_port}/sink\"\n\
-         secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n",
-        embedded_store(db)
+         secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n"
     )
 }
 
@@ -1071,14 +1134,13 @@ async fn handoff(o: Options, backlog: usize) {
         "g",
         free_port(),
         1,
-        &handoff_store(&db, sink.addr.port(), "[\"200ms\"]"),
+        &with_consumer(&embedded_store(&db), sink.addr.port(), "[\"200ms\"]"),
     );
-    let source: Source = Arc::new(|_| fresh_v2_event());
     let g = compare(
         "g. signed 1 KB v2 event, queued",
         bare.addr,
         ours.addr,
-        source,
+        fresh_v2_events(),
         &o,
     )
     .await;
@@ -1099,7 +1161,7 @@ async fn handoff(o: Options, backlog: usize) {
         "h",
         free_port(),
         1,
-        &handoff_store(&db, sink_port, "[\"200ms\"]"),
+        &with_consumer(&embedded_store(&db), sink_port, "[\"200ms\"]"),
     );
     let sent = Arc::new(std::sync::Mutex::new(Vec::<(String, Instant)>::new()));
     let workers = 8usize;
@@ -1171,7 +1233,7 @@ async fn handoff(o: Options, backlog: usize) {
         1,
         // Each event is tried once while the consumer is down, then waits 1 h: the operator
         // redelivers the backlog when the consumer is back (README → Receiving events).
-        &handoff_store(&db, down_port, "[\"1h\"]"),
+        &with_consumer(&embedded_store(&db), down_port, "[\"1h\"]"),
     );
     let built = Instant::now();
     let requests: Vec<Prepared> = (0..backlog).map(|_| fresh_v2_event()).collect();
@@ -1240,5 +1302,205 @@ async fn handoff(o: Options, backlog: usize) {
         db_bytes as f64 / backlog.max(1) as f64,
         backlog as f64 / drain_s,
         hwm_after as f64 / 1024.0,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis mode (issue 10).
+
+/// Commands a Redis server ran, by name (`INFO commandstats` calls).
+struct RedisCalls(BTreeMap<String, u64>);
+
+impl RedisCalls {
+    fn now(redis: &RedisServer) -> RedisCalls {
+        let stats = redis.cli(&["info", "commandstats"]);
+        RedisCalls(
+            stats
+                .lines()
+                .filter_map(|l| {
+                    // cmdstat_evalsha:calls=12,usec=…
+                    let (name, fields) = l.trim().strip_prefix("cmdstat_")?.split_once(':')?;
+                    let calls = fields.split(',').find_map(|f| f.strip_prefix("calls="))?;
+                    Some((name.to_string(), calls.parse().ok()?))
+                })
+                .collect(),
+        )
+    }
+
+    /// What ran from `before` until `self`, without the `INFO` that took `before`.
+    fn since(&self, before: &RedisCalls) -> RedisCalls {
+        let mut ran = BTreeMap::new();
+        for (name, &calls) in &self.0 {
+            let mut n = calls.saturating_sub(before.0.get(name).copied().unwrap_or(0));
+            if name == "info" {
+                n = n.saturating_sub(1);
+            }
+            if n > 0 {
+                ran.insert(name.clone(), n);
+            }
+        }
+        RedisCalls(ran)
+    }
+
+    fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+}
+
+impl std::fmt::Display for RedisCalls {
+    /// "42 commands (evalsha 30, ping 12)".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let each: Vec<String> = self.0.iter().map(|(n, c)| format!("{n} {c}")).collect();
+        write!(f, "{} commands ({})", self.total(), each.join(", "))
+    }
+}
+
+/// `compare`, and the Redis commands run meanwhile.
+async fn compare_on_redis(
+    redis: &RedisServer,
+    case: &'static str,
+    bare: SocketAddr,
+    ours: SocketAddr,
+    source: Source,
+    o: &Options,
+) -> (Row, RedisCalls) {
+    let before = RedisCalls::now(redis);
+    let row = compare(case, bare, ours, source, o).await;
+    (row, RedisCalls::now(redis).since(&before))
+}
+
+/// The `--redis` cases on `redis`, each against bare hyper in the same run (see the module
+/// docs); every case gets its own `key_prefix`. Returns r1, r2, r3 in that order.
+async fn redis_cases(
+    o: &Options,
+    redis: &RedisServer,
+    server_cpu: Option<&str>,
+    client_cpu: Option<&str>,
+) -> Vec<(Row, RedisCalls)> {
+    let dir = tempfile::tempdir().unwrap();
+    let url = redis.url();
+    let bare = start_bare(server_cpu);
+
+    // (r1): case d on Redis: mock-feishu brings the ticket, the token is fetched once.
+    let (mock_port, ours_port) = (free_port(), free_port());
+    let mock = start_mock_on(client_cpu, dir.path(), ours_port, mock_port, "0ms");
+    let store = redis_store(&url, "bench-r1");
+    let (ours, _) = start_ticketd_on(server_cpu, dir.path(), "r1", ours_port, mock_port, &store);
+    wait_for_ticket(ours.addr).await;
+    let tenant_path = cached_tenant_token();
+    assert_eq!(http_get(ours.addr, &tenant_path, true).await.0, 200);
+    let r1 = compare_on_redis(
+        redis,
+        "r1. tenant token, cache hit, Redis",
+        bare.addr,
+        ours.addr,
+        cycle(vec![get(tenant_path)]),
+        o,
+    )
+    .await;
+    drop(ours);
+    drop(mock);
+
+    // (r2): case c on Redis, every 200 acknowledged by Redis (no platform: port 1 is closed).
+    let store = redis_store(&url, "bench-r2");
+    let (ours, _) = start_ticketd_on(server_cpu, dir.path(), "r2", free_port(), 1, &store);
+    let r2 = compare_on_redis(
+        redis,
+        "r2. app_ticket, durable, Redis",
+        bare.addr,
+        ours.addr,
+        tickets(),
+        o,
+    )
+    .await;
+    drop(ours);
+
+    // (r3): case g on Redis: queued for one consumer, a bare hyper sink on the load core.
+    let sink = start_bare(client_cpu);
+    let store = with_consumer(
+        &redis_store(&url, "bench-r3"),
+        sink.addr.port(),
+        "[\"200ms\"]",
+    );
+    let (ours, _) = start_ticketd_on(server_cpu, dir.path(), "r3", free_port(), 1, &store);
+    let r3 = compare_on_redis(
+        redis,
+        "r3. signed 1 KB v2 event, queued, Redis",
+        bare.addr,
+        ours.addr,
+        fresh_v2_events(),
+        o,
+    )
+    .await;
+    eprintln!(
+        "  r3: consumer afterwards: {}",
+        consumer_figures(ours.addr).await
+    );
+    vec![r1, r2, r3]
+}
+
+/// A `redis-server` setting (`INFO server`, `INFO persistence`, …) as text.
+fn redis_info(redis: &RedisServer, section: &str, field: &str) -> String {
+    let info = redis.cli(&["info", section]);
+    info.lines()
+        .find_map(|l| l.trim().strip_prefix(field)?.strip_prefix(':'))
+        .unwrap_or("?")
+        .to_string()
+}
+
+async fn redis_mode(o: Options) {
+    let Some(redis) = RedisServer::builder("cargo bench --bench load -- --redis") else {
+        eprintln!(
+            "--redis needs redis-server (on PATH, or $REDIS_SERVER): not found, nothing measured"
+        );
+        std::process::exit(1);
+    };
+    let redis = redis.persistent().launch();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pid: u32 = redis_info(&redis, "server", "process_id").parse().unwrap();
+    // Redis shares the server core with lark-ticketd: what one replica and its Redis cost.
+    let pinned = pin_self_to_core_1(cores, o.pin) && pin_process(pid, "0");
+    let (server_cpu, client_cpu) = (pinned.then_some("0"), pinned.then_some("1"));
+    let pinning = "servers and redis-server pinned to core 0, load generator, mock-feishu and the consumer to core 1 (taskset)";
+    let machine = machine(cores, pinned.then_some(pinning));
+    eprintln!("lark-ticketd Redis benchmark: {machine}");
+
+    let cases = redis_cases(&o, &redis, server_cpu, client_cpu).await;
+    let aof = (
+        redis_info(&redis, "persistence", "aof_enabled"),
+        redis
+            .cli(&["config", "get", "appendfsync"])
+            .replace('\n', " "),
+    );
+    println!();
+    println!("lark-ticketd Redis benchmark — {machine}");
+    println!(
+        "redis-server {} on 127.0.0.1, started by the bench (aof_enabled {}, {}); closed loop, HTTP/1.1 keep-alive, {} connections, {}s per run after {}s warm-up, median of {} interleaved rounds",
+        redis_info(&redis, "server", "redis_version"),
+        aof.0,
+        aof.1,
+        o.connections,
+        o.seconds,
+        o.warmup,
+        o.rounds
+    );
+    println!();
+    print_rows(cases.iter().map(|(row, _)| row));
+    println!();
+    for (row, calls) in &cases {
+        println!(
+            "{}: lark-ticketd answered {} requests (warm-ups included), Redis ran {calls} meanwhile: {:.4} per request",
+            row.case.split('.').next().unwrap_or(row.case),
+            row.ours_answered,
+            calls.total() as f64 / row.ours_answered.max(1) as f64
+        );
+    }
+    let r1 = &cases[0].0;
+    let (ratio, p99) = (r1.ours.rate() / r1.bare.rate(), r1.ours.percentile_ms(0.99));
+    let verdict = |met: bool| if met { "met" } else { "MISSED" };
+    println!(
+        "r1 targets: ratio {ratio:.3} ≥ 0.90 {}; p99 {p99:.2} ms < 10 ms {}",
+        verdict(ratio >= 0.90),
+        verdict(p99 < 10.0)
     );
 }

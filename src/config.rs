@@ -400,6 +400,10 @@ pub struct StoreConfig {
     pub key_prefix: String,
     /// `url` is one seed node of a Redis Cluster.
     pub cluster: bool,
+    /// With a `rediss://` URL: a PEM file of the CA certificate(s) that signed the server's
+    /// certificate (a private CA, a managed service's own), trusted instead of the Mozilla roots
+    /// built in. Read when the store is opened.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -410,6 +414,7 @@ impl Default for StoreConfig {
             url: None,
             key_prefix: DEFAULT_KEY_PREFIX.to_string(),
             cluster: false,
+            tls_ca_file: None,
         }
     }
 }
@@ -433,11 +438,17 @@ impl StoreConfig {
                 "must start with redis:// (or rediss://, unix://)",
             ));
         }
-        if scheme == "rediss" {
+        if scheme == "rediss" && url.expose().contains('#') {
             return Err(ConfigError::new(
                 "store.url",
-                "rediss:// (TLS) is not supported by this build: reach Redis over a TLS tunnel \
-                 or a private network with redis://",
+                "must not turn off certificate checks (#insecure): trust the server's CA with \
+                 store.tls_ca_file instead",
+            ));
+        }
+        if self.tls_ca_file.is_some() && scheme != "rediss" {
+            return Err(ConfigError::new(
+                "store.tls_ca_file",
+                "needs a rediss:// (TLS) store.url",
             ));
         }
         if redis::IntoConnectionInfo::into_connection_info(url.expose()).is_err() {
@@ -446,10 +457,11 @@ impl StoreConfig {
                 "is not a valid Redis URL (redis://[user:password@]host[:port][/db])",
             ));
         }
-        if self.cluster && scheme != "redis" {
+        if self.cluster && !["redis", "rediss"].contains(&scheme) {
             return Err(ConfigError::new(
                 "store.url",
-                "with store.cluster = true must be a redis:// URL of one cluster node",
+                "with store.cluster = true must be a redis:// (or rediss://) URL of one cluster \
+                 node",
             ));
         }
         let p = &self.key_prefix;
@@ -1078,6 +1090,14 @@ verification_token = "vt-literal"
         );
         assert!(!format!("{c:?}").contains("pw-9f3e"));
         let c = parse(
+            "kind = \"redis\"\nurl = \"rediss://:${PW}@redis.internal:6380/0\"\ntls_ca_file = \"/etc/ca.pem\"",
+        )
+        .unwrap();
+        assert_eq!(
+            c.store.tls_ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        let c = parse(
             "kind = \"redis\"\nurl = \"redis://h:7000\"\nkey_prefix = \"ltd:prod\"\ncluster = true",
         )
         .unwrap();
@@ -1094,8 +1114,16 @@ verification_token = "vt-literal"
                 "store.url",
             ),
             (
-                "kind = \"redis\"\nurl = \"rediss://:pw-9f3e@h\"",
+                "kind = \"redis\"\nurl = \"rediss://:pw-9f3e@h/#insecure\"",
                 "store.url",
+            ),
+            (
+                "kind = \"redis\"\nurl = \"unix:///run/redis.sock\"\ncluster = true",
+                "store.url",
+            ),
+            (
+                "kind = \"redis\"\nurl = \"redis://:pw-9f3e@h\"\ntls_ca_file = \"ca.pem\"",
+                "store.tls_ca_file",
             ),
             (
                 "kind = \"redis\"\nurl = \"redis://h\"\nkey_prefix = \"\"",

@@ -320,7 +320,7 @@ where
         }
         Route::Consumers => {
             only(&req, &[Method::GET])?;
-            caller(state, &req, Scope::Status, None, log)?;
+            consumers::require_every_app(caller(state, &req, Scope::Status, None, log)?)?;
             let consumers = consumers::list(state).await?;
             Ok(json(
                 StatusCode::OK,
@@ -329,7 +329,7 @@ where
         }
         Route::DeadLetters(name) => {
             only(&req, &[Method::GET])?;
-            caller(state, &req, Scope::Status, None, log)?;
+            consumers::require_every_app(caller(state, &req, Scope::Status, None, log)?)?;
             let events = consumers::dead_letters(state, name, req.uri().query()).await?;
             Ok(json(
                 StatusCode::OK,
@@ -338,7 +338,7 @@ where
         }
         Route::Redeliver(name) => {
             only(&req, &[Method::POST])?;
-            caller(state, &req, Scope::Admin, None, log)?;
+            consumers::require_every_app(caller(state, &req, Scope::Admin, None, log)?)?;
             let (parts, body) = req.into_parts();
             let timeout = state.config().server.request_timeout;
             let (body, _budget) = read_body(&parts, body, MAX_API_BODY_BYTES, timeout).await?;

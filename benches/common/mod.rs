@@ -122,13 +122,17 @@ pub fn now_ms() -> u64 {
 /// Pin this process (the load generator) to core 1 so the servers can have core 0: only with
 /// two or more cores, when `wanted`, and when `taskset` works. Returns whether it is pinned.
 pub fn pin_self_to_core_1(cores: usize, wanted: bool) -> bool {
-    wanted
-        && cores >= 2
-        && Command::new("taskset")
-            .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+    wanted && cores >= 2 && pin_process(std::process::id(), "1")
+}
+
+/// Pin every thread of a running process to `cpus` (a `taskset` CPU list): for a child that
+/// another helper started without `taskset` in front. Returns whether `taskset` succeeded.
+pub fn pin_process(pid: u32, cpus: &str) -> bool {
+    Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// The `[store]` table of an embedded store at `db`.
@@ -137,6 +141,11 @@ pub fn embedded_store(db: &Path) -> String {
         "[store]\nkind = \"embedded\"\npath = {:?}\n",
         db.display().to_string()
     )
+}
+
+/// The `[store]` table of the Redis store at `url`, its keys under `key_prefix`.
+pub fn redis_store(url: &str, key_prefix: &str) -> String {
+    format!("[store]\nkind = \"redis\"\nurl = {url:?}\nkey_prefix = {key_prefix:?}\n")
 }
 
 /// "2 cores (CPU model); `pinning`".

@@ -463,6 +463,23 @@ async fn hand_on(
         .event_id
         .filter(|id| !id.is_empty())
         .unwrap_or_else(|| hex::encode(Sha256::digest(json.as_bytes())));
+    // These travel as delivery headers: refuse what no header can carry (an authentic Feishu
+    // event never has it) rather than queue an event that can never be delivered.
+    for (field, value) in [
+        ("event_id", Some(event_id.as_str())),
+        ("event_type", Some(meta.event_type.as_str())),
+        ("tenant_key", meta.tenant_key.as_deref()),
+    ] {
+        if value.is_some_and(|v| !forward::header_safe(v)) {
+            return Err(Error::new(
+                ErrorKind::MalformedBody,
+                format!(
+                    "the event's {field} must be printable ASCII of at most {} characters",
+                    forward::MAX_HEADER_FIELD
+                ),
+            ));
+        }
+    }
     let event = NewEvent {
         app_id,
         event_id,

@@ -166,6 +166,17 @@ fn members(json: &str) -> Result<Vec<(String, &RawValue)>, BodyError> {
 /// `webhook-timestamp`, `webhook-signature` (over `body` exactly), `lark-app-id`,
 /// `lark-event-type`, and `lark-tenant-key` when the event names a (non-empty) tenant.
 /// `timestamp_s` is the unix time of this attempt, so each retry is signed afresh.
+/// Longest event id, event type or tenant key handed on (Feishu's are 16–64 characters).
+pub const MAX_HEADER_FIELD: usize = 128;
+
+/// Can `value` travel in a delivery header (`webhook-id`, `lark-event-type`,
+/// `lark-tenant-key`)? Printable ASCII, at most [`MAX_HEADER_FIELD`] bytes. Intake refuses an
+/// event whose fields cannot: such an event could never be sent, and every failed attempt would
+/// count against a healthy consumer.
+pub fn header_safe(value: &str) -> bool {
+    value.len() <= MAX_HEADER_FIELD && value.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
 pub fn delivery_headers(
     secret: &WebhookSecret,
     meta: &DeliveryMeta<'_>,
@@ -201,6 +212,16 @@ mod tests {
     const V1: &str = r#"{"uuid":"41b5f371157e3bd6b51ae19a5ec7a1d2","token":"Vt0kExampleVerificationTok3n0001","ts":"1502199207.7171419","type":"event_callback","event":{"app_id":"cli_a5f0e9d8c7b6a5f4","tenant_key":"2ca1d211f64f6438","type":"app_open","token":"decoy-event-data"}}"#;
     const V1_EXPECTED: &str = r#"{"uuid":"41b5f371157e3bd6b51ae19a5ec7a1d2","ts":"1502199207.7171419","type":"event_callback","event":{"app_id":"cli_a5f0e9d8c7b6a5f4","tenant_key":"2ca1d211f64f6438","type":"app_open","token":"decoy-event-data"}}"#;
     const VT: &str = "Vt0kExampleVerificationTok3n0001";
+
+    #[test]
+    fn only_printable_ascii_travels_in_a_header() {
+        assert!(header_safe("5e3702a84e847582be8db7fb73283c02"));
+        assert!(header_safe("im.message.receive_v1"));
+        assert!(!header_safe("w-nl\r\nX-Injected: 1"));
+        assert!(!header_safe("im.\u{0}x"));
+        assert!(!header_safe("事件"));
+        assert!(!header_safe(&"a".repeat(MAX_HEADER_FIELD + 1)));
+    }
 
     #[test]
     fn v2_body_loses_header_token_and_nothing_else() {

@@ -81,6 +81,19 @@ impl From<DeadLetter> for DeadLetterStatus {
     }
 }
 
+/// The consumer API is for keys that may use every app (`apps = ["*"]`): a consumer's queue holds
+/// the events of every app its filter names, and its figures, dead letters and redeliveries are
+/// not split by app. A key limited to some apps gets `403` here rather than another app's events.
+pub fn require_every_app(client: &crate::config::ClientConfig) -> Result<(), Error> {
+    if client.apps.iter().any(|a| a == "*") {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Forbidden,
+        "the consumer API needs a key with apps = [\"*\"]: consumers carry every app's events",
+    ))
+}
+
 fn known(state: &AppState, name: &str) -> Result<(), Error> {
     match state.forwarder().consumer_url(name) {
         Some(_) => Ok(()),

@@ -51,6 +51,13 @@
 //! server, so [`RedisStore::open`] reads `appendonly`, `appendfsync` and `maxmemory-policy` and
 //! says so (see [`Durability`]): on disk only with `appendonly yes` + `appendfsync always`; keys
 //! may be evicted under any `maxmemory-policy` but `noeviction`.
+//!
+//! **TLS.** A `rediss://` URL connects over rustls (the one rustls, and its ring provider, that
+//! the Feishu client already uses). The server's certificate is checked against the Mozilla roots
+//! built in (webpki-roots, as for Feishu), or against the CA certificates in `store.tls_ca_file`
+//! instead; there is no way to turn the checks off. On a cluster the seed's scheme decides for
+//! every node (each node tells a TLS client its TLS port). A connect error that looks like TLS on
+//! one end and plain TCP on the other says so ([`tls_hint`]).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -62,7 +69,7 @@ use ::redis::cluster::ClusterClientBuilder;
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::{
     Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisFuture, RedisResult, Script,
-    ScriptInvocation, Value,
+    ScriptInvocation, TlsCertificates, Value,
 };
 use futures_util::StreamExt;
 use tokio::sync::broadcast;
@@ -79,6 +86,8 @@ use crate::secret::Secret;
 /// The longest one Redis command (or script) may take, connecting included: a hung Redis must
 /// not hang a request. Also the subscription's ping deadline.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How a PEM certificate begins (`store.tls_ca_file` must hold one at least).
+const PEM_CERTIFICATE: &[u8] = b"-----BEGIN CERTIFICATE-----";
 /// A connection attempt's own limit (inside [`COMMAND_TIMEOUT`]).
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
 /// How often the subscription pings (a half-open connection shows as an unanswered ping) and
@@ -87,6 +96,9 @@ const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 /// Waits between attempts to subscribe again.
 const RESUBSCRIBE_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const RESUBSCRIBE_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Stripes of [`Inner::write_turns`].
+const WRITE_TURNS: usize = 64;
+
 /// Compare-and-set attempts before a ticket or tenant write gives up (each retry means another
 /// writer changed the record in between).
 const CAS_ATTEMPTS: usize = 32;
@@ -284,6 +296,11 @@ struct Inner {
     redactor: Redactor,
     subscriber: Mutex<Option<JoinHandle<()>>>,
     closed: AtomicBool,
+    /// This process's writers of one record (a ticket, a tenant) take turns: its read-merge-CAS
+    /// then races only other replicas' writes, never its own (64 concurrent pushes for one app
+    /// used to lose to each other until they gave up). Striped: bounded, whatever the number of
+    /// tenants.
+    write_turns: Vec<tokio::sync::Mutex<()>>,
 }
 
 impl Drop for Inner {
@@ -320,6 +337,60 @@ fn random_id() -> String {
     hex::encode(rand::thread_rng().gen::<[u8; 16]>())
 }
 
+/// What a `rediss://` connection trusts: the CA certificates in `store.tls_ca_file`, or (`None`)
+/// the Mozilla roots built in (webpki-roots, as the Feishu client does). Read once, at open.
+fn tls_certificates(config: &StoreConfig) -> Result<Option<TlsCertificates>, StoreError> {
+    let Some(path) = &config.tls_ca_file else {
+        return Ok(None);
+    };
+    let pem = std::fs::read(path).map_err(|e| {
+        StoreError::new(format!(
+            "redis: cannot read store.tls_ca_file {}: {e}",
+            path.display()
+        ))
+    })?;
+    if !pem
+        .windows(PEM_CERTIFICATE.len())
+        .any(|w| w == PEM_CERTIFICATE)
+    {
+        return Err(StoreError::new(format!(
+            "redis: store.tls_ca_file {} holds no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(Some(TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    }))
+}
+
+/// A connect error that may come from TLS on one end and plain TCP on the other gets a hint: a
+/// TLS port hangs up on a plain client; a plain port never answers a TLS client's hello (it
+/// takes it for the start of a command and waits for the rest).
+fn tls_hint(e: StoreError, tls_url: bool) -> StoreError {
+    let text = e.0.to_lowercase();
+    let hint = if tls_url {
+        ["corrupt message", "invalidcontenttype", "no answer within"]
+            .iter()
+            .any(|s| text.contains(s))
+            .then_some("if the server speaks plain TCP on this port, the URL must be redis://")
+    } else {
+        [
+            "reset by peer",
+            "broken pipe",
+            "unexpected end of file",
+            "eof",
+        ]
+        .iter()
+        .any(|s| text.contains(s))
+        .then_some("if the server speaks TLS on this port, the URL must be rediss://")
+    };
+    match hint {
+        Some(hint) => StoreError(format!("{} ({hint})", e.0)),
+        None => e,
+    }
+}
+
 /// Bound `fut` by [`COMMAND_TIMEOUT`]; errors become [`StoreError`]s without the password.
 async fn bounded<T>(
     redactor: &Redactor,
@@ -351,18 +422,34 @@ impl RedisStore {
             .into_connection_info()
             .map_err(|_| StoreError::new("store.url is not a valid Redis URL"))?;
         let redactor = Redactor(info.redis.password.clone().map(Secret::new));
+        let tls = tls_certificates(config)?;
+        let tls_url = matches!(info.addr, ::redis::ConnectionAddr::TcpTls { .. });
+        let client_redactor = redactor.clone();
+        let client_tls = tls.clone();
+        let client = move |info: ::redis::ConnectionInfo| {
+            let tls = &client_tls;
+            match &tls {
+                Some(certs) => ::redis::Client::build_with_tls(info, certs.clone()),
+                None => ::redis::Client::open(info),
+            }
+            .map_err(|e| StoreError::new(client_redactor.clean(format!("redis: {e}"))))
+        };
         let conn = if config.cluster {
-            let client = ClusterClientBuilder::new(vec![info.clone()])
+            // TLS (from a rediss:// seed) to every node, which answers with its TLS port.
+            let mut builder = ClusterClientBuilder::new(vec![info.clone()])
                 .connection_timeout(CONNECT_TIMEOUT)
                 .response_timeout(COMMAND_TIMEOUT)
-                .retries(2)
+                .retries(2);
+            if let Some(certs) = &tls {
+                builder = builder.certs(certs.clone());
+            }
+            let client = builder
                 .build()
                 .map_err(|e| StoreError::new(redactor.clean(format!("redis: {e}"))))?;
             let conn = bounded(&redactor, "connect", client.get_async_connection()).await?;
             Conn::Cluster(conn)
         } else {
-            let client = ::redis::Client::open(info.clone())
-                .map_err(|e| StoreError::new(redactor.clean(format!("redis: {e}"))))?;
+            let client = client(info.clone())?;
             let manager = ConnectionManagerConfig::new()
                 .set_connection_timeout(CONNECT_TIMEOUT)
                 .set_response_timeout(COMMAND_TIMEOUT)
@@ -373,7 +460,8 @@ impl RedisStore {
                 "connect",
                 ConnectionManager::new_with_config(client, manager),
             )
-            .await?;
+            .await
+            .map_err(|e| tls_hint(e, tls_url))?;
             Conn::Single(conn)
         };
         let keys = Keys {
@@ -384,6 +472,9 @@ impl RedisStore {
             conn,
             keys,
             changes: broadcast::channel(CHANGE_BACKLOG).0,
+            write_turns: (0..WRITE_TURNS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             epoch: Mutex::new(None),
             settings,
             data_lost_at_ms: AtomicU64::new(0),
@@ -393,8 +484,7 @@ impl RedisStore {
         }));
         store.check_epoch().await?;
         // Subscribe before returning, so every write after `open` is heard.
-        let pubsub_client = ::redis::Client::open(info)
-            .map_err(|e| StoreError::new(store.0.redactor.clean(format!("redis: {e}"))))?;
+        let pubsub_client = client(info)?;
         let pubsub = subscribe(&pubsub_client, &store.0.keys.channel())
             .await
             .map_err(|e| {
@@ -599,6 +689,17 @@ impl RedisStore {
         Ok(apps)
     }
 
+    /// Wait for this process's turn to write the record `key` (`field`: a hash field or `""`).
+    async fn write_turn(&self, key: &str, field: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (key, field).hash(&mut h);
+        let turns = &self.0.write_turns;
+        turns[(h.finish() % turns.len() as u64) as usize]
+            .lock()
+            .await
+    }
+
     /// Compare-and-set one record (`field` `""`: a string key). `expected` is the raw value read
     /// (`None`: absent). Returns whether it was written.
     async fn cas(
@@ -636,6 +737,7 @@ impl RedisStore {
         incoming: TicketRecord,
     ) -> Result<TicketWrite, StoreError> {
         let key = self.0.keys.ticket(app_id);
+        let _turn = self.write_turn(&key, "").await;
         for _ in 0..CAS_ATTEMPTS {
             let raw = self.get_string(key.clone()).await?;
             let stored = raw.as_deref().map(decode::<TicketRecord>).transpose()?;
@@ -660,6 +762,7 @@ impl RedisStore {
 
     pub async fn demote_ticket(&self, app_id: &str, ticket: &Secret) -> Result<bool, StoreError> {
         let key = self.0.keys.ticket(app_id);
+        let _turn = self.write_turn(&key, "").await;
         for _ in 0..CAS_ATTEMPTS {
             let Some(raw) = self.get_string(key.clone()).await? else {
                 return Ok(false);
@@ -684,6 +787,7 @@ impl RedisStore {
         ev: TenantEvent,
     ) -> Result<TenantRecord, StoreError> {
         let key = self.0.keys.tenants(app_id);
+        let _turn = self.write_turn(&key, &ev.tenant_key).await;
         for _ in 0..CAS_ATTEMPTS {
             let raw: Option<String> = self
                 .query("read", ::redis::cmd("HGET").arg(&key).arg(&ev.tenant_key))
@@ -1148,6 +1252,41 @@ mod server_tests {
         let store = open(&server).await;
         assert!(store.is_shared());
         contract::run(&store).await;
+    }
+
+    /// The load bench (issue 10, r2) found 64 concurrent pushes of distinct tickets for one app
+    /// answered with `503`s: every write re-read and compare-and-set the one ticket record, and
+    /// most lost to the others of the same process, 32 times in a row.
+    #[tokio::test]
+    async fn concurrent_writes_of_one_record_in_one_process_never_give_up() {
+        let Some(server) = RedisServer::start("concurrent_writes_of_one_record") else {
+            return;
+        };
+        let store = open(&server).await;
+        let writes: Vec<_> = (0..64)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let ticket = contract::ticket(&format!("t-{i}"), i);
+                    let pushed = store.put_ticket("cli_busy", ticket).await.map(drop);
+                    let event = TenantEvent {
+                        tenant_key: "tenant-1".into(),
+                        change: crate::model::TenantChange::Opened,
+                        event_type: "app_open".into(),
+                        event_time_us: i,
+                        received_at_ms: 1,
+                    };
+                    let recorded = store.record_tenant_event("cli_busy", event).await.map(drop);
+                    pushed.and(recorded)
+                })
+            })
+            .collect();
+        for w in writes {
+            w.await.unwrap().unwrap();
+        }
+        let newest = store.ticket("cli_busy").await.unwrap().unwrap();
+        assert_eq!(newest.event_time_us, 63);
+        assert_eq!(newest.pushes_seen, 64);
     }
 
     #[tokio::test]

@@ -8,7 +8,14 @@
 //! instead, so a `kill -9` loses nothing that was acknowledged.
 //!
 //! [`RedisCluster`] starts three such servers with `--cluster-enabled yes` and joins them with
-//! `redis-cli --cluster create` (three primaries, no replicas).
+//! `redis-cli --cluster create` (three primaries, no replicas). [`RedisCluster::shared`] starts one
+//! for the whole test binary (tests that share it keep apart by `key_prefix`): its nodes cannot be
+//! dropped with a test, so each runs under a watchdog shell that kills it when the test process
+//! exits, however it exits (the watchdog waits for the end of a pipe only this process holds).
+//!
+//! [`RedisServer::tls`] adds a TLS port beside the plain one (Debian's `redis-server` is built
+//! with TLS): the test brings the certificate files; the plain port stays for readiness and
+//! `redis-cli`.
 //!
 //! Under `CI=true` a missing `redis-server` binary is a test failure (a panic); elsewhere
 //! [`RedisServer::start`] prints a loud notice and returns `None`, and the test returns early.
@@ -17,6 +24,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// How long a server gets to answer after it is started.
@@ -74,6 +82,17 @@ fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// The certificate files of a TLS port (PEM).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The server's certificate (chain).
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// The CA that signed it (`redis-server` wants one even when clients need no certificate).
+    pub ca: PathBuf,
+}
+
 /// A `redis-server` child process on 127.0.0.1.
 pub struct RedisServer {
     port: u16,
@@ -81,8 +100,24 @@ pub struct RedisServer {
     password: Option<String>,
     persistent: bool,
     extra: Vec<String>,
+    /// A TLS port beside the plain one, and its files.
+    tls: Option<(u16, TlsFiles)>,
+    /// Run under a watchdog that kills it when this process exits (see the module docs).
+    watchdog: bool,
     child: Option<Child>,
 }
+
+/// `sh -c` script: start `$0 "$@"` (redis-server) and exit with it; kill it as soon as standard
+/// input (a pipe whose other end only the test process holds) reaches its end, i.e. when the
+/// test process has exited, and then remove its directory (`$REDIS_TEST_DIR`). Asynchronous
+/// lists get `/dev/null` as standard input, hence fd 3.
+const WATCHDOG: &str = r#"exec 3<&0
+"$0" "$@" 3<&- & pid=$!
+( read -r _ <&3; : > "$REDIS_TEST_DIR/.orphaned"; kill -9 "$pid" 2>/dev/null ) & watch=$!
+exec 3<&-
+wait "$pid"; status=$?
+if [ -e "$REDIS_TEST_DIR/.orphaned" ]; then rm -rf -- "$REDIS_TEST_DIR"; else kill "$watch" 2>/dev/null; fi
+exit "$status""#;
 
 impl RedisServer {
     /// Start a server without persistence. `None` (after a loud notice) when `redis-server` is
@@ -102,8 +137,22 @@ impl RedisServer {
             password: None,
             persistent: false,
             extra: Vec::new(),
+            tls: None,
+            watchdog: false,
             child: None,
         })
+    }
+
+    /// Also listen for TLS on a free port, with these files (clients need no certificate).
+    pub fn tls(mut self, files: TlsFiles) -> Self {
+        self.tls = Some((0, files));
+        self
+    }
+
+    /// Kill the server when this process exits, even if it is never dropped (a `static`).
+    pub fn tied_to_this_process(mut self) -> Self {
+        self.watchdog = true;
+        self
     }
 
     /// Require this password (`requirepass`).
@@ -128,6 +177,9 @@ impl RedisServer {
     pub fn launch(mut self) -> RedisServer {
         for _ in 0..5 {
             self.port = free_port();
+            if let Some((port, _)) = &mut self.tls {
+                *port = free_port();
+            }
             if self.spawn_and_wait() {
                 return self;
             }
@@ -140,7 +192,16 @@ impl RedisServer {
 
     fn spawn_and_wait(&mut self) -> bool {
         let bin = binary("redis-server", "REDIS_SERVER").expect("redis-server");
-        let mut cmd = Command::new(bin);
+        let mut cmd = if self.watchdog {
+            let mut sh = Command::new("sh");
+            sh.arg("-c")
+                .arg(WATCHDOG)
+                .arg(bin)
+                .env("REDIS_TEST_DIR", &self.dir);
+            sh
+        } else {
+            Command::new(bin)
+        };
         cmd.arg("--port")
             .arg(self.port.to_string())
             .args(["--bind", "127.0.0.1", "--save", ""])
@@ -156,8 +217,25 @@ impl RedisServer {
         if let Some(p) = &self.password {
             cmd.args(["--requirepass", p]);
         }
+        if let Some((port, files)) = &self.tls {
+            cmd.arg("--tls-port")
+                .arg(port.to_string())
+                .arg("--tls-cert-file")
+                .arg(&files.cert)
+                .arg("--tls-key-file")
+                .arg(&files.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&files.ca)
+                .args(["--tls-auth-clients", "no"]);
+        }
+        // The watchdog's pipe: this process holds the other end until it exits.
+        let stdin = if self.watchdog {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        };
         cmd.args(&self.extra)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let mut child = cmd.spawn().expect("spawn redis-server");
@@ -191,6 +269,20 @@ impl RedisServer {
             Some(p) => format!("redis://:{p}@127.0.0.1:{}/0", self.port),
             None => format!("redis://127.0.0.1:{}/0", self.port),
         }
+    }
+
+    /// The TLS port ([`RedisServer::tls`]).
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls.as_ref().map(|(port, _)| *port)
+    }
+
+    /// `rediss://[:password@]127.0.0.1:tls_port/0` ([`RedisServer::tls`]).
+    pub fn tls_url(&self) -> Option<String> {
+        let port = self.tls_port()?;
+        Some(match &self.password {
+            Some(p) => format!("rediss://:{p}@127.0.0.1:{port}/0"),
+            None => format!("rediss://127.0.0.1:{port}/0"),
+        })
     }
 
     /// The server's own directory (its append-only file, its log).
@@ -292,12 +384,46 @@ impl RedisCluster {
         if !redis_available(test) {
             return None;
         }
+        Some(Self::create(test, false, None))
+    }
+
+    /// [`RedisCluster::start`] with a TLS port on every node beside the plain one, and the
+    /// cluster bus over TLS: a TLS client learns the other nodes' TLS ports, a plain one their
+    /// plain ports.
+    pub fn start_tls(test: &str, files: TlsFiles) -> Option<RedisCluster> {
+        if !redis_available(test) {
+            return None;
+        }
+        Some(Self::create(test, false, Some(files)))
+    }
+
+    /// One cluster for every caller in this test process, started by the first (later callers
+    /// wait for it). Its nodes live until the process exits, killed then by their watchdogs.
+    /// Callers must keep apart by `key_prefix`. `None` as in [`RedisServer::start`].
+    pub fn shared(test: &str) -> Option<&'static RedisCluster> {
+        static SHARED: OnceLock<RedisCluster> = OnceLock::new();
+        if !redis_available(test) {
+            return None;
+        }
+        Some(SHARED.get_or_init(|| Self::create(test, true, None)))
+    }
+
+    fn create(test: &str, tied: bool, tls: Option<TlsFiles>) -> RedisCluster {
         let nodes: Vec<RedisServer> = (0..3)
             .map(|_| {
                 // The cluster bus port is given explicitly: port + 10000 may not exist.
                 let bus = free_port().to_string();
-                RedisServer::builder(test)
-                    .expect("redis-server")
+                let builder = RedisServer::builder(test).expect("redis-server");
+                let builder = if tied {
+                    builder.tied_to_this_process()
+                } else {
+                    builder
+                };
+                let builder = match &tls {
+                    Some(files) => builder.tls(files.clone()).args(&["--tls-cluster", "yes"]),
+                    None => builder,
+                };
+                builder
                     .args(&[
                         "--cluster-enabled",
                         "yes",
@@ -324,11 +450,16 @@ impl RedisCluster {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        Some(RedisCluster { nodes })
+        RedisCluster { nodes }
     }
 
     /// One seed node's URL, as `store.url` with `store.cluster = true`.
     pub fn url(&self) -> String {
         self.nodes[0].url()
+    }
+
+    /// One seed node's `rediss://` URL ([`RedisCluster::start_tls`]).
+    pub fn tls_url(&self) -> Option<String> {
+        self.nodes[0].tls_url()
     }
 }

@@ -528,6 +528,8 @@ async fn a_resend_that_did_not_reach_feishu_leaves_the_interval_to_another_repli
 /// port 0, counting every upstream call).
 mod on_redis {
     use std::path::PathBuf;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     use lark_ticketd::clock;
@@ -681,6 +683,26 @@ mod on_redis {
             assert_eq!(self.mock.push_ticket(APP_ID).await, Ok(200));
             self.eventually_on_all("the pushed ticket", |s| s["ticket"]["state"] == "fresh")
                 .await;
+        }
+
+        /// A signed, encrypted ticket push straight to replica `i`, as Feishu sends it.
+        async fn push_ticket_to(&self, i: usize, ticket: &str) -> Reply {
+            let req =
+                crate::intake::ticket_push(APP_ID, KEY, TOKEN, ticket, crate::intake::now_us());
+            let mut builder = self
+                .client
+                .post(self.replica(i).url(&format!("/events/{APP_ID}")))
+                .header("content-type", "application/json; charset=utf-8")
+                .body(req.body.clone());
+            for (k, v) in &req.headers {
+                builder = builder.header(*k, v.as_str());
+            }
+            Reply::from(builder.send().await.unwrap()).await
+        }
+
+        async fn readyz(&self, i: usize) -> Reply {
+            let req = self.client.get(self.replica(i).url("/readyz"));
+            Reply::from(req.send().await.unwrap()).await
         }
 
         /// Wait until replica `i` has logged `line`.
@@ -986,6 +1008,200 @@ mod on_redis {
             assert_eq!(fleet.app_token(i).await, token);
         }
         assert_eq!(fleet.mock.calls(Endpoint::AppAccessToken), 1);
+        fleet.stop();
+    }
+
+    /// What one request of the steady load saw.
+    struct Sample {
+        started: Instant,
+        ok: bool,
+        took: Duration,
+    }
+
+    /// Issue 10: Redis stopped (SIGSTOP: it keeps its connections and answers nothing) for 10 s
+    /// under a steady load of cached-token requests on two replicas. Every one of those requests
+    /// is answered from the replicas' memory (0 errors, no upstream call), intake answers `503
+    /// store_unavailable` and `/readyz` 503 meanwhile, and afterwards both replicas are ready and
+    /// take pushes again without a restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_stopped_for_10s_under_load_cached_tokens_keep_being_served() {
+        const OUTAGE: Duration = Duration::from_secs(10);
+        const TENANTS: usize = 10;
+        const TASKS: usize = 4;
+        let Some(fleet) = Fleet::start(
+            "fleet::on_redis::redis_stopped_for_10s_under_load",
+            2,
+            Options {
+                config: "",
+                push_on_resend: false,
+            },
+        )
+        .await
+        else {
+            return;
+        };
+        fleet.resends_settled().await;
+        fleet.push_ticket().await;
+        // Warm both replicas: the app token and ten tenant tokens, one of each for the fleet.
+        let mut paths = vec![app_path()];
+        paths.extend((0..TENANTS).map(|t| tenant_path(&format!("tenant-{t}"))));
+        let mut expected = std::collections::HashMap::new();
+        for path in &paths {
+            for i in 0..2 {
+                let r = fleet.get(i, path).await;
+                assert_eq!(r.status, 200, "{path} on {i}: {}", r.text);
+                let token = r.json["app_access_token"]
+                    .as_str()
+                    .or(r.json["tenant_access_token"].as_str())
+                    .unwrap()
+                    .to_string();
+                let first = expected
+                    .entry(path.clone())
+                    .or_insert_with(|| token.clone());
+                assert_eq!(*first, token, "both replicas serve one token");
+            }
+        }
+        let fetched = (
+            fleet.mock.calls(Endpoint::AppAccessToken),
+            fleet.mock.calls(Endpoint::TenantAccessToken),
+        );
+        assert_eq!(fetched, (1, TENANTS as u64));
+
+        // The steady load: a few tasks asking both replicas for the cached tokens, paced, until
+        // told to stop (bounded in time and count all the same).
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let mut urls: Vec<(String, String)> = Vec::new();
+        for i in 0..2 {
+            for p in &paths {
+                urls.push((fleet.replica(i).url(p), expected[p].clone()));
+            }
+        }
+        let load: Vec<JoinHandle<Vec<Sample>>> = (0..TASKS)
+            .map(|task| {
+                let (client, urls) = (fleet.client.clone(), urls.clone());
+                let (stop, done) = (Arc::clone(&stop), Arc::clone(&done));
+                tokio::spawn(async move {
+                    let mut samples = Vec::new();
+                    let bound = Instant::now() + Duration::from_secs(120);
+                    let mut n = task;
+                    while !stop.load(Ordering::SeqCst) && Instant::now() < bound && n < 200_000 {
+                        let (url, token) = &urls[n % urls.len()];
+                        n += TASKS;
+                        let started = Instant::now();
+                        let reply = client.get(url).bearer_auth(BEARER).send().await;
+                        let ok = match reply {
+                            Ok(r) if r.status() == 200 => r
+                                .text()
+                                .await
+                                .is_ok_and(|body| body.contains(token.as_str())),
+                            _ => false,
+                        };
+                        samples.push(Sample {
+                            started,
+                            ok,
+                            took: started.elapsed(),
+                        });
+                        done.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    samples
+                })
+            })
+            .collect();
+        let until_done = |n: u64| {
+            let done = Arc::clone(&done);
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while done.load(Ordering::SeqCst) < n {
+                    assert!(Instant::now() < deadline, "the load stalled");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        until_done(100).await;
+
+        // Redis stops answering.
+        fleet.redis.pause();
+        let paused = Instant::now();
+        let (refused_a, refused_b, ready_a, ready_b) = tokio::join!(
+            fleet.push_ticket_to(0, "tkt-secret-outage-a"),
+            fleet.push_ticket_to(1, "tkt-secret-outage-b"),
+            fleet.readyz(0),
+            fleet.readyz(1),
+        );
+        for refused in [&refused_a, &refused_b] {
+            assert_eq!(
+                (refused.status, refused.code()),
+                (503, "store_unavailable"),
+                "{}",
+                refused.text
+            );
+        }
+        for ready in [&ready_a, &ready_b] {
+            assert_eq!((ready.status, ready.code()), (503, "store_unavailable"));
+        }
+        assert!(
+            paused.elapsed() < OUTAGE,
+            "intake took {:?} to refuse",
+            paused.elapsed()
+        );
+        // The outage itself: a fixed time, as the issue asks.
+        tokio::time::sleep(OUTAGE.saturating_sub(paused.elapsed())).await;
+        let resumed = Instant::now();
+        fleet.redis.resume();
+
+        // Back without a restart: ready, and pushes are taken again.
+        for i in 0..2 {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while fleet.readyz(i).await.status != 200 {
+                assert!(Instant::now() < deadline, "replica {i} never ready again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let recovered_after = resumed.elapsed();
+        for (i, ticket) in [(0, "tkt-secret-after-a"), (1, "tkt-secret-after-b")] {
+            let accepted = fleet.push_ticket_to(i, ticket).await;
+            assert_eq!(accepted.status, 200, "{}", accepted.text);
+        }
+        // A little more load after the recovery, then stop it.
+        until_done(done.load(Ordering::SeqCst) + 100).await;
+        stop.store(true, Ordering::SeqCst);
+        let mut samples = Vec::new();
+        for task in load {
+            samples.extend(task.await.unwrap());
+        }
+
+        let failed = samples.iter().filter(|s| !s.ok).count();
+        let during: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| s.started >= paused && s.started < resumed)
+            .collect();
+        let slowest = during.iter().map(|s| s.took).max().unwrap_or_default();
+        eprintln!(
+            "fleet on redis: Redis stopped {:?}: {} cached-token requests ({} during the outage, \
+             slowest {slowest:?}), {failed} failed; ready again {recovered_after:?} after it resumed",
+            resumed - paused,
+            samples.len(),
+            during.len(),
+        );
+        assert_eq!(
+            failed, 0,
+            "cached tokens must be served while Redis is stopped"
+        );
+        assert!(
+            during.len() >= 100,
+            "too little load during the outage: {}",
+            during.len()
+        );
+        // Served from memory: nothing was fetched again.
+        assert_eq!(
+            (
+                fleet.mock.calls(Endpoint::AppAccessToken),
+                fleet.mock.calls(Endpoint::TenantAccessToken)
+            ),
+            fetched
+        );
         fleet.stop();
     }
 }

@@ -1,6 +1,14 @@
 //! Issue 9, the event hand-off, through the real server on port 0 and a real HTTP consumer on
 //! port 0: delivery with Standard Webhooks signatures (checked with the specification's own
 //! crate), dedupe of Feishu's redeliveries, retries, dead letters and redelivery, filters.
+//!
+//! Every test runs on every store (issue 10: "the whole hand-off suite passes on Redis, and on the
+//! cluster"): each body is an `async fn` taking a [`StoreUnderTest`], and [`on_every_store!`]
+//! writes one `#[tokio::test]` per store, in the modules `memory`, `embedded`, `redis` (a
+//! `redis-server` of the test's own) and `redis_cluster` (one three-node cluster shared by the
+//! whole test binary, each test under a `key_prefix` of its own). `cargo test --test it
+//! handoff::redis` runs one store's. The SIGKILL test needs a store that outlives the process:
+//! not `memory`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,14 +25,109 @@ use tokio::net::TcpListener;
 
 use lark_ticketd::push::{self, Seal};
 use lark_ticketd::secret::Secret;
+use lark_ticketd::store::testing::{RedisCluster, RedisServer};
 
 use crate::util::{
-    app_toml, eventually, TestApp, ADMIN_BEARER, APP_ID, CONSUMER_SECRET_A, CONSUMER_SECRET_B, KEY,
-    TOKEN,
+    app_toml, eventually, toml_str, TestApp, ADMIN_BEARER, APP_ID, CONSUMER_SECRET_A,
+    CONSUMER_SECRET_B, KEY, REDIS_PASSWORD, TOKEN,
 };
 
 const SECRET_A: &str = CONSUMER_SECRET_A;
 const SECRET_B: &str = CONSUMER_SECRET_B;
+
+/// The store one run of a test uses: its `[store]` table, and what must live as long as it.
+pub(crate) struct StoreUnderTest {
+    /// The `[store]` table of the config.
+    toml: String,
+    _dir: tempfile::TempDir,
+    _redis: Option<RedisServer>,
+}
+
+impl StoreUnderTest {
+    /// The store named by `kind` (`memory`, `embedded`, `redis`, `redis_cluster`); `None` after a
+    /// loud notice when `redis-server` is missing outside CI (see `store::testing`).
+    pub(crate) fn start(kind: &str, test: &str) -> Option<StoreUnderTest> {
+        let dir = tempfile::tempdir().unwrap();
+        // Apart from every other test on the shared cluster.
+        let prefix = format!("it-{:016x}", rand::random::<u64>());
+        let (toml, redis) = match kind {
+            "memory" => ("[store]\nkind = \"memory\"\n".to_string(), None),
+            "embedded" => {
+                let path = dir.path().join("store.db");
+                let path = toml_str(path.to_str().unwrap());
+                (
+                    format!("[store]\nkind = \"embedded\"\npath = {path}\n"),
+                    None,
+                )
+            }
+            "redis" => {
+                let redis = RedisServer::builder(test)?
+                    .password(REDIS_PASSWORD)
+                    .launch();
+                let toml = format!(
+                    "[store]\nkind = \"redis\"\nurl = {}\nkey_prefix = \"{prefix}\"\n",
+                    toml_str(&redis.url())
+                );
+                (toml, Some(redis))
+            }
+            "redis_cluster" => {
+                let cluster = RedisCluster::shared(test)?;
+                let toml = format!(
+                    "[store]\nkind = \"redis\"\nurl = {}\nkey_prefix = \"{prefix}\"\ncluster = true\n",
+                    toml_str(&cluster.url())
+                );
+                (toml, None)
+            }
+            other => panic!("no store {other:?}"),
+        };
+        Some(StoreUnderTest {
+            toml,
+            _dir: dir,
+            _redis: redis,
+        })
+    }
+}
+
+/// One `#[tokio::test]` per store for each test body named: `every` on every store, `durable` on
+/// the stores that outlive the process. A test's name is `handoff::<store>::<body>`.
+macro_rules! on_every_store {
+    (every: [$($every:ident),+ $(,)?], durable: [$($durable:ident),* $(,)?] $(,)?) => {
+        on_every_store!(@store memory [$($every),+]);
+        on_every_store!(@store embedded [$($every,)+ $($durable),*]);
+        on_every_store!(@store redis [$($every,)+ $($durable),*]);
+        on_every_store!(@store redis_cluster [$($every,)+ $($durable),*]);
+    };
+    (@store $store:ident [$($test:ident),+ $(,)?]) => {
+        mod $store {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let name = concat!("handoff::", stringify!($store), "::", stringify!($test));
+                    let Some(store) = super::StoreUnderTest::start(stringify!($store), name) else {
+                        return;
+                    };
+                    super::$test(store).await;
+                }
+            )+
+        }
+    };
+}
+
+on_every_store! {
+    every: [
+        v2_and_v1_events_reach_a_consumer_once_signed_and_without_the_token,
+        a_redelivered_event_is_acknowledged_every_time_and_delivered_once,
+        a_failing_consumer_is_retried_then_dead_lettered_then_redelivered,
+        each_consumer_gets_exactly_the_events_its_filter_names,
+        a_consumer_that_is_down_gets_the_event_when_it_comes_back,
+        a_slow_consumer_does_not_delay_another,
+        a_slow_delivery_does_not_hold_up_the_next_ones_to_the_same_consumer,
+        a_consumer_that_keeps_failing_is_probed_one_delivery_at_a_time,
+        mock_feishu_pushes_any_event_and_it_is_handed_on,
+        an_event_whose_fields_cannot_be_headers_is_refused_at_intake,
+    ],
+    durable: [acknowledged_events_survive_sigkill_and_are_delivered_after_a_restart],
+}
 
 /// One delivery as the consumer saw it.
 #[derive(Debug, Clone)]
@@ -159,14 +262,20 @@ pub(crate) fn consumer_toml(name: &str, url: &str, secret: &str, events: &str) -
     )
 }
 
-async fn service(consumers: &str, retry_schedule: &str) -> TestApp {
-    service_with(consumers, retry_schedule, "2s").await
+async fn service(store: &StoreUnderTest, consumers: &str, retry_schedule: &str) -> TestApp {
+    service_with(store, consumers, retry_schedule, "2s").await
 }
 
-async fn service_with(consumers: &str, retry_schedule: &str, delivery_timeout: &str) -> TestApp {
+async fn service_with(
+    store: &StoreUnderTest,
+    consumers: &str,
+    retry_schedule: &str,
+    delivery_timeout: &str,
+) -> TestApp {
     TestApp::spawn(&format!(
-        "[forwarding]\nretry_schedule = {retry_schedule}\ndelivery_timeout = \"{delivery_timeout}\"\n{consumers}\
+        "{}[forwarding]\nretry_schedule = {retry_schedule}\ndelivery_timeout = \"{delivery_timeout}\"\n{consumers}\
          [[clients]]\nname = \"operators\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"status\", \"admin\"]\n{}",
+        store.toml,
         lark_ticketd::auth::key_sha256_hex(ADMIN_BEARER),
         app_toml(APP_ID, Some(KEY), TOKEN),
     ))
@@ -245,10 +354,12 @@ fn verify_with_the_spec(secret: &str, r: &Received) {
         .expect("the spec's crate accepts our signature");
 }
 
-#[tokio::test]
-async fn v2_and_v1_events_reach_a_consumer_once_signed_and_without_the_token() {
+async fn v2_and_v1_events_reach_a_consumer_once_signed_and_without_the_token(
+    store: StoreUnderTest,
+) {
     let consumer = Consumer::start().await;
     let app = service(
+        &store,
         &consumer_toml("bot", &consumer.url(), SECRET_A, "[\"*\"]"),
         "[\"1s\"]",
     )
@@ -282,10 +393,10 @@ async fn v2_and_v1_events_reach_a_consumer_once_signed_and_without_the_token() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_redelivered_event_is_acknowledged_every_time_and_delivered_once() {
+async fn a_redelivered_event_is_acknowledged_every_time_and_delivered_once(store: StoreUnderTest) {
     let consumer = Consumer::start().await;
     let app = service(
+        &store,
         &consumer_toml("bot", &consumer.url(), SECRET_A, "[\"*\"]"),
         "[\"1s\"]",
     )
@@ -317,11 +428,11 @@ async fn a_redelivered_event_is_acknowledged_every_time_and_delivered_once() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_failing_consumer_is_retried_then_dead_lettered_then_redelivered() {
+async fn a_failing_consumer_is_retried_then_dead_lettered_then_redelivered(store: StoreUnderTest) {
     let consumer = Consumer::start().await;
     consumer.status.store(500, Ordering::SeqCst);
     let app = service(
+        &store,
         &consumer_toml("bot", &consumer.url(), SECRET_A, "[\"*\"]"),
         "[\"10ms\", \"20ms\"]",
     )
@@ -393,8 +504,7 @@ async fn a_failing_consumer_is_retried_then_dead_lettered_then_redelivered() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn each_consumer_gets_exactly_the_events_its_filter_names() {
+async fn each_consumer_gets_exactly_the_events_its_filter_names(store: StoreUnderTest) {
     let (a, b) = (Consumer::start().await, Consumer::start().await);
     let consumers = format!(
         "{}{}",
@@ -406,7 +516,7 @@ async fn each_consumer_gets_exactly_the_events_its_filter_names() {
             "[\"contact.user.updated_v3\"]"
         ),
     );
-    let app = service(&consumers, "[\"1s\"]").await;
+    let app = service(&store, &consumers, "[\"1s\"]").await;
     assert_eq!(
         push(&app, &event_v2("ev-f-1", "im.message.receive_v1")).await,
         200
@@ -429,14 +539,18 @@ async fn each_consumer_gets_exactly_the_events_its_filter_names() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_consumer_that_is_down_gets_the_event_when_it_comes_back() {
+async fn a_consumer_that_is_down_gets_the_event_when_it_comes_back(store: StoreUnderTest) {
     // A port nobody listens on yet: connections are refused.
     let port = refused_port().await;
     let url = format!("http://127.0.0.1:{port}/feishu");
     // Retries every 50 ms for 20 s: far longer than the test takes to bring the consumer up.
     let schedule = format!("[{}]", vec!["\"50ms\""; 400].join(", "));
-    let app = service(&consumer_toml("bot", &url, SECRET_A, "[\"*\"]"), &schedule).await;
+    let app = service(
+        &store,
+        &consumer_toml("bot", &url, SECRET_A, "[\"*\"]"),
+        &schedule,
+    )
+    .await;
     assert_eq!(
         push(&app, &event_v2("ev-down-0001", "im.message.receive_v1")).await,
         200
@@ -464,8 +578,7 @@ async fn a_consumer_that_is_down_gets_the_event_when_it_comes_back() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_slow_consumer_does_not_delay_another() {
+async fn a_slow_consumer_does_not_delay_another(store: StoreUnderTest) {
     let (slow, fast) = (Consumer::start().await, Consumer::start().await);
     // Slower than the test: a deliverer that waited for it would never reach `fast` in time.
     slow.delay_ms.store(60_000, Ordering::SeqCst);
@@ -474,7 +587,7 @@ async fn a_slow_consumer_does_not_delay_another() {
         consumer_toml("slow", &slow.url(), SECRET_A, "[\"*\"]"),
         consumer_toml("fast", &fast.url(), SECRET_B, "[\"*\"]"),
     );
-    let app = service_with(&consumers, "[\"1s\"]", "60s").await;
+    let app = service_with(&store, &consumers, "[\"1s\"]", "60s").await;
     for i in 0..5 {
         let id = format!("ev-slow-{i}");
         assert_eq!(
@@ -492,14 +605,15 @@ async fn a_slow_consumer_does_not_delay_another() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_slow_delivery_does_not_hold_up_the_next_ones_to_the_same_consumer() {
+async fn a_slow_delivery_does_not_hold_up_the_next_ones_to_the_same_consumer(
+    store: StoreUnderTest,
+) {
     let consumer = Consumer::start().await;
     // One event's answer takes longer than the test; the others are answered at once.
     consumer.delay_ms.store(60_000, Ordering::SeqCst);
     *consumer.slow_only.lock().unwrap() = Some("ev-stuck-first".into());
     let consumers = consumer_toml("one", &consumer.url(), SECRET_A, "[\"*\"]");
-    let app = service_with(&consumers, "[\"1s\"]", "60s").await;
+    let app = service_with(&store, &consumers, "[\"1s\"]", "60s").await;
     assert_eq!(
         push(&app, &event_v2("ev-stuck-first", "im.message.receive_v1")).await,
         200
@@ -525,14 +639,13 @@ async fn a_slow_delivery_does_not_hold_up_the_next_ones_to_the_same_consumer() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_consumer_that_keeps_failing_is_probed_one_delivery_at_a_time() {
+async fn a_consumer_that_keeps_failing_is_probed_one_delivery_at_a_time(store: StoreUnderTest) {
     let consumer = Consumer::start().await;
     consumer.status.store(503, Ordering::SeqCst);
     let consumers = consumer_toml("down", &consumer.url(), SECRET_A, "[\"*\"]");
     // Three attempts per event, milliseconds apart: without a breaker, every event would be a
     // dead letter within moments.
-    let app = service(&consumers, "[\"10ms\", \"10ms\"]").await;
+    let app = service(&store, &consumers, "[\"10ms\", \"10ms\"]").await;
     let n = 40;
     for i in 0..n {
         let id = format!("ev-breaker-{i:02}");
@@ -582,11 +695,14 @@ async fn a_consumer_that_keeps_failing_is_probed_one_delivery_at_a_time() {
 
 /// The whole path offline: mock-feishu pushes an arbitrary event as Feishu would (encrypted,
 /// signed, with the Verification Token), lark-ticketd hands it on, the consumer gets it.
-#[tokio::test]
-async fn mock_feishu_pushes_any_event_and_it_is_handed_on() {
+async fn mock_feishu_pushes_any_event_and_it_is_handed_on(store: StoreUnderTest) {
     let consumer = Consumer::start().await;
     let stack = crate::util::Stack::start(crate::util::StackOptions {
-        config: consumer_toml("bot", &consumer.url(), SECRET_A, "[\"approval.*\"]"),
+        config: format!(
+            "{}{}",
+            store.toml,
+            consumer_toml("bot", &consumer.url(), SECRET_A, "[\"approval.*\"]")
+        ),
         ..Default::default()
     })
     .await;
@@ -614,17 +730,21 @@ async fn mock_feishu_pushes_any_event_and_it_is_handed_on() {
 
 /// Issue 9: SIGKILL right after 200 acknowledgements while the consumer is down → after a restart
 /// every one is delivered (at least once; duplicates counted and bounded).
-#[tokio::test]
-async fn acknowledged_events_survive_sigkill_and_are_delivered_after_a_restart() {
+async fn acknowledged_events_survive_sigkill_and_are_delivered_after_a_restart(
+    store: StoreUnderTest,
+) {
     const EVENTS: usize = 200;
     let port = refused_port().await;
     let url = format!("http://127.0.0.1:{port}/feishu");
     let schedule = format!("[{}]", vec!["\"100ms\""; 600].join(", "));
-    let config = crate::util::TempConfig::embedded(&format!(
-        "[forwarding]\nretry_schedule = {schedule}\ndelivery_timeout = \"1s\"\n{}{}",
-        consumer_toml("bot", &url, SECRET_A, "[\"*\"]"),
-        app_toml(APP_ID, Some(KEY), TOKEN),
-    ));
+    let config = crate::util::TempConfig::with_store(
+        &store.toml,
+        &format!(
+            "[forwarding]\nretry_schedule = {schedule}\ndelivery_timeout = \"1s\"\n{}{}",
+            consumer_toml("bot", &url, SECRET_A, "[\"*\"]"),
+            app_toml(APP_ID, Some(KEY), TOKEN),
+        ),
+    );
     let server = crate::util::Child::serve(&config.path);
     let events_url = server.url(&format!("/events/{APP_ID}"));
     let http = crate::util::client();
@@ -669,4 +789,76 @@ async fn acknowledged_events_survive_sigkill_and_are_delivered_after_a_restart()
     // At least once: a duplicate only for an attempt in flight at the kill.
     assert!(total - EVENTS <= 32, "{} duplicates", total - EVENTS);
     drop(server);
+}
+
+/// Found by the attack on the release binary: an authentic event whose id, type or tenant key
+/// could not travel in a delivery header was acknowledged, then failed every attempt inside our
+/// own HTTP client — and five of them tripped the breaker of a healthy consumer.
+async fn an_event_whose_fields_cannot_be_headers_is_refused_at_intake(store: StoreUnderTest) {
+    let consumer = Consumer::start().await;
+    let consumers = consumer_toml("one", &consumer.url(), SECRET_A, "[\"*\"]");
+    let app = service(&store, &consumers, "[\"10ms\"]").await;
+    for (id, event_type) in [
+        ("w-nl\r\nX-Injected: 1", "im.message.receive_v1"),
+        ("ev-bad-type", "im.\u{0}x"),
+        ("ev-bad-type-2", "im.message\nreceive"),
+    ] {
+        assert_eq!(push(&app, &event_v2(id, event_type)).await, 400, "{id:?}");
+    }
+    let mut bad_tenant: serde_json::Value =
+        serde_json::from_str(&event_v2("ev-bad-tenant", "im.message.receive_v1")).unwrap();
+    bad_tenant["header"]["tenant_key"] = "<b>t</b>\r\nX: y".into();
+    assert_eq!(push(&app, &bad_tenant.to_string()).await, 400);
+    // The consumer is untouched and the next good event goes straight through.
+    assert_eq!(
+        push(
+            &app,
+            &event_v2("good-after-poison", "im.message.receive_v1")
+        )
+        .await,
+        200
+    );
+    eventually("the good event", || consumer.received().len() == 1).await;
+    assert_eq!(
+        consumer.received()[0].header("webhook-id"),
+        "good-after-poison"
+    );
+    app.stop().await;
+}
+
+/// Found by the attack: a key limited to one app listed and redelivered every app's events
+/// through the consumer API. Consumers carry every app's events, so the API needs `apps = ["*"]`.
+#[tokio::test]
+async fn a_key_limited_to_some_apps_cannot_use_the_consumer_api() {
+    let consumers = consumer_toml("one", "http://127.0.0.1:9/x", SECRET_A, "[\"*\"]");
+    let limited = "limited-operator-key";
+    let app = TestApp::spawn(&format!(
+        "{consumers}[[clients]]\nname = \"limited\"\nkey_sha256 = \"{}\"\napps = [\"{APP_ID}\"]\n\
+         scopes = [\"status\", \"admin\"]\n{}",
+        lark_ticketd::auth::key_sha256_hex(limited),
+        app_toml(APP_ID, Some(KEY), TOKEN),
+    ))
+    .await;
+    for (method, path, body) in [
+        (reqwest::Method::GET, "/v1/consumers", ""),
+        (reqwest::Method::GET, "/v1/consumers/one/dead", ""),
+        (
+            reqwest::Method::POST,
+            "/v1/consumers/one/redeliver",
+            "{\"event_ids\": [\"basic-1\"]}",
+        ),
+    ] {
+        let reply = app
+            .client
+            .request(method, app.url(path))
+            .bearer_auth(limited)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 403, "{path}");
+        let answer: serde_json::Value = reply.json().await.unwrap();
+        assert_eq!(answer["error"]["code"], "forbidden", "{path}");
+    }
+    app.stop().await;
 }

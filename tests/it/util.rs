@@ -488,6 +488,15 @@ impl TempConfig {
         TempConfig { dir, path }
     }
 
+    /// Write `body` with this `[store]` table in the temp dir and listen on port 0.
+    pub fn with_store(store: &str, body: &str) -> TempConfig {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("listen = \"127.0.0.1:0\"\n{store}{body}");
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        TempConfig { dir, path }
+    }
+
     pub fn db_path(&self) -> PathBuf {
         self.dir.path().join("store.db")
     }
