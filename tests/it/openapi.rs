@@ -1023,7 +1023,8 @@ fn key_without(scope: &str) -> &'static str {
 
 /// The bearer-key checks each secured operation's `security` implies, made from its first
 /// success case: no key and an unknown key `401`; a key without the scope `403`; a key not
-/// allowed the app `403`; a key allowed every app naming one that is not configured `404`.
+/// allowed the app (or, for `x-requires-every-app`, not allowed every app) `403`; a key allowed
+/// every app naming one that is not configured `404`.
 fn auth_cases(spec: &Spec, base: &Case) -> Vec<Case> {
     let op = spec.op(base.op);
     let Some(scope) = op.scope.as_deref() else {
@@ -1050,15 +1051,22 @@ fn auth_cases(spec: &Spec, base: &Case) -> Vec<Case> {
         }
         .answers(403, "forbidden"),
     ];
+    // The narrow key holds the scope, for another app only: refused where the path names an app
+    // or the operation needs every app, served as the base case elsewhere (both sides, so a
+    // missing `x-requires-every-app` fails as surely as a wrong one).
+    assert_eq!(derived.key, Some(key_with(scope)), "{}", base.describe());
+    let narrow = Case {
+        key: Some(NARROW_BEARER),
+        ..derived.clone()
+    };
+    if scope == "login" {
+        // The narrow key lacks it: covered by the key without the scope.
+    } else if op.path.contains("{app_id}") || op.every_app {
+        out.push(narrow.answers(403, "forbidden"));
+    } else {
+        out.push(narrow);
+    }
     if op.path.contains("{app_id}") {
-        assert_eq!(derived.key, Some(key_with(scope)), "{}", base.describe());
-        out.push(
-            Case {
-                key: Some(NARROW_BEARER),
-                ..derived.clone()
-            }
-            .answers(403, "forbidden"),
-        );
         let app = [APP_ID, CUSTOM_APP]
             .into_iter()
             .find(|a| derived.path.contains(a))
@@ -1929,6 +1937,8 @@ struct Spec {
 
 struct Operation {
     path: String,
+    /// `x-requires-every-app`: only a key with `apps = ["*"]` may use it.
+    every_app: bool,
     /// The `security` role: the scope the operation needs.
     scope: Option<String>,
     /// Status → the response object, `$ref` resolved.
@@ -1986,6 +1996,7 @@ impl Spec {
                     id.clone(),
                     Operation {
                         path: path.clone(),
+                        every_app: op["x-requires-every-app"] == true,
                         scope,
                         responses,
                         request_body,
