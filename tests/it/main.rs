@@ -21,6 +21,7 @@ mod layering;
 mod leaks;
 mod login;
 mod mock;
+mod openapi;
 mod ops;
 mod page;
 mod process;
