@@ -46,7 +46,7 @@ use crate::util::{
 /// `Stack` then has the custom app [`CUSTOM_APP`] and the login key [`LOGIN_BEARER`]). While
 /// `false`, the operations in [`CUSTOM_APPS_OPS`] must answer `404 not_found`, and what only they
 /// reach is excused from the coverage check.
-const CUSTOM_APPS_MERGED: bool = false;
+const CUSTOM_APPS_MERGED: bool = true;
 
 /// The operations branch `custom-apps` adds.
 const CUSTOM_APPS_OPS: [&str; 4] = [
