@@ -49,8 +49,8 @@ use lark_ticketd::secret::Secret;
 mod common;
 
 use common::{
-    command, embedded_store, free_port, machine, now_us, pin_self_to_core_1, rss_kib, spawn_ready,
-    ticketd_binary, Proc, APP_ID, KEY, TOKEN,
+    command, embedded_store, free_port, machine, now_us, pin_self_to_core_1, rss_kib,
+    served_binary, spawn_ready, ticketd_binary, Proc, APP_ID, KEY, TOKEN,
 };
 
 /// The app the legitimate client pushes tickets to (tokens come from the other one's ticket).
@@ -148,7 +148,7 @@ fn start(pin_server: Option<&str>, pin_client: Option<&str>, dir: &Path) -> Serv
         .arg("--config")
         .arg(&path);
     let mock = spawn_ready(mock, mock_port, "/mock/calls").0;
-    let mut cmd = command(pin_server, &ticketd_binary());
+    let mut cmd = command(pin_server, &served_binary());
     cmd.args(["serve", "--log-format", "json", "--config"])
         .arg(&path)
         .env_remove("LARK_TICKETD_LOG")

@@ -65,7 +65,7 @@ mod common;
 
 use common::{
     command, embedded_store, free_port, machine, now_ms, now_us, pin_process, pin_self_to_core_1,
-    redis_store, spawn_ready, ticketd_binary, Proc, APP_ID, KEY, TOKEN,
+    redis_store, served_binary, spawn_ready, ticketd_binary, Proc, APP_ID, KEY, TOKEN,
 };
 
 const SECRET: &str = "load-bench-app-secret";
@@ -839,7 +839,7 @@ fn start_ticketd_on(
 ) -> (Proc, Duration) {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config_text(port, mock_port, store)).unwrap();
-    let mut cmd = command(pin, &ticketd_binary());
+    let mut cmd = command(pin, &served_binary());
     cmd.args(["serve", "--log-format", "json", "--config"])
         .arg(&path)
         .env_remove("LARK_TICKETD_LOG")

@@ -108,6 +108,15 @@ pub fn ticketd_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_lark-ticketd"))
 }
 
+/// The lark-ticketd that serves the measured requests: this bench's own build, or the binary
+/// `LARK_TICKETD_BENCH_BINARY` names — to compare another build (an earlier commit, say) under
+/// the same conditions. mock-feishu and the bare server always run from this build.
+pub fn served_binary() -> PathBuf {
+    std::env::var_os("LARK_TICKETD_BENCH_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(ticketd_binary)
+}
+
 pub fn now_us() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
