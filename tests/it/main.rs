@@ -10,6 +10,7 @@ mod util;
 
 mod abuse;
 mod broker;
+mod cli;
 mod custom_apps;
 mod deploy;
 mod fleet;
