@@ -22,6 +22,7 @@ mod layering;
 mod leaks;
 mod login;
 mod mock;
+mod msrv;
 mod openapi;
 mod ops;
 mod page;
