@@ -1,8 +1,8 @@
 //! The minimum Rust version we state is one the dependencies build on (issue 12: README said
 //! 1.82 while the resolved dependencies needed a newer compiler).
 //!
-//! `cargo metadata` (offline: the dependencies are already fetched when tests run) resolves the
-//! graph; every package reached from ours through normal or build dependencies — dev-dependencies
+//! `cargo metadata` (offline, for the host: the dependencies are already fetched when tests run)
+//! resolves the graph; every package reached from ours through normal or build dependencies — dev-dependencies
 //! only build our tests — must declare a `rust-version` no newer than Cargo.toml's. README's
 //! requirements line must say the same version.
 
@@ -22,16 +22,26 @@ fn version(text: &str) -> (u64, u64, u64) {
     )
 }
 
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()))
+}
+
+/// The platform we build for: `cargo metadata --offline` can resolve only the packages fetched,
+/// and those are the host's (a Windows-only crate is never downloaded here).
+fn host() -> String {
+    let out = cargo().arg("-vV").output().expect("run cargo -vV");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .expect("cargo -vV names the host")
+        .trim()
+        .to_string()
+}
+
 fn metadata(manifest_dir: &Path) -> Value {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let out = Command::new(cargo)
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--offline",
-            "--manifest-path",
-        ])
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--offline"])
+        .args(["--filter-platform", &host(), "--manifest-path"])
         .arg(manifest_dir.join("Cargo.toml"))
         .output()
         .expect("run cargo metadata");
