@@ -3,7 +3,9 @@
 //! The file is TOML (DESIGN.md has the shape). Loading does three things, in order:
 //! 1. parse into typed structs; unknown keys are errors (a typo must not silently become a
 //!    default), and every parse error names the key that is wrong;
-//! 2. expand `${NAME}` references from the environment in secret-bearing values;
+//! 2. expand `${NAME}` references from the environment in secret-bearing values; a secret that
+//!    is in the file must not come out empty (an empty `${LARK_ENCRYPT_KEY}` would silently turn
+//!    encryption off): leaving the key out is the one way to say "not set";
 //! 3. validate what types cannot say (unique app ids, a usable base_url, hex key hashes …).
 //!
 //! Every error is a [`ConfigError`] that names the key; `main` prints it on one line and exits 64.
@@ -514,11 +516,13 @@ pub struct AppConfig {
     pub kind: AppKind,
     pub app_secret: Secret,
     /// Optional in Feishu's console; without it events arrive in clear text and unsigned.
+    /// `None` only when the key is absent: an empty value is a config error, so an unset
+    /// `${LARK_ENCRYPT_KEY}` can never turn encryption off.
     #[serde(default)]
     pub encrypt_key: Option<Secret>,
     /// Required for a store app (its App Ticket arrives as an event); for a custom app only if
-    /// its events are pushed here. `None`: this app's events are refused
-    /// (`events_not_configured`). Empty means not set.
+    /// its events are pushed here. `None` (the key absent; empty is a config error): this app's
+    /// events are refused (`events_not_configured`).
     #[serde(default)]
     pub verification_token: Option<Secret>,
     #[serde(default = "default_base_url")]
@@ -592,9 +596,12 @@ impl Config {
         let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.inner();
-            let line = inner
-                .span()
-                .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+            // 1-based: the newlines before the span's start, plus one (`lines()` would not
+            // count the line the span starts on when it starts at column 0).
+            let line = inner.span().map(|span| {
+                let before = text.get(..span.start).unwrap_or(text);
+                before.bytes().filter(|&b| b == b'\n').count() + 1
+            });
             let key = match (path.as_str(), line) {
                 (".", Some(line)) => format!("line {line}"),
                 (".", None) => "config".to_string(),
@@ -611,16 +618,14 @@ impl Config {
     fn expand_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         for (i, app) in self.apps.iter_mut().enumerate() {
             let key = |field: &str| format!("apps[{i}].{field}");
-            app.app_secret = expand_secret(&app.app_secret, &key("app_secret"), env)?;
+            app.app_secret = expand_present_secret(&app.app_secret, &key("app_secret"), env)?;
             if let Some(t) = &app.verification_token {
-                let expanded = expand_secret(t, &key("verification_token"), env)?;
-                // Empty means "not set", like the Encrypt Key.
-                app.verification_token = (!expanded.is_empty()).then_some(expanded);
+                let key = key("verification_token");
+                app.verification_token = Some(expand_present_secret(t, &key, env)?);
             }
             if let Some(k) = &app.encrypt_key {
-                let expanded = expand_secret(k, &key("encrypt_key"), env)?;
-                // An empty Encrypt Key means "not set", as in Feishu's console.
-                app.encrypt_key = (!expanded.is_empty()).then_some(expanded);
+                let key = key("encrypt_key");
+                app.encrypt_key = Some(expand_present_secret(k, &key, env)?);
             }
             app.base_url = expand(&app.base_url, &key("base_url"), env)?;
         }
@@ -770,14 +775,13 @@ impl Config {
                     format!("duplicate app_id {:?}", app.app_id),
                 ));
             }
-            if app.app_secret.is_empty() {
-                return Err(ConfigError::new(key("app_secret"), "must not be empty"));
-            }
+            // An empty app_secret, encrypt_key or verification_token was refused by
+            // `expand_present_secret`: here `None` means the key is absent from the file.
             match (app.kind, &app.verification_token, &app.encrypt_key) {
                 (AppKind::Store, None, _) => {
                     return Err(ConfigError::new(
                         key("verification_token"),
-                        "must not be empty: a store app's App Ticket arrives as an event, checked against it",
+                        "must be set: a store app's App Ticket arrives as an event, checked against it",
                     ));
                 }
                 (AppKind::Custom, None, Some(_)) => {
@@ -964,6 +968,49 @@ fn validate_base_url(url: &str) -> Result<(), String> {
         return Err(format!("{url:?} has no host"));
     }
     Ok(())
+}
+
+/// [`expand_secret`] for a secret whose emptiness would change what the service does: an empty
+/// `encrypt_key` would turn decryption and signature checks off, an empty `verification_token`
+/// would stop an app's events, an empty `app_secret` can fetch no token. An empty value (a
+/// `${NAME}` set to "" included) is refused, naming the key and the variables; a key left out of
+/// the file is the one way to say "not set".
+fn expand_present_secret(
+    value: &Secret,
+    key: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Secret, ConfigError> {
+    let expanded = expand_secret(value, key, env)?;
+    if !expanded.is_empty() {
+        return Ok(expanded);
+    }
+    // Empty after expansion: the raw value holds nothing but references, no secret text.
+    let raw = value.expose();
+    let names: Vec<&str> = raw
+        .split("${")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('}').map(|(name, _)| name))
+        .collect();
+    let what = match names.as_slice() {
+        [] => "is empty".to_string(),
+        [name] => format!("is empty: environment variable {name} is set but empty"),
+        names => format!(
+            "is empty: environment variables {} are set but empty",
+            names.join(", ")
+        ),
+    };
+    let field = key.rsplit('.').next().unwrap_or(key);
+    let hint = match field {
+        "encrypt_key" => {
+            "; an empty Encrypt Key would turn encryption and signature checks off: leave \
+             encrypt_key out only if the app has no Encrypt Key in Feishu's console"
+        }
+        "verification_token" => {
+            "; leave verification_token out only for a custom app whose events are not pushed here"
+        }
+        _ => "",
+    };
+    Err(ConfigError::new(key, format!("{what}{hint}")))
 }
 
 fn expand_secret(
@@ -1243,6 +1290,44 @@ verification_token = "vt-literal"
         assert!(!err.to_string().contains('\n'), "one line: {err}");
     }
 
+    /// Issue 12: an unknown key's error named the line before it whenever the key starts a line
+    /// (every key but the file's first). The line reported must be the typo's own, wherever it is.
+    #[test]
+    fn unknown_key_reports_its_own_line() {
+        let env = env_of(&[("SECRET", "s"), ("EK", "k")]);
+        let consumer = "[[consumers]]\nname = \"c\"\nurl = \"http://127.0.0.1:9/\"\n\
+                        secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n";
+        for (text, typo) in [
+            (
+                format!("listen = \"127.0.0.1:1\"\n\nlisen = \"x\"\n{MINIMAL}"),
+                "lisen",
+            ),
+            (format!("{MINIMAL}encrpyt_key = \"k\"\n"), "encrpyt_key"),
+            (
+                format!("{MINIMAL}[forwarding]\nretention = \"1d\"\n  retry_shedule = []\n"),
+                "retry_shedule",
+            ),
+            (format!("{MINIMAL}{consumer}evnets = [\"*\"]\n"), "evnets"),
+            (
+                format!("[server]\nshutdown_grase = \"1s\"\n{MINIMAL}"),
+                "shutdown_grase",
+            ),
+        ] {
+            let line = 1 + text
+                .lines()
+                .position(|l| l.trim_start().starts_with(typo))
+                .expect("the typo is in the text");
+            let err = Config::parse(&text, &env).unwrap_err();
+            let shown = err.to_string();
+            assert!(shown.contains(typo), "{shown}");
+            assert!(
+                shown.contains(&format!("line {line})"))
+                    || shown.starts_with(&format!("line {line}:")),
+                "{typo} is on line {line}: {shown}"
+            );
+        }
+    }
+
     #[test]
     fn bad_duration_names_the_key() {
         let text = format!("[server]\nshutdown_grace = \"10 parsecs\"\n{MINIMAL}");
@@ -1285,28 +1370,68 @@ key_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
 apps = ["cli_custom"]
 scopes = ["login", "tokens"]
 "#;
-        let c = Config::parse(text, &env_of(&[("VT", "")])).unwrap();
+        let c = Config::parse(text, &env_of(&[("VT", "vt")])).unwrap();
         assert_eq!(c.apps[0].kind, AppKind::Custom);
         assert!(!c.apps[0].receives_events());
-        // An empty ${VT} means not set, as for the Encrypt Key.
-        assert!(!c.apps[1].receives_events());
         assert_eq!(c.clients[0].scopes, [Scope::Login, Scope::Tokens]);
-        let c = Config::parse(text, &env_of(&[("VT", "vt")])).unwrap();
         assert!(c.apps[1].receives_events());
+        // An empty ${VT} is an error (issue 12), not a quiet "events off": leave the key out.
+        let err = Config::parse(text, &env_of(&[("VT", "")])).unwrap_err();
+        assert_eq!(err.key, "apps[1].verification_token", "{err}");
         assert_eq!(AppKind::Custom.as_str(), "custom");
     }
 
+    /// Issue 12: an empty `${LARK_ENCRYPT_KEY}` silently turned encryption off. Every secret
+    /// that is in the file and comes out empty is refused, naming the key (and the variable);
+    /// only a key left out means "not set".
     #[test]
-    fn empty_encrypt_key_means_none() {
-        let text = r#"
-[[apps]]
-app_id = "cli_x"
-app_secret = "s"
-encrypt_key = ""
-verification_token = "t"
-"#;
-        let c = Config::parse(text, &env_of(&[])).unwrap();
+    fn empty_secret_is_refused_unless_the_key_is_absent() {
+        let app = |fields: &str| {
+            format!("[[apps]]\napp_id = \"cli_x\"\napp_secret = \"s\"\nverification_token = \"t\"\n{fields}")
+        };
+        let env = env_of(&[("LARK_ENCRYPT_KEY", ""), ("EMPTY", ""), ("EK", "k")]);
+        // Absent: no Encrypt Key, events in clear text.
+        let c = Config::parse(&app(""), &env).unwrap();
         assert!(c.apps[0].encrypt_key.is_none());
+        let c = Config::parse(&app("encrypt_key = \"${EK}\""), &env).unwrap();
+        assert_eq!(c.apps[0].encrypt_key.as_ref().unwrap().expose(), "k");
+        for (fields, key, names) in [
+            (
+                "encrypt_key = \"${LARK_ENCRYPT_KEY}\"",
+                "apps[0].encrypt_key",
+                "LARK_ENCRYPT_KEY",
+            ),
+            ("encrypt_key = \"\"", "apps[0].encrypt_key", ""),
+            (
+                "encrypt_key = \"${EMPTY}${LARK_ENCRYPT_KEY}\"",
+                "apps[0].encrypt_key",
+                "EMPTY, LARK_ENCRYPT_KEY",
+            ),
+        ] {
+            let err = Config::parse(&app(fields), &env).unwrap_err();
+            assert_eq!(err.key, key, "{fields}: {err}");
+            assert!(err.message.starts_with("is empty"), "{fields}: {err}");
+            assert!(err.message.contains(names), "{fields}: {err}");
+            assert!(!err.to_string().contains('\n'), "one line: {err}");
+        }
+        for (text, key) in [
+            (
+                "[[apps]]\napp_id = \"cli_x\"\napp_secret = \"${EMPTY}\"\nverification_token = \"t\"",
+                "apps[0].app_secret",
+            ),
+            (
+                "[[apps]]\napp_id = \"cli_x\"\napp_secret = \"s\"\nverification_token = \"${EMPTY}\"",
+                "apps[0].verification_token",
+            ),
+            (
+                "[[apps]]\napp_id = \"cli_x\"\nkind = \"custom\"\napp_secret = \"s\"\nverification_token = \"${EMPTY}\"",
+                "apps[0].verification_token",
+            ),
+        ] {
+            let err = Config::parse(text, &env).unwrap_err();
+            assert_eq!(err.key, key, "{text}: {err}");
+            assert!(err.message.contains("EMPTY"), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -30,6 +30,15 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(buf)
 }
 
+/// A value of an API answer in running text: a string without its JSON quotes (as the status
+/// API's `"resend"` reads `resend` in "arrived via resend").
+fn plain(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
 fn step(n: u32, text: &str) {
     println!("\n{n}. {text}");
 }
@@ -141,9 +150,9 @@ events = ["im.message.*"]
         .map_err(|e| e.to_string())?
         .ok_or("the ticket was not stored")?;
     println!(
-        "   The platform pushed an encrypted, signed app_ticket event to POST /events/{app_id}.\n   lark-ticketd checked the signature over the raw bytes, decrypted it, checked the\n   Verification Token and stored the ticket on disk before answering 200\n   (ticket fingerprint {}, arrived via {:?}, {} ms after start).",
+        "   The platform pushed an encrypted, signed app_ticket event to POST /events/{app_id}.\n   lark-ticketd checked the signature over the raw bytes, decrypted it, checked the\n   Verification Token and stored the ticket on disk before answering 200\n   (ticket fingerprint {}, arrived via {}, {} ms after start).",
         ticket.ticket.fingerprint(),
-        ticket.source,
+        ticket.source.as_str(),
         started.elapsed().as_millis()
     );
 
@@ -192,7 +201,6 @@ events = ["im.message.*"]
         .as_str()
         .ok_or("no tenant_access_token in the answer")?
         .to_string();
-    println!("tenant_access_token: {tenant_token}");
 
     step(
         6,
@@ -244,7 +252,7 @@ events = ["im.message.*"]
     println!(
         "   Its status says ticket {} (`lark-ticketd status` does not count it), and no resend was\n   \
          ever asked for it (app_ticket/resend calls so far: {}, all for {app_id}).",
-        status["ticket"]["state"],
+        plain(&status["ticket"]["state"]),
         mock.calls(crate::mock_feishu::Endpoint::AppTicketResend),
     );
 
@@ -296,7 +304,10 @@ events = ["im.message.*"]
         "   → signed in: open_id {}, name {}, tenant_key {};\n   \
          a user access token for {} s and a refresh token (POST …/user_access_token/refresh).\n   \
          lark-ticketd keeps neither.",
-        login["open_id"], login["name"], login["tenant_key"], login["expire"]
+        plain(&login["open_id"]),
+        plain(&login["name"]),
+        plain(&login["tenant_key"]),
+        login["expire"]
     );
 
     step(

@@ -113,13 +113,23 @@ enum PushWhat {
         #[arg(long)]
         challenge: Option<String>,
     },
-    /// An app_ticket event.
+    /// An app_ticket event: REPLACES the app's stored ticket with a fake one (needs --force).
+    ///
+    /// A running lark-ticketd stores the pushed ticket as the app's newest App Ticket, in place of
+    /// the real one Feishu pushed. Feishu refuses the fake ticket, so the app's token fetches fail
+    /// until Feishu pushes the real ticket again (hourly, or after `POST
+    /// /v1/apps/{app_id}/ticket/resend`). Use it against a test deployment or mock-feishu; to
+    /// undo it, drop the fake ticket with `DELETE /v1/apps/{app_id}/ticket` (admin scope) and ask
+    /// for a resend.
     Ticket {
         #[command(flatten)]
         target: PushTarget,
         /// The ticket value (random when absent).
         #[arg(long, env = "LARK_APP_TICKET", hide_env_values = true)]
         ticket: Option<String>,
+        /// Replace the app's stored ticket with this fake one anyway.
+        #[arg(long)]
+        force: bool,
     },
     /// Any event from a JSON file; the Verification Token is filled in.
     Event {
@@ -430,7 +440,11 @@ async fn push_command(what: PushWhat) -> ExitCode {
             let json = push::challenge_json(&challenge, &creds.verification_token);
             (target, (json, creds), false, Some(challenge))
         }
-        PushWhat::Ticket { target, ticket } => {
+        PushWhat::Ticket {
+            target,
+            ticket,
+            force,
+        } => {
             let creds = match push_credentials(target) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -439,6 +453,14 @@ async fn push_command(what: PushWhat) -> ExitCode {
                 eprintln!("lark-ticketd: push ticket needs --app-id (or LARK_APP_ID) or --config");
                 return ExitCode::from(EXIT_CONFIG);
             };
+            if !force {
+                eprintln!(
+                    "lark-ticketd: push ticket replaces {app_id}'s stored App Ticket with a fake one, \
+                     and its token fetches fail until Feishu pushes the real one again: add --force \
+                     to do it (undo: DELETE /v1/apps/{app_id}/ticket, then POST …/ticket/resend)"
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
             let ticket = Secret::new(
                 ticket
                     .clone()

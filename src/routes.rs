@@ -154,6 +154,8 @@ enum Route<'p> {
     App(&'p str),
     Tenants(&'p str),
     Resend(&'p str),
+    /// `DELETE`: an operator drops the app's ticket.
+    Ticket(&'p str),
     AppToken(&'p str),
     AppTokenInvalidate(&'p str),
     TenantToken(&'p str, &'p str),
@@ -195,6 +197,7 @@ impl<'p> Route<'p> {
             ["v1", "apps", app] => Route::App(app),
             ["v1", "apps", app, "tenants"] => Route::Tenants(app),
             ["v1", "apps", app, "ticket", "resend"] => Route::Resend(app),
+            ["v1", "apps", app, "ticket"] => Route::Ticket(app),
             ["v1", "apps", app, "app_access_token"] => Route::AppToken(app),
             ["v1", "apps", app, "app_access_token", "invalidate"] => Route::AppTokenInvalidate(app),
             ["v1", "apps", app, "tenants", tenant, "tenant_access_token"] => {
@@ -229,6 +232,7 @@ impl<'p> Route<'p> {
             Route::App(_) => "/v1/apps/{app_id}",
             Route::Tenants(_) => "/v1/apps/{app_id}/tenants",
             Route::Resend(_) => "/v1/apps/{app_id}/ticket/resend",
+            Route::Ticket(_) => "/v1/apps/{app_id}/ticket",
             Route::AppToken(_) => "/v1/apps/{app_id}/app_access_token",
             Route::AppTokenInvalidate(_) => "/v1/apps/{app_id}/app_access_token/invalidate",
             Route::TenantToken(..) => "/v1/apps/{app_id}/tenants/{tenant_key}/tenant_access_token",
@@ -335,6 +339,28 @@ where
                     "app_id": app_id,
                     "requested": requested,
                     "last_resend": app.last_resend,
+                }),
+            ))
+        }
+        Route::Ticket(app_id) => {
+            only(&req, &[Method::DELETE])?;
+            caller(state, &req, Scope::Admin, Some(app_id), log)?;
+            let Some(dropped) = state.tickets().delete(app_id).await? else {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    "no App Ticket is stored for this app",
+                ));
+            };
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "app_id": app_id,
+                    "deleted": {
+                        "fingerprint": dropped.ticket.fingerprint(),
+                        "received_at": dropped.received_at_ms / 1000,
+                        "arrived_via": dropped.source,
+                        "rejected": dropped.rejected,
+                    },
                 }),
             ))
         }

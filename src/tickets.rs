@@ -24,6 +24,10 @@
 //!   none awaiting its push, the answer is `503 ticket_missing` at once.
 //! * **Demotion** after Feishu's `10012` ([`Tickets::demote`]), so the next different ticket
 //!   replaces the refused one whatever its event time.
+//! * **An operator's delete** ([`Tickets::delete`], `DELETE /v1/apps/{app_id}/ticket`): a bad
+//!   ticket (say, the fake one `lark-ticketd push ticket` stores) is dropped from the store. No
+//!   replica keeps a copy — every read goes to the store — so the next token request that needs
+//!   a ticket, on any replica, finds none and asks for a resend, as at start-up.
 //! * **Several replicas on one store** (a fleet; only when the store is shared): a ticket pushed
 //!   to any replica wakes the callers waiting on every replica — [`Tickets::follow_fleet`] turns
 //!   the store's [`Change::TicketStored`] notices into the same wake-up a local push makes (the
@@ -195,6 +199,7 @@ impl Tickets {
                 };
                 match change {
                     Ok(Change::TicketStored { app_id }) => this.look_at_stored(&app_id).await,
+                    Ok(Change::TicketDeleted { app_id }) => this.forget_signalled(&app_id),
                     // Notices may have been missed: look at every app. A store that lost its
                     // data may get the very push it had again: it must wake us again.
                     Ok(Change::Resynced { .. }) | Err(broadcast::error::RecvError::Lagged(_)) => {
@@ -581,6 +586,29 @@ impl Tickets {
                 && (s.outcome != ResendOutcome::OtherReplica
                     || now.saturating_sub(s.requested_at_ms) < wait)
         })
+    }
+
+    /// Drop the stored ticket of a store app (an operator's `DELETE …/ticket`); returns the
+    /// record dropped, `None` when none was stored. A custom app has no ticket: `bad_request`,
+    /// as for a resend.
+    pub async fn delete(&self, app_id: &str) -> Result<Option<TicketRecord>, Error> {
+        if !self.0.signals.contains_key(app_id) {
+            return Err(Error::new(
+                ErrorKind::BadRequest,
+                format!("{app_id} is a custom app: it has no App Ticket to delete"),
+            ));
+        }
+        let dropped = self.0.store.delete_ticket(app_id).await?;
+        // Should the same ticket be stored again, it is news: its waiters must wake.
+        self.forget_signalled(app_id);
+        if let Some(t) = &dropped {
+            tracing::warn!(app_id, ticket = %t.ticket.fingerprint(), "app_ticket deleted by an operator");
+        }
+        Ok(dropped)
+    }
+
+    fn forget_signalled(&self, app_id: &str) {
+        lock(&self.0.signalled).remove(app_id);
     }
 
     /// Mark a ticket Feishu refused (10012), so the next different ticket replaces it.

@@ -8,7 +8,7 @@
 //!   `SET NX PX` and compare-and-delete in Redis. One token fetch per token across the fleet (the
 //!   others wait for the winner's result), at most one ticket resend per app per interval (take a
 //!   lease for the interval and never release it), one background refresh per token.
-//! * **Change notices** ([`Store::changes`]): a ticket stored, a token stored or invalidated, by
+//! * **Change notices** ([`Store::changes`]): a ticket stored or deleted, a token stored or invalidated, by
 //!   *any* process, this one included (pub/sub in Redis; a broadcast channel locally), so a
 //!   subscriber must treat a notice of its own write as a no-op. Waiters on this replica wake
 //!   when a ticket lands on another; a near-cache drops a token that another replica
@@ -31,6 +31,8 @@ use super::{Store, StoreError};
 pub enum Change {
     /// A newer ticket was stored for this app.
     TicketStored { app_id: String },
+    /// An operator dropped this app's ticket (`DELETE /v1/apps/{app_id}/ticket`).
+    TicketDeleted { app_id: String },
     /// A token was stored under this broker key, valid until `expires_at_ms` (a near-cache
     /// holding a token that expires earlier reloads; one holding this token ignores it).
     TokenStored { key: String, expires_at_ms: u64 },
@@ -243,6 +245,9 @@ pub(crate) mod contract {
         // A fenced write (an older token) is not stored, so not announced.
         b.put_token(&key, record("older", 9)).await.unwrap();
         b.delete_token(&key, &Secret::new("tok")).await.unwrap();
+        b.delete_ticket("cli_notice").await.unwrap();
+        // Nothing left to delete: nothing announced.
+        a.delete_ticket("cli_notice").await.unwrap();
         b.put_ticket("cli_end", crate::store::contract::ticket("t-2", 1))
             .await
             .unwrap();
@@ -255,6 +260,9 @@ pub(crate) mod contract {
                 expires_at_ms: 10,
             },
             Change::TokenInvalidated { key },
+            Change::TicketDeleted {
+                app_id: "cli_notice".into(),
+            },
             Change::TicketStored {
                 app_id: "cli_end".into(),
             },

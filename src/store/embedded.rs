@@ -139,6 +139,10 @@ enum WriteOp {
         ticket: Secret,
         reply: oneshot::Sender<Result<bool, StoreError>>,
     },
+    DeleteTicket {
+        app_id: String,
+        reply: oneshot::Sender<Result<Option<TicketRecord>, StoreError>>,
+    },
     Tenant {
         app_id: String,
         event: TenantEvent,
@@ -179,7 +183,10 @@ impl WriteOp {
     /// Tickets and tenant state must be on disk before the caller hears back.
     fn needs_fsync(&self) -> bool {
         match self {
-            WriteOp::Ticket { .. } | WriteOp::DemoteTicket { .. } | WriteOp::Tenant { .. } => true,
+            WriteOp::Ticket { .. }
+            | WriteOp::DemoteTicket { .. }
+            | WriteOp::DeleteTicket { .. }
+            | WriteOp::Tenant { .. } => true,
             WriteOp::Queue(op) => op.needs_fsync(),
             _ => false,
         }
@@ -191,6 +198,7 @@ impl WriteOp {
         match self {
             WriteOp::Ticket { reply, .. } => drop(reply.send(Err(e))),
             WriteOp::DemoteTicket { reply, .. } => drop(reply.send(Err(e))),
+            WriteOp::DeleteTicket { reply, .. } => drop(reply.send(Err(e))),
             WriteOp::Tenant { reply, .. } => drop(reply.send(Err(e))),
             WriteOp::DeleteExpiredTokens { reply, .. } => drop(reply.send(Err(e))),
             WriteOp::PutToken { reply, .. } => drop(reply.send(Err(e))),
@@ -207,6 +215,11 @@ enum Answer {
     Ticket(
         oneshot::Sender<Result<TicketWrite, StoreError>>,
         Result<TicketWrite, StoreError>,
+    ),
+    /// The ticket an operator deleted.
+    Deleted(
+        oneshot::Sender<Result<Option<TicketRecord>, StoreError>>,
+        Result<Option<TicketRecord>, StoreError>,
     ),
     /// Boxed: a tenant record is several times larger than every other answer.
     Tenant(
@@ -233,6 +246,7 @@ impl Answer {
         // A caller that went away (its request was cancelled) does not care.
         match self {
             Answer::Ticket(tx, r) => drop(tx.send(r)),
+            Answer::Deleted(tx, r) => drop(tx.send(r)),
             Answer::Tenant(tx, r) => drop(tx.send(*r)),
             Answer::Flag(tx, r) => drop(tx.send(r)),
             Answer::Pruned(tx, r) => drop(tx.send(r)),
@@ -244,6 +258,7 @@ impl Answer {
     fn fail(self, e: &StoreError) {
         match self {
             Answer::Ticket(tx, _) => drop(tx.send(Err(e.clone()))),
+            Answer::Deleted(tx, _) => drop(tx.send(Err(e.clone()))),
             Answer::Tenant(tx, _) => drop(tx.send(Err(e.clone()))),
             Answer::Flag(tx, _) => drop(tx.send(Err(e.clone()))),
             Answer::Pruned(tx, _) => drop(tx.send(Err(e.clone()))),
@@ -599,6 +614,13 @@ fn apply(
                 Ok(true)
             })();
             Answer::Flag(reply, result)
+        }
+        WriteOp::DeleteTicket { app_id, reply } => {
+            let result = tickets
+                .remove(app_id.as_str())
+                .map_err(StoreError::new)
+                .and_then(|v| v.map(|v| decode::<TicketRecord>(v.value())).transpose());
+            Answer::Deleted(reply, result)
         }
         WriteOp::Tenant {
             app_id,
@@ -993,6 +1015,12 @@ impl EmbeddedStore {
             reply,
         })
         .await
+    }
+
+    pub async fn delete_ticket(&self, app_id: &str) -> Result<Option<TicketRecord>, StoreError> {
+        let app_id = app_id.to_string();
+        self.write(|reply| WriteOp::DeleteTicket { app_id, reply })
+            .await
     }
 
     pub async fn record_tenant_event(

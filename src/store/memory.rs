@@ -81,6 +81,10 @@ impl MemoryStore {
             .is_some_and(|stored| demote_ticket(stored, ticket))
     }
 
+    pub fn delete_ticket(&self, app_id: &str) -> Option<TicketRecord> {
+        self.lock().tickets.remove(app_id)
+    }
+
     pub fn record_tenant_event(&self, app_id: &str, ev: &TenantEvent) -> TenantRecord {
         let mut t = self.lock();
         let tenants = t.tenants.entry(app_id.to_string()).or_default();

@@ -24,6 +24,8 @@
 //! * a ticket Feishu refused (10012) is *demoted* ([`Store::demote_ticket`]): the next different
 //!   ticket replaces it whatever its event time, so a ticket with a bogus event time cannot lock
 //!   out the real pushes after it;
+//! * an operator may drop a bad ticket ([`Store::delete_ticket`]): the app then has none, and
+//!   the next ticket pushed is stored whatever its event time;
 //! * every per-tenant field follows the newest event of its kind by event time
 //!   ([`apply_tenant_event`]), so a replayed or late event never rolls a tenant back;
 //! * a token replaces the stored one only if it expires later ([`token_replaces`]): with several
@@ -60,6 +62,16 @@ pub enum TicketSource {
     Push,
     /// A push that followed a resend request of ours.
     Resend,
+}
+
+impl TicketSource {
+    /// The name the API, the metrics and the demo show (the serde name).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TicketSource::Push => "push",
+            TicketSource::Resend => "resend",
+        }
+    }
 }
 
 /// The stored App Ticket of one app.
@@ -400,6 +412,25 @@ impl Store {
             Store::Embedded(e) => e.demote_ticket(app_id, ticket).await,
             Store::Redis(r) => r.demote_ticket(app_id, ticket).await,
         }
+    }
+
+    /// Drop the stored ticket of `app_id` (an operator's `DELETE /v1/apps/{app_id}/ticket`);
+    /// durable before it returns. Returns the record dropped (`None`: none was stored). A drop is
+    /// announced on [`Store::changes`] as [`Change::TicketDeleted`]; nothing else is (reads go
+    /// to the store, so no replica can serve the dropped ticket afterwards).
+    pub async fn delete_ticket(&self, app_id: &str) -> Result<Option<TicketRecord>, StoreError> {
+        let dropped = match self {
+            Store::Memory(m) => m.check().map(|()| m.delete_ticket(app_id)),
+            Store::Embedded(e) => e.delete_ticket(app_id).await,
+            // Redis announces inside the write itself.
+            Store::Redis(r) => return r.delete_ticket(app_id).await,
+        }?;
+        if dropped.is_some() {
+            self.notify(Change::TicketDeleted {
+                app_id: app_id.to_string(),
+            });
+        }
+        Ok(dropped)
     }
 
     /// Apply a lifecycle event to the tenant's record; durable before it returns.
@@ -773,6 +804,7 @@ pub(crate) mod contract {
         token_writes_are_fenced(store).await;
         demoted_ticket_gives_way_to_any_different_ticket(store).await;
         redelivered_ticket_keeps_when_and_how_it_arrived(store).await;
+        deleted_ticket_is_gone(store).await;
         replayed_order_paid_does_not_roll_back_last_order(store).await;
         expired_tokens_are_deleted(store).await;
         forwarding::run(store).await;
@@ -886,6 +918,45 @@ pub(crate) mod contract {
 
     /// Issue 8, defect 6: a replayed old `order_paid` rolled `last_order` back, and any old
     /// event rewrote the last event seen.
+    /// Issue 12: an operator drops a bad ticket (say, a fake one `push ticket` stored). The
+    /// record comes back whole, the app has none afterwards, other apps keep theirs, and the
+    /// next push is stored even with an older event time (nothing is left to be newer than).
+    async fn deleted_ticket_is_gone(store: &Store) {
+        let app = "cli_delete";
+        assert_eq!(store.delete_ticket(app).await.unwrap(), None);
+        let mut fake = ticket("fake", 900);
+        fake.source = TicketSource::Resend;
+        store.put_ticket(app, fake.clone()).await.unwrap();
+        store
+            .put_ticket("cli_delete_other", ticket("kept", 1))
+            .await
+            .unwrap();
+        let dropped = store
+            .delete_ticket(app)
+            .await
+            .unwrap()
+            .expect("the dropped record");
+        assert_eq!(
+            (
+                dropped.ticket.expose(),
+                dropped.event_time_us,
+                dropped.source
+            ),
+            ("fake", 900, TicketSource::Resend)
+        );
+        assert_eq!(dropped.pushes_seen, 1);
+        assert_eq!(store.ticket(app).await.unwrap(), None);
+        assert_eq!(store.delete_ticket(app).await.unwrap(), None);
+        let other = store.ticket("cli_delete_other").await.unwrap().unwrap();
+        assert_eq!(other.ticket.expose(), "kept");
+        assert_eq!(
+            store.put_ticket(app, ticket("real", 100)).await.unwrap(),
+            TicketWrite::Stored
+        );
+        let got = store.ticket(app).await.unwrap().unwrap();
+        assert_eq!((got.ticket.expose(), got.pushes_seen), ("real", 1));
+    }
+
     async fn replayed_order_paid_does_not_roll_back_last_order(store: &Store) {
         let app = "cli_orders";
         let order = |id: &str| Order {

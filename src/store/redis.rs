@@ -24,7 +24,8 @@
 //!
 //! **Atomic writes, one copy of each rule.** Every write that must be atomic is one Lua script
 //! (sent with `EVALSHA`, loaded again by itself after a Redis restart empties the script cache):
-//! fenced token puts, compare-and-delete of tokens and leases, and every queue write. Tickets and
+//! fenced token puts, compare-and-delete of tokens and leases, an operator's ticket delete (the
+//! record read, deleted and announced at once), and every queue write. Tickets and
 //! tenants are a compare-and-set instead: read the record, apply [`merge_ticket`],
 //! [`demote_ticket`] or [`apply_tenant_event`] — the same functions the other backends use — and
 //! write the result with a script that stores it only if the record is still the one read (else
@@ -200,6 +201,7 @@ fn token_tag(key: &str) -> &str {
 fn encode_change(change: &Change) -> String {
     match change {
         Change::TicketStored { app_id } => format!("ticket\n{app_id}"),
+        Change::TicketDeleted { app_id } => format!("ticket-deleted\n{app_id}"),
         Change::TokenStored { key, expires_at_ms } => format!("token\n{expires_at_ms}\n{key}"),
         Change::TokenInvalidated { key } => format!("invalidated\n{key}"),
         // Never published: each process makes its own when its subscription is re-made.
@@ -211,6 +213,9 @@ fn decode_change(text: &str) -> Option<Change> {
     let (kind, rest) = text.split_once('\n')?;
     match kind {
         "ticket" => Some(Change::TicketStored {
+            app_id: rest.to_string(),
+        }),
+        "ticket-deleted" => Some(Change::TicketDeleted {
             app_id: rest.to_string(),
         }),
         "token" => {
@@ -230,6 +235,7 @@ fn decode_change(text: &str) -> Option<Change> {
 /// The scripts, built once per process (each is hashed once; `EVALSHA` sends only the hash).
 pub(super) struct Scripts {
     cas: Script,
+    ticket_delete: Script,
     token_put: Script,
     token_delete: Script,
     token_prune: Script,
@@ -252,6 +258,7 @@ pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
     };
     Scripts {
         cas: Script::new(include_str!("redis_lua/cas.lua")),
+        ticket_delete: Script::new(include_str!("redis_lua/ticket_delete.lua")),
         token_put: Script::new(include_str!("redis_lua/token_put.lua")),
         token_delete: Script::new(include_str!("redis_lua/token_delete.lua")),
         token_prune: Script::new(include_str!("redis_lua/token_prune.lua")),
@@ -779,6 +786,25 @@ impl RedisStore {
             }
         }
         Err(contended("ticket"))
+    }
+
+    /// Drop the ticket and announce it, in one script (`ticket_delete.lua`): the record
+    /// returned is exactly the one deleted, whatever other replicas write meanwhile.
+    pub async fn delete_ticket(&self, app_id: &str) -> Result<Option<TicketRecord>, StoreError> {
+        let key = self.0.keys.ticket(app_id);
+        let _turn = self.write_turn(&key, "").await;
+        let notice = encode_change(&Change::TicketDeleted {
+            app_id: app_id.to_string(),
+        });
+        let mut inv = SCRIPTS.ticket_delete.prepare_invoke();
+        inv.key(&key).arg(self.0.keys.channel()).arg(notice);
+        let raw: Option<String> = self
+            .run(
+                "write",
+                |mut c| async move { inv.invoke_async(&mut c).await },
+            )
+            .await?;
+        raw.as_deref().map(decode).transpose()
     }
 
     pub async fn record_tenant_event(

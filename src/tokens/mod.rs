@@ -1032,7 +1032,7 @@ impl Broker {
             }
             Change::Resynced { lost_data: true } => self.after_data_loss().await,
             // The ticket bookkeeping follows these.
-            Change::TicketStored { .. } => {}
+            Change::TicketStored { .. } | Change::TicketDeleted { .. } => {}
         }
     }
 

@@ -614,6 +614,60 @@ async fn a_resend_that_did_not_reach_feishu_leaves_the_interval_to_another_repli
 /// The issue's "Done when", with real processes: 3 × `lark-ticketd serve` on one
 /// `redis-server` (started by the test on a free port) and mock-feishu (in this process, on
 /// port 0, counting every upstream call).
+/// Issue 12: an operator drops a bad ticket through one replica (`DELETE …/ticket`). No replica
+/// serves it afterwards: a token request on another finds no ticket and asks for a resend.
+#[tokio::test]
+async fn a_ticket_deleted_on_one_replica_is_gone_on_every_replica() {
+    let fleet = Fleet::start(
+        2,
+        FleetOptions {
+            config: "[tickets]\nresend_interval = \"10ms\"\nresend_wait = \"200ms\"\n".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    resends_settled(&fleet).await;
+    fleet.push_ticket().await;
+    let stored = fleet.store.ticket(APP_ID).await.unwrap().unwrap();
+    let (a, b) = (&fleet.replicas[0], &fleet.replicas[1]);
+    let delete = |replica: &Replica| {
+        replica
+            .client
+            .delete(replica.url(&format!("/v1/apps/{APP_ID}/ticket")))
+            .bearer_auth(ADMIN_BEARER)
+            .send()
+    };
+    let r = Reply::from(delete(b).await.unwrap()).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        r.json["deleted"]["fingerprint"],
+        stored.ticket.fingerprint()
+    );
+    for replica in [a, b] {
+        let status = replica
+            .client
+            .get(replica.url(&format!("/v1/apps/{APP_ID}")))
+            .bearer_auth(ADMIN_BEARER)
+            .send()
+            .await
+            .unwrap();
+        let status = Reply::from(status).await;
+        assert_eq!(status.json["ticket"]["state"], "missing", "{}", status.text);
+    }
+    let resends = fleet.mock.calls(Endpoint::AppTicketResend);
+    let r = a.get(&app_path()).await;
+    assert_eq!((r.status, r.code()), (503, "ticket_missing"), "{}", r.text);
+    let mock = &fleet.mock;
+    eventually("the resend request", || {
+        mock.calls(Endpoint::AppTicketResend) == resends + 1
+    })
+    .await;
+    // Nothing left to drop.
+    let r = Reply::from(delete(a).await.unwrap()).await;
+    assert_eq!((r.status, r.code()), (404, "not_found"), "{}", r.text);
+    fleet.stop().await;
+}
+
 mod on_redis {
     use std::path::PathBuf;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -898,6 +952,46 @@ mod on_redis {
         );
         assert_eq!(fleet.mock.calls(Endpoint::AppAccessToken), 1);
         assert_eq!(fleet.mock.calls(Endpoint::TenantAccessToken), 100);
+        fleet.stop();
+    }
+
+    /// Issue 12: the operator's `DELETE …/ticket` on one process; every process then reports no
+    /// ticket and asks for one (the ticket's only copy is in Redis, deleted by one script).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_ticket_deleted_on_one_replica_is_served_by_none() {
+        let Some(fleet) = Fleet::start(
+            "fleet::on_redis::a_ticket_deleted",
+            2,
+            Options {
+                config: "[tickets]\nresend_interval = \"10ms\"\nresend_wait = \"300ms\"\n",
+                push_on_resend: false,
+            },
+        )
+        .await
+        else {
+            return;
+        };
+        fleet.resends_settled().await;
+        fleet.push_ticket().await;
+        let fingerprint = fleet.status(0).await["ticket"]["fingerprint"].clone();
+        let url = fleet.replica(1).url(&format!("/v1/apps/{APP_ID}/ticket"));
+        let delete = || fleet.client.delete(&url).bearer_auth(ADMIN_BEARER).send();
+        let r = Reply::from(delete().await.unwrap()).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.json["deleted"]["fingerprint"], fingerprint);
+        for i in 0..2 {
+            assert_eq!(fleet.status(i).await["ticket"]["state"], "missing");
+        }
+        let resends = fleet.mock.calls(Endpoint::AppTicketResend);
+        let r = fleet.get(0, &app_path()).await;
+        assert_eq!((r.status, r.code()), (503, "ticket_missing"), "{}", r.text);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fleet.mock.calls(Endpoint::AppTicketResend) == resends {
+            assert!(Instant::now() < deadline, "no resend was requested");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let r = Reply::from(delete().await.unwrap()).await;
+        assert_eq!((r.status, r.code()), (404, "not_found"), "{}", r.text);
         fleet.stop();
     }
 

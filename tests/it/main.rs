@@ -10,6 +10,7 @@ mod util;
 
 mod abuse;
 mod broker;
+mod cli;
 mod custom_apps;
 mod deploy;
 mod fleet;
@@ -21,6 +22,7 @@ mod layering;
 mod leaks;
 mod login;
 mod mock;
+mod msrv;
 mod openapi;
 mod ops;
 mod page;

@@ -992,6 +992,27 @@ fn custom_apps_cases() -> Vec<Case> {
     c
 }
 
+/// `DELETE /v1/apps/{app_id}/ticket` (issue 12). Run after every other case of World::Main, as
+/// it drops the app's ticket: the store down first (nothing dropped), then the drop, then the
+/// drop of nothing.
+fn ticket_delete_cases() -> Vec<Case> {
+    let op = "deleteTicket";
+    let path = app_path(APP_ID, "/ticket");
+    vec![
+        case(op, "DELETE", &path)
+            .key(ADMIN_BEARER)
+            .fault(Fault::StoreDown)
+            .answers(503, "store_unavailable"),
+        case(op, "DELETE", &path).key(ADMIN_BEARER).answers(200, ""),
+        case(op, "DELETE", &path)
+            .key(ADMIN_BEARER)
+            .answers(404, "not_found"),
+        case(op, "DELETE", app_path(CUSTOM_APP, "/ticket"))
+            .key(ADMIN_BEARER)
+            .answers(400, "bad_request"),
+    ]
+}
+
 /// The same signed push with a signature that does not match.
 fn forged(mut request: PushRequest) -> PushRequest {
     for (name, value) in &mut request.headers {
@@ -1096,6 +1117,8 @@ async fn the_server_answers_as_docs_openapi_yaml_says() {
     if CUSTOM_APPS_MERGED {
         all.extend(custom_apps_cases());
     }
+    // Last of World::Main: they drop its ticket.
+    all.extend(ticket_delete_cases());
     for c in &all {
         assert!(c.expect.0 != 0, "{}: no expected answer", c.describe());
         assert!(

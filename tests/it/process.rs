@@ -19,7 +19,7 @@ async fn stored_ticket(config: &TempConfig) -> Option<String> {
 
 fn push_ticket_cli(url: &str, config: &TempConfig, ticket: &str) -> std::process::Output {
     lark_ticketd()
-        .args(["push", "ticket", "--url", url, "--config"])
+        .args(["push", "ticket", "--force", "--url", url, "--config"])
         .arg(&config.path)
         .args(["--ticket", ticket])
         .env_remove("LARK_APP_TICKET")
@@ -217,21 +217,43 @@ fn demo_once_prints_a_tenant_token_fetched_through_the_api() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let token_line = stdout
+    // The tenant token fetched through the API, in the answer shown after step 5.
+    let answer = stdout
         .lines()
-        .find(|l| l.starts_with("tenant_access_token: t-"))
-        .unwrap_or_else(|| panic!("no tenant token in:\n{stdout}"));
-    assert!(token_line.len() > "tenant_access_token: t-".len() + 10);
+        .skip_while(|l| !l.starts_with("5. "))
+        .find_map(|l| l.trim_start().strip_prefix("→ "))
+        .unwrap_or_else(|| panic!("no answer after step 5 in:\n{stdout}"));
+    let answer: serde_json::Value = serde_json::from_str(answer).unwrap();
+    let token = answer["tenant_access_token"].as_str().unwrap_or_default();
+    assert!(token.starts_with("t-") && token.len() > 12, "{answer}");
+    // Issue 12: the output is the numbered steps and their indented lines, nothing stray (a
+    // bare `tenant_access_token: …` line was printed between step 5 and step 6) …
+    for line in stdout.lines().filter(|l| !l.is_empty()) {
+        let numbered = line
+            .split_once(". ")
+            .is_some_and(|(n, _)| n.parse::<u32>().is_ok());
+        assert!(
+            numbered
+                || line.starts_with("   ")
+                || line.starts_with("lark-ticketd demo:")
+                || line.starts_with("Done (--once)"),
+            "stray line {line:?} in:\n{stdout}"
+        );
+    }
+    // … and values read as the API spells them: the ticket arrived via `resend` (the status
+    // API's `arrived_via`), not Rust's `Resend`.
+    assert!(stdout.contains("arrived via resend,"), "{stdout}");
+    assert!(!stdout.contains("Resend"), "{stdout}");
     assert!(
         stdout.contains("app_access_token 1, tenant_access_token 1, app_ticket/resend 1"),
         "{stdout}"
     );
     // A custom app next to the store app: its tokens without a ticket, and a user's login.
     assert!(
-        stdout.contains("kind = \"custom\"") && stdout.contains("ticket \"not_needed\""),
+        stdout.contains("kind = \"custom\"") && stdout.contains("ticket not_needed"),
         "{stdout}"
     );
-    assert!(stdout.contains("signed in: open_id \"ou_"), "{stdout}");
+    assert!(stdout.contains("signed in: open_id ou_"), "{stdout}");
     // The hand-off: a pushed chat message reached the demo's consumer, signature verified.
     assert!(
         stdout.contains("checked the signature with its secret: valid"),
