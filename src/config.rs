@@ -269,8 +269,15 @@ pub struct TokenConfig {
     /// Timeout of one call to the Open Platform.
     #[serde(deserialize_with = "de_duration")]
     pub upstream_timeout: Duration,
-    /// Retries of a call that failed in transport or with a 5xx (never of an answered error).
+    /// Retries of a call that failed in transport or with a 5xx (never of an answered error),
+    /// as long as `request_deadline` allows.
     pub upstream_retries: u32,
+    /// Everything one token fetch asks Feishu — every attempt, retry and back-off, and the
+    /// app token a tenant token needs — ends by this deadline, counted from the fetch's start:
+    /// then the callers get `504 upstream_timeout`, whatever retries remain. (Waiting for a
+    /// ticket push is bounded by `tickets.resend_wait` instead.) At least `upstream_timeout`.
+    #[serde(deserialize_with = "de_duration")]
+    pub request_deadline: Duration,
     /// With several replicas on one store: how often a replica waiting for another replica's
     /// token fetch, or a token request waiting for a ticket push, reads the store again in
     /// case a change notice was missed (the notice normally wakes it at once).
@@ -291,6 +298,7 @@ impl Default for TokenConfig {
             recent_use: Duration::from_secs(2 * 3600),
             upstream_timeout: Duration::from_secs(3),
             upstream_retries: 2,
+            request_deadline: Duration::from_secs(10),
             fleet_poll_interval: Duration::from_secs(1),
         }
     }
@@ -726,6 +734,15 @@ impl Config {
             return Err(ConfigError::new(
                 "tokens.max_tenant_tokens",
                 "must be at least 1",
+            ));
+        }
+        if t.request_deadline < t.upstream_timeout {
+            return Err(ConfigError::new(
+                "tokens.request_deadline",
+                format!(
+                    "must be at least tokens.upstream_timeout ({:?}): one whole attempt must fit before the deadline",
+                    t.upstream_timeout
+                ),
             ));
         }
         if t.error_backoff > MAX_ERROR_BACKOFF {
@@ -1444,12 +1461,19 @@ scopes = ["login", "tokens"]
             ("refresh_concurrency = 0", "tokens.refresh_concurrency"),
             ("max_tenant_tokens = 0", "tokens.max_tenant_tokens"),
             ("error_backoff = \"1h\"", "tokens.error_backoff"),
+            ("request_deadline = \"1s\"", "tokens.request_deadline"),
+            ("upstream_timeout = \"11s\"", "tokens.request_deadline"),
         ] {
             let text = format!("[tokens]\n{tokens}\n{app}");
             let err = Config::parse(&text, &env_of(&[])).unwrap_err();
             assert_eq!(err.key, key, "{tokens}: {err}");
         }
         let text = format!("[tokens]\nrefresh_ahead = \"30m\"\nrefresh_jitter = \"0s\"\n{app}");
+        assert!(Config::parse(&text, &env_of(&[])).is_ok());
+        // One deadline per token request: 10 s unless set, never shorter than one attempt.
+        let c = Config::parse(app, &env_of(&[])).unwrap();
+        assert_eq!(c.tokens.request_deadline, Duration::from_secs(10));
+        let text = format!("[tokens]\nupstream_timeout = \"1s\"\nrequest_deadline = \"1s\"\n{app}");
         assert!(Config::parse(&text, &env_of(&[])).is_ok());
     }
 

@@ -11,6 +11,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::time::Duration;
 
 /// What went wrong, as far as the caller needs to know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -68,6 +69,9 @@ pub enum ErrorKind {
     LoginFailed,
     /// Feishu did not answer in time.
     UpstreamTimeout,
+    /// An operator's resend request inside `tickets.resend_interval`: Feishu was asked already.
+    /// The answer says when the next may be sent (`Retry-After`).
+    ResendRateLimited,
     /// The server-wide budget for request bodies in flight (`server.max_body_bytes_in_flight`)
     /// cannot take this body now: retry after `Retry-After` (never a 5xx: nothing of ours failed).
     Busy,
@@ -104,7 +108,7 @@ impl ErrorKind {
             RequestTimeout => 408,
             PayloadTooLarge => 413,
             UriTooLong => 414,
-            Busy | TooManyConnections => 429,
+            Busy | TooManyConnections | ResendRateLimited => 429,
             HeaderTooLarge => 431,
             Internal => 500,
             UpstreamError => 502,
@@ -141,6 +145,7 @@ impl ErrorKind {
             TenantKeyRequired => "tenant_key_required",
             LoginFailed => "login_failed",
             UpstreamTimeout => "upstream_timeout",
+            ResendRateLimited => "resend_rate_limited",
             Busy => "server_busy",
             TooManyConnections => "too_many_connections",
             HeaderTooLarge => "header_too_large",
@@ -166,6 +171,15 @@ pub struct Error {
     /// Feishu's `code` and `msg`, for `upstream_error`: public, they tell the caller what the
     /// Open Platform said.
     upstream: Option<(i64, String)>,
+    /// When the caller may try again (`Retry-After`), where the error knows better than its
+    /// kind's default.
+    retry_after: Option<Duration>,
+}
+
+/// Whole seconds for `Retry-After`: rounded up, at least 1 (`0` would invite a retry that is
+/// still too early).
+pub fn retry_after_seconds(d: Duration) -> u64 {
+    d.as_millis().div_ceil(1000).max(1) as u64
 }
 
 impl Error {
@@ -175,6 +189,7 @@ impl Error {
             message: message.into(),
             cause: None,
             upstream: None,
+            retry_after: None,
         }
     }
 
@@ -184,14 +199,26 @@ impl Error {
         self
     }
 
-    /// The public part of this error (kind, message, Feishu's answer), without the private
-    /// cause: what another caller may be told about the same failure.
+    /// When the caller may try again: the answer's `Retry-After`.
+    pub fn with_retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// The `Retry-After` this error asks for, if it knows better than its kind's default.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// The public part of this error (kind, message, Feishu's answer, `Retry-After`), without the
+    /// private cause: what another caller may be told about the same failure.
     pub fn public_copy(&self) -> Error {
         Error {
             kind: self.kind,
             message: self.message.clone(),
             cause: None,
             upstream: self.upstream.clone(),
+            retry_after: self.retry_after,
         }
     }
 
@@ -236,6 +263,7 @@ impl fmt::Debug for Error {
             .field("message", &self.message)
             .field("cause", &self.cause.as_ref().map(|c| c.to_string()))
             .field("upstream", &self.upstream)
+            .field("retry_after", &self.retry_after)
             .finish()
     }
 }
@@ -289,6 +317,9 @@ impl From<ErrorKind> for Error {
             }
             ErrorKind::LoginFailed => "the Open Platform refused the code or refresh token",
             ErrorKind::UpstreamTimeout => "the Open Platform did not answer in time",
+            ErrorKind::ResendRateLimited => {
+                "a resend was requested within tickets.resend_interval; retry after Retry-After"
+            }
             ErrorKind::Busy => "the server is busy reading other request bodies; retry shortly",
             ErrorKind::TooManyConnections => "too many open connections from this address",
             ErrorKind::HeaderTooLarge => "the request head is larger than the configured limit",
@@ -330,11 +361,22 @@ mod tests {
             (ErrorKind::EventsNotConfigured, 404, "events_not_configured"),
             (ErrorKind::TenantKeyRequired, 400, "tenant_key_required"),
             (ErrorKind::LoginFailed, 400, "login_failed"),
+            (ErrorKind::ResendRateLimited, 429, "resend_rate_limited"),
         ];
         for (kind, status, code) in table {
             assert_eq!(kind.status(), status, "{kind:?}");
             assert_eq!(kind.code(), code, "{kind:?}");
         }
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        assert_eq!(retry_after_seconds(Duration::from_secs(60)), 60);
+        assert_eq!(retry_after_seconds(Duration::from_millis(59_001)), 60);
+        assert_eq!(retry_after_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_seconds(Duration::ZERO), 1);
+        let e = Error::from(ErrorKind::ResendRateLimited).with_retry_after(Duration::from_secs(7));
+        assert_eq!(e.public_copy().retry_after(), Some(Duration::from_secs(7)));
     }
 
     #[test]

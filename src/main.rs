@@ -74,7 +74,8 @@ enum Command {
     /// events URL (on resend and periodically).
     MockFeishu(MockFeishuArgs),
     /// Operators: every app's ticket freshness and token state, and the consumers' backlogs. Exit code 0 when every ticket is
-    /// fresh, 1 when one is stale, 2 when one is missing or the service is unreachable.
+    /// fresh and every app's token fetches succeed, 1 when one is stale or one app's token fetches are failing (the last
+    /// failed, none succeeded since), 2 when one is missing or the service is unreachable.
     Status {
         /// The service's base URL.
         #[arg(

@@ -331,13 +331,14 @@ where
         Route::Resend(app_id) => {
             only(&req, &[Method::POST])?;
             caller(state, &req, Scope::Admin, Some(app_id), log)?;
-            let requested = state.broker().resend_for_operator(app_id).await?;
+            // Held back by the interval: `429 resend_rate_limited` with `Retry-After`.
+            state.broker().resend_for_operator(app_id).await?;
             let app = status::app_status(state, app_id).await?;
             Ok(json(
                 StatusCode::ACCEPTED,
                 &serde_json::json!({
                     "app_id": app_id,
-                    "requested": requested,
+                    "requested": true,
                     "last_resend": app.last_resend,
                 }),
             ))
@@ -924,13 +925,17 @@ pub fn error_response(error: &Error) -> Response<Full<Bytes>> {
     }
     let mut response = json(status, &body);
     let headers = response.headers_mut();
+    // The error's own `Retry-After` (seconds until the resend interval ends), else its kind's.
+    let retry_after = match (error.retry_after(), kind) {
+        (Some(after), _) => Some(crate::error::retry_after_seconds(after)),
+        (None, ErrorKind::StoreUnavailable | ErrorKind::TicketMissing) => Some(5),
+        (None, ErrorKind::Busy) => Some(1),
+        _ => None,
+    };
+    if let Some(seconds) = retry_after {
+        headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
+    }
     match kind {
-        ErrorKind::StoreUnavailable | ErrorKind::TicketMissing => {
-            headers.insert(RETRY_AFTER, HeaderValue::from_static("5"));
-        }
-        ErrorKind::Busy => {
-            headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
-        }
         ErrorKind::Unauthorized => {
             headers.insert(
                 hyper::header::WWW_AUTHENTICATE,

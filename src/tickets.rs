@@ -16,8 +16,13 @@
 //!   ([`Tickets::generation`]), which the broker compares to forget a failure remembered before
 //!   the new ticket.
 //! * **Resend bookkeeping**: at most one resend request per app per `tickets.resend_interval`
-//!   across all callers ([`Tickets::request_resend`]), its outcome ([`ResendStatus`], shown by
-//!   the status API), and whether a push is still awaited for it.
+//!   across all callers ([`Tickets::request_resend`]; held back, it says how long until the next
+//!   may be sent: [`Resend::Held`]), its outcome ([`ResendStatus`], shown by the status API), and
+//!   whether a push is still awaited for it. A request that never reached Feishu (no answer, a
+//!   5xx: [`ResendOutcome::Failed`] without Feishu's `code`) gives the interval back, so the next
+//!   request may try at once; one Feishu answered (accepted, or refused with a `code`) uses it
+//!   up — asking again at once would only repeat the verdict. The same rule in one process and
+//!   in a fleet.
 //! * **The current ticket** ([`Tickets::current`]): the stored ticket unless Feishu refused it;
 //!   otherwise a resend is requested and the push awaited for up to `tickets.resend_wait` — but
 //!   only when a push is actually on its way: with none requested now (inside the interval) and
@@ -35,7 +40,8 @@
 //!   also reads the store every `tokens.fleet_poll_interval` in case a notice was missed. The
 //!   resend limit holds across the fleet: a replica sends a resend only while it holds the
 //!   lease `resend:{app_id}` for `tickets.resend_interval` (never released, so it *is* the
-//!   interval), except that a request that failed to reach Feishu gives it back. A replica that
+//!   interval), except that a request that failed to reach Feishu gives it back (and this
+//!   replica's own interval with it, as in one process). A replica that
 //!   finds the lease taken waits for the other replica's push like for its own, for at most
 //!   `tickets.resend_wait` after it looked.
 //!
@@ -75,6 +81,13 @@ pub enum ResendOutcome {
     OtherReplica,
 }
 
+impl ResendOutcome {
+    /// A request that never reached Feishu (no answer, or a 5xx): it gives the interval back.
+    pub fn never_reached_feishu(&self) -> bool {
+        matches!(self, ResendOutcome::Failed { code: None, .. })
+    }
+}
+
 /// Resend bookkeeping for one app.
 #[derive(Debug, Clone)]
 pub struct ResendStatus {
@@ -82,6 +95,31 @@ pub struct ResendStatus {
     pub outcome: ResendOutcome,
     /// A push has not arrived since the request.
     pub awaiting_push: bool,
+    /// No other request before this (unix ms): the end of the interval, or of the wait for
+    /// another replica's push; `0` once a request that never reached Feishu gave it back.
+    pub held_until_ms: u64,
+}
+
+/// What a resend request did ([`Tickets::request_resend`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resend {
+    /// A request to Feishu was started now.
+    Sent,
+    /// Held back: a request was sent within `tickets.resend_interval` (by this replica, or by
+    /// another replica of the fleet when `other_replica`); the next may be sent after
+    /// `retry_after`.
+    Held {
+        retry_after: Duration,
+        other_replica: bool,
+    },
+    /// The app has no ticket to ask for (a custom app, or no such app).
+    NotApplicable,
+}
+
+impl Resend {
+    pub fn sent(self) -> bool {
+        self == Resend::Sent
+    }
 }
 
 /// An authentic `app_ticket` push, as intake hands it over.
@@ -376,7 +414,7 @@ impl Tickets {
         request_resend: impl FnOnce() -> R,
     ) -> Result<Secret, Error>
     where
-        R: Future<Output = bool>,
+        R: Future<Output = Resend>,
     {
         // Subscribe before looking, so a push landing in between still wakes us.
         let mut signal = self
@@ -393,7 +431,7 @@ impl Tickets {
             _ => not,
         };
         let requested = request_resend().await;
-        if !requested && !self.resend_pending(app_id) {
+        if !requested.sent() && !self.resend_pending(app_id) {
             return Err(Error::new(
                 ErrorKind::TicketMissing,
                 "no usable app_ticket for this app; a resend was requested recently and Feishu has not pushed a new one yet, retry later",
@@ -447,8 +485,9 @@ impl Tickets {
     /// `tickets.resend_interval` across all callers (across the fleet too, through the lease
     /// `resend:{app_id}`): if this call may, `call` (the request to Feishu, made by the broker's
     /// Open Platform client) runs in the background and its outcome is recorded. Returns whether
-    /// a request was sent now. Awaits only with a shared store (the lease).
-    pub async fn request_resend<F>(&self, app_id: &str, call: F) -> bool
+    /// a request was sent now, or how long it is held back. Awaits only with a shared store (the
+    /// lease).
+    pub async fn request_resend<F>(&self, app_id: &str, call: F) -> Resend
     where
         F: Future<Output = ResendOutcome> + Send + 'static,
     {
@@ -458,35 +497,30 @@ impl Tickets {
     /// As [`Tickets::request_resend`], but without this replica's own interval: after the
     /// store lost its data every ticket must be asked for again. The fleet's lease still holds,
     /// so the fleet asks once.
-    pub async fn request_resend_after_data_loss<F>(&self, app_id: &str, call: F) -> bool
+    pub async fn request_resend_after_data_loss<F>(&self, app_id: &str, call: F) -> Resend
     where
         F: Future<Output = ResendOutcome> + Send + 'static,
     {
         self.resend(app_id, call, true).await
     }
 
-    async fn resend<F>(&self, app_id: &str, call: F, ignore_interval: bool) -> bool
+    async fn resend<F>(&self, app_id: &str, call: F, ignore_interval: bool) -> Resend
     where
         F: Future<Output = ResendOutcome> + Send + 'static,
     {
         if !self.0.signals.contains_key(app_id) {
-            return false;
+            return Resend::NotApplicable;
         }
         let now = self.0.clock.now_ms();
         let interval = self.0.cfg.resend_interval.as_millis() as u64;
         {
             let mut resends = lock(&self.0.resends);
             if let Some(last) = resends.get(app_id) {
-                // After finding another replica's lease, look again once its push is overdue
-                // (that request may have failed and given the lease back), not a whole
-                // interval later.
-                let block = if last.outcome == ResendOutcome::OtherReplica {
-                    interval.min(self.0.cfg.resend_wait.as_millis() as u64)
-                } else {
-                    interval
-                };
-                if !ignore_interval && now.saturating_sub(last.requested_at_ms) < block {
-                    return false;
+                if !ignore_interval && now < last.held_until_ms {
+                    return Resend::Held {
+                        retry_after: Duration::from_millis(last.held_until_ms - now),
+                        other_replica: last.outcome == ResendOutcome::OtherReplica,
+                    };
                 }
             }
             // Reserved before any await: one attempt per app per interval in this replica.
@@ -496,6 +530,7 @@ impl Tickets {
                     requested_at_ms: now,
                     outcome: ResendOutcome::Pending,
                     awaiting_push: true,
+                    held_until_ms: now.saturating_add(interval),
                 },
             );
         }
@@ -514,10 +549,17 @@ impl Tickets {
                         app_id,
                         "another replica asked Feishu to resend the app_ticket within the interval"
                     );
+                    // Look again once that replica's push is overdue (its request may have
+                    // failed and given the lease back), not a whole interval later.
+                    let block = interval.min(self.0.cfg.resend_wait.as_millis() as u64);
                     if let Some(status) = lock(&self.0.resends).get_mut(app_id) {
                         status.outcome = ResendOutcome::OtherReplica;
+                        status.held_until_ms = now.saturating_add(block);
                     }
-                    return false;
+                    return Resend::Held {
+                        retry_after: Duration::from_millis(block),
+                        other_replica: true,
+                    };
                 }
                 Err(e) => {
                     // The store is down: no ticket could be stored either, but the request may
@@ -538,8 +580,8 @@ impl Tickets {
         tokio::spawn(async move {
             let outcome = call.await;
             // A request that never reached Feishu (no answer, a 5xx) must not use up the
-            // fleet's interval: another replica may try at once.
-            if let (Some(owner), ResendOutcome::Failed { code: None, .. }) = (&lease, &outcome) {
+            // fleet's interval: another replica may try at once (and this one: below).
+            if let (Some(owner), true) = (&lease, outcome.never_reached_feishu()) {
                 if let Err(e) = store.release_lease(&resend_lease(&app_id), owner).await {
                     tracing::warn!(app_id = %app_id, error = %e, "cannot give back the resend lease; it expires after the interval");
                 }
@@ -564,10 +606,19 @@ impl Tickets {
                 if matches!(outcome, ResendOutcome::Failed { .. }) {
                     status.awaiting_push = false;
                 }
+                // Nor does it use up this replica's interval if it never reached Feishu.
+                if outcome.never_reached_feishu() {
+                    status.held_until_ms = 0;
+                }
                 status.outcome = outcome;
             }
         });
-        true
+        Resend::Sent
+    }
+
+    /// `tickets.resend_interval`.
+    pub fn resend_interval(&self) -> Duration {
+        self.0.cfg.resend_interval
     }
 
     /// The last resend request for an app.
@@ -622,4 +673,120 @@ impl Tickets {
 /// A stored ticket that may be spent: Feishu has not refused it, and it is not `not`.
 fn usable(t: &TicketRecord, not: Option<&Secret>) -> bool {
     !t.rejected && not.is_none_or(|old| t.ticket != *old)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::store::memory::MemoryStore;
+
+    const APP: &str = "cli_resend";
+    const INTERVAL: Duration = Duration::from_secs(60);
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn replica(store: &Store, clock: &Arc<ManualClock>, fleet: bool) -> Tickets {
+        let text = format!(
+            "[tickets]\nresend_interval = \"60s\"\nresend_wait = \"5s\"\n\
+             [[apps]]\napp_id = \"{APP}\"\napp_secret = \"s\"\nverification_token = \"v\"\n"
+        );
+        let config = Config::parse(&text, &|_| None).unwrap();
+        let clock: SharedClock = clock.clone();
+        Tickets::new(&config, store.clone(), clock, Metrics::new(), fleet)
+    }
+
+    /// Ask for a resend whose request to Feishu ends with `outcome`, and wait for it to land.
+    async fn resend(t: &Tickets, outcome: ResendOutcome) -> Resend {
+        let sent = t.request_resend(APP, async move { outcome }).await;
+        if sent.sent() {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while t.resend_status(APP).map(|s| s.outcome) == Some(ResendOutcome::Pending) {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .expect("the resend's outcome lands");
+        }
+        sent
+    }
+
+    fn unreachable() -> ResendOutcome {
+        ResendOutcome::Failed {
+            code: None,
+            message: "cannot reach Feishu: connection refused".into(),
+        }
+    }
+
+    fn held(retry_after: Duration, other_replica: bool) -> Resend {
+        Resend::Held {
+            retry_after,
+            other_replica,
+        }
+    }
+
+    /// Issue 12: a request that never reached Feishu gives the interval back — in one process
+    /// as in a fleet; one that Feishu answered (accepted or refused) uses it up, and the held
+    /// answer says how long is left.
+    #[tokio::test]
+    async fn a_resend_that_never_reached_feishu_does_not_use_up_the_interval() {
+        for fleet in [false, true] {
+            let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+            let store = Store::Memory(MemoryStore::default());
+            let t = replica(&store, &clock, fleet);
+            assert_eq!(
+                resend(&t, unreachable()).await,
+                Resend::Sent,
+                "fleet: {fleet}"
+            );
+            assert_eq!(
+                resend(&t, unreachable()).await,
+                Resend::Sent,
+                "fleet: {fleet}"
+            );
+            assert_eq!(t.resend_status(APP).unwrap().held_until_ms, 0);
+            assert_eq!(
+                resend(&t, ResendOutcome::Accepted).await,
+                Resend::Sent,
+                "fleet: {fleet}"
+            );
+            assert_eq!(
+                resend(&t, ResendOutcome::Accepted).await,
+                held(INTERVAL, false),
+                "fleet: {fleet}"
+            );
+            clock.advance(Duration::from_secs(45));
+            assert_eq!(
+                resend(&t, ResendOutcome::Accepted).await,
+                held(Duration::from_secs(15), false),
+                "fleet: {fleet}"
+            );
+            if fleet {
+                // The lease is the fleet's interval, on the store's own clock: not moved here.
+                continue;
+            }
+            clock.advance(Duration::from_secs(15));
+            let refused = ResendOutcome::Failed {
+                code: Some(10015),
+                message: "app secret invalid".into(),
+            };
+            assert_eq!(resend(&t, refused.clone()).await, Resend::Sent);
+            // Feishu's verdict: asking again at once would only repeat it.
+            assert_eq!(resend(&t, refused).await, held(INTERVAL, false));
+        }
+    }
+
+    #[tokio::test]
+    async fn across_the_fleet_a_failed_request_lets_another_replica_ask_at_once() {
+        let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+        let store = Store::Memory(MemoryStore::default());
+        let (a, b) = (replica(&store, &clock, true), replica(&store, &clock, true));
+        assert_eq!(resend(&a, unreachable()).await, Resend::Sent);
+        assert_eq!(resend(&b, ResendOutcome::Accepted).await, Resend::Sent);
+        // B holds the lease: A waits for B's push, then looks again.
+        assert_eq!(resend(&a, ResendOutcome::Accepted).await, held(WAIT, true));
+        assert_eq!(
+            resend(&b, ResendOutcome::Accepted).await,
+            held(INTERVAL, false)
+        );
+    }
 }

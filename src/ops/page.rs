@@ -4,7 +4,8 @@
 //! Server-rendered HTML with inline CSS and no script (a `<meta refresh>` reloads it), so it works
 //! with JavaScript off and under a `default-src 'none'` Content-Security-Policy. It shows each
 //! app's ticket state and age with a 24-hour timeline of ticket arrivals (did Feishu push every
-//! hour?), the app token's state, tenants by state, each consumer's backlog, dead letters and
+//! hour?), the app token's state, whether its token fetches from Feishu are failing (and the last
+//! failure's cause), tenants by state, each consumer's backlog, dead letters and
 //! last error, and the store. It shows no secret, ticket, token or tenant key — the same rule as
 //! the metrics it sits beside — and every text that is not ours is HTML-escaped.
 
@@ -218,6 +219,32 @@ fn render_app(h: &mut String, app: &AppStatus, hours: &[Hour], now_s: u64) {
         _ => "not cached".to_string(),
     };
     let _ = write!(h, "<dt>App token</dt><dd>{}</dd>", escape(&token));
+    let fetches = &app.tokens;
+    match &fetches.last_failure {
+        Some(f) if app.tokens_failing() => {
+            let _ = write!(
+                h,
+                "<dt>Token fetches</dt><dd class=\"error\" data-token-failures=\"{n}\">failing: {n} in a row, \
+                 last at {} UTC ({} token): {}</dd>",
+                utc(f.at),
+                escape(&f.token),
+                escape(&f.message),
+                n = fetches.consecutive_failures,
+            );
+        }
+        _ => {
+            let _ = write!(
+                h,
+                "<dt>Token fetches</dt><dd data-token-failures=\"0\">{}</dd>",
+                fetches
+                    .last_success_at
+                    .map_or("none yet".to_string(), |at| format!(
+                        "ok (last at {} UTC)",
+                        utc(at)
+                    ))
+            );
+        }
+    }
     let t = &app.tenants;
     let _ = write!(
         h,

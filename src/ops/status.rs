@@ -4,8 +4,12 @@
 //! A ticket is `missing` (none stored), `stale` (older than `tickets.stale_after`, 75 minutes by
 //! default: Feishu pushes hourly, so one missed push is tolerated), or `fresh`; a custom
 //! (self-built) app has none and needs none: `not_needed`, which never counts against the
-//! `status` command's exit code and has no ticket gauges. Nothing here ever holds a ticket or a
-//! token: only ages, expiries, counts and an 8-hex-digit fingerprint.
+//! `status` command's exit code and has no ticket gauges. An app whose last token fetch from the
+//! Open Platform failed, with none succeeding since (`tokens.consecutive_failures > 0`), is
+//! `failing`: the `status` command exits 1 for it as for a stale ticket — Feishu refusing every
+//! token request is as urgent as a ticket that stopped arriving. Nothing here ever holds a ticket
+//! or a token: only ages, expiries, counts, an 8-hex-digit fingerprint, and the last failure's
+//! message as the callers were told it.
 
 use serde::{Deserialize, Serialize};
 
@@ -13,7 +17,7 @@ use crate::config::AppKind;
 use crate::error::Error;
 use crate::store::{Durability, TenantRecord, TenantState, TicketRecord, TicketSource};
 use crate::tickets::ResendOutcome;
-use crate::tokens::TokenKey;
+use crate::tokens::{TokenFetches, TokenKey};
 use crate::AppState;
 
 pub use crate::model::TicketState;
@@ -46,6 +50,17 @@ pub struct AppStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant_token: Option<TokenStatus>,
     pub tenants: TenantCounts,
+    /// How the app's token fetches from the Open Platform have gone since the process started
+    /// (an older service does not say: no failures).
+    #[serde(default)]
+    pub tokens: TokenFetches,
+}
+
+impl AppStatus {
+    /// The app's last token fetch failed and none succeeded since.
+    pub fn tokens_failing(&self) -> bool {
+        self.tokens.consecutive_failures > 0
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -163,6 +178,7 @@ pub async fn app_status(state: &AppState, app_id: &str) -> Result<AppStatus, Err
             awaiting_push: r.awaiting_push,
         }),
         app_token: token_status(state, &TokenKey::App(app_id.to_string()), now),
+        tokens: state.broker().token_fetches(app_id),
         tenants: TenantCounts {
             total: tenants.len(),
             active: count(TenantState::Active),
@@ -195,12 +211,16 @@ pub async fn tenants(state: &AppState, app_id: &str) -> Result<Vec<TenantStatus>
         .collect())
 }
 
-/// The `status` command's exit code: 0 all fresh, 1 some stale, 2 some missing. An app that
-/// needs no ticket (`not_needed`, a custom app) never counts.
+/// The `status` command's exit code: 0 all fresh, 1 some stale or some app's token fetches
+/// failing ([`AppStatus::tokens_failing`]), 2 some missing. An app that needs no ticket
+/// (`not_needed`, a custom app) never counts by its ticket, but does by its token fetches.
 pub fn exit_code(apps: &[AppStatus]) -> u8 {
     if apps.iter().any(|a| a.ticket.state == TicketState::Missing) {
         2
-    } else if apps.iter().any(|a| a.ticket.state == TicketState::Stale) {
+    } else if apps
+        .iter()
+        .any(|a| a.ticket.state == TicketState::Stale || a.tokens_failing())
+    {
         1
     } else {
         0
@@ -257,10 +277,11 @@ pub fn render_table(apps: &[AppStatus], colour: bool) -> String {
         "AGE",
         "RECEIVED AT (UTC)",
         "APP TOKEN",
+        "TOKEN FETCHES",
         "TENANTS",
         "LAST RESEND",
     ];
-    let mut rows: Vec<[String; 8]> = Vec::new();
+    let mut rows: Vec<[String; 9]> = Vec::new();
     for a in apps {
         let t = &a.ticket;
         rows.push([
@@ -272,6 +293,10 @@ pub fn render_table(apps: &[AppStatus], colour: bool) -> String {
             match a.app_token.expire {
                 Some(s) => format!("{} left", human_duration(s)),
                 None => "not cached".into(),
+            },
+            match a.tokens.consecutive_failures {
+                0 => "ok".into(),
+                n => format!("FAILING ({n} in a row)"),
             },
             format!("{} ({} active)", a.tenants.total, a.tenants.active),
             match &a.last_resend {
@@ -330,12 +355,44 @@ pub fn render_table(apps: &[AppStatus], colour: bool) -> String {
                 };
                 if let (2, true, Some(code)) = (i, colour, code) {
                     format!("\x1b[{code}m{padded}\x1b[0m")
+                } else if i == 6 && colour && app.tokens_failing() {
+                    format!("\x1b[31m{padded}\x1b[0m")
                 } else {
                     padded
                 }
             })
             .collect();
         line(cells, &mut out);
+    }
+    out.push_str(&render_token_failures(apps));
+    out
+}
+
+/// Below the table: each failing app's last token fetch failure, in the words its callers got.
+pub fn render_token_failures(apps: &[AppStatus]) -> String {
+    let mut out = String::new();
+    for a in apps.iter().filter(|a| a.tokens_failing()) {
+        let Some(f) = &a.tokens.last_failure else {
+            continue;
+        };
+        if out.is_empty() {
+            out.push_str("\nTOKEN FETCHES FAILING\n");
+        }
+        let since = a
+            .tokens
+            .last_success_at
+            .map_or("none succeeded since the start".to_string(), |at| {
+                format!("the last success at {} UTC", utc(at))
+            });
+        out.push_str(&format!(
+            "{}: {} failed in a row ({since}); last at {} UTC, {} token: {}: {}\n",
+            a.app_id,
+            a.tokens.consecutive_failures,
+            utc(f.at),
+            f.token,
+            f.error,
+            f.message
+        ));
     }
     out
 }
@@ -453,6 +510,7 @@ mod tests {
                 uninstalled: 0,
                 tokens_cached: 0,
             },
+            tokens: TokenFetches::default(),
         };
         assert_eq!(exit_code(&[app(TicketState::Fresh)]), 0);
         assert_eq!(
@@ -480,6 +538,51 @@ mod tests {
         assert!(table.starts_with("APP"), "{table}");
         assert!(table.contains("stale"));
         assert!(render_table(&[app(TicketState::Stale)], true).contains("\x1b[33m"));
+
+        // Issue 12: Feishu refusing every token request makes the exit code 1, with a fresh
+        // ticket too, and for a custom app (no ticket) alike; a success since clears it.
+        let failing = |state, kind| AppStatus {
+            kind,
+            tokens: TokenFetches {
+                consecutive_failures: 3,
+                last_success_at: None,
+                last_failure: Some(crate::tokens::FetchFailure {
+                    at: 1_795_290_111,
+                    token: "app".into(),
+                    error: "upstream_error".into(),
+                    upstream_code: Some(10015),
+                    message: "the Open Platform answered code 10015: app secret invalid".into(),
+                }),
+            },
+            ..app(state)
+        };
+        assert_eq!(exit_code(&[failing(TicketState::Fresh, AppKind::Store)]), 1);
+        assert_eq!(
+            exit_code(&[failing(TicketState::NotNeeded, AppKind::Custom)]),
+            1
+        );
+        assert_eq!(
+            exit_code(&[failing(TicketState::Missing, AppKind::Store)]),
+            2
+        );
+        let recovered = AppStatus {
+            tokens: TokenFetches {
+                consecutive_failures: 0,
+                last_success_at: Some(1_795_290_200),
+                ..failing(TicketState::Fresh, AppKind::Store).tokens
+            },
+            ..app(TicketState::Fresh)
+        };
+        assert_eq!(exit_code(&[recovered]), 0);
+        let table = render_table(&[failing(TicketState::Fresh, AppKind::Store)], false);
+        assert!(table.contains("FAILING (3 in a row)"), "{table}");
+        assert!(
+            table.contains(
+                "cli_a: 3 failed in a row (none succeeded since the start); last at 2026-11-21 19:41:51 UTC, app token: upstream_error: the Open Platform answered code 10015: app secret invalid"
+            ),
+            "{table}"
+        );
+        assert!(!render_table(&[app(TicketState::Fresh)], false).contains("FAILING"));
     }
 }
 
@@ -561,9 +664,10 @@ pub fn render_consumers(consumers: &[ConsumerLine], max_age_s: u64) -> String {
 }
 
 /// `lark-ticketd status`: fetch `/v1/apps` and `/v1/consumers`, print a table (or the JSON),
-/// return the exit code — 0 every ticket fresh and every consumer keeping up, 1 one ticket stale
-/// or one consumer with dead letters or an event older than `max_pending_age_s`, 2 one ticket
-/// missing or the service unreachable.
+/// return the exit code — 0 every ticket fresh, every app's token fetches succeeding and every
+/// consumer keeping up; 1 one ticket stale, one app whose token fetches fail (the last failed,
+/// none succeeded since), or one consumer with dead letters or an event older than
+/// `max_pending_age_s`; 2 one ticket missing or the service unreachable.
 pub async fn run_cli(
     url: &str,
     api_key: Option<&str>,

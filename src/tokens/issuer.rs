@@ -25,6 +25,8 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use tokio::time::Instant;
+
 use crate::config::{AppConfig, AppKind};
 use crate::error::{Error, ErrorKind};
 use crate::secret::Secret;
@@ -124,28 +126,30 @@ impl Issuer {
         }
     }
 
-    /// Call Feishu for `key` with what [`Issuer::prepare`] got. Feishu's verdicts are handed to
-    /// [`Broker::upstream_failed`] (the per-key back-off).
+    /// Call Feishu for `key` with what [`Issuer::prepare`] got, every call ending by
+    /// `deadline`. Failures are handed to [`Broker::upstream_failed`] (the per-key back-off and
+    /// the app's failure count).
     pub async fn issue(
         &self,
         broker: &Broker,
         key: &TokenKey,
         prepared: Prepared,
+        deadline: Instant,
     ) -> Result<IssuedToken, Error> {
         let up = &broker.0.upstream;
         match (self, key, prepared) {
             (Issuer::Store(c), TokenKey::App(_), Prepared::Ticket(ticket)) => {
-                fetch_store_app_token(broker, c, key, ticket).await
+                fetch_store_app_token(broker, c, key, ticket, deadline).await
             }
             (Issuer::Store(c), TokenKey::Tenant(_, tenant_key), Prepared::AppToken(app_token)) => {
-                fetch_store_tenant_token(broker, c, key, tenant_key, app_token).await
+                fetch_store_tenant_token(broker, c, key, tenant_key, app_token, deadline).await
             }
             (Issuer::Custom(c), TokenKey::App(_), Prepared::Credentials) => up
-                .app_access_token_internal(&c.base_url, &c.app_id, &c.secret)
+                .app_access_token_internal(&c.base_url, &c.app_id, &c.secret, deadline)
                 .await
                 .map_err(|e| broker.upstream_failed(key, e)),
             (Issuer::Custom(c), TokenKey::OwnTenant(_), Prepared::Credentials) => up
-                .tenant_access_token_internal(&c.base_url, &c.app_id, &c.secret)
+                .tenant_access_token_internal(&c.base_url, &c.app_id, &c.secret, deadline)
                 .await
                 .map_err(|e| broker.upstream_failed(key, e)),
             _ => Err(mismatch()),
@@ -176,7 +180,11 @@ impl Issuer {
         let secret = c.secret.clone();
         let app = c.app_id.clone();
         Some(async move {
-            match upstream.resend_app_ticket(&base_url, &app, &secret).await {
+            let deadline = upstream.deadline();
+            match upstream
+                .resend_app_ticket(&base_url, &app, &secret, deadline)
+                .await
+            {
                 Ok(()) => ResendOutcome::Accepted,
                 Err(e) => ResendOutcome::Failed {
                     code: e.code(),
@@ -255,11 +263,12 @@ async fn fetch_store_app_token(
     c: &AppCreds,
     key: &TokenKey,
     ticket: Secret,
+    deadline: Instant,
 ) -> Result<IssuedToken, Error> {
     let up = &broker.0.upstream;
     let app_id = c.app_id.as_str();
     let answer = match up
-        .app_access_token(&c.base_url, app_id, &c.secret, &ticket)
+        .app_access_token(&c.base_url, app_id, &c.secret, &ticket, deadline)
         .await
     {
         Err(e) if e.code() == Some(codes::APP_TICKET_INVALID) => {
@@ -271,7 +280,7 @@ async fn fetch_store_app_token(
             broker.0.tickets.demote(app_id, &ticket).await;
             let fresh = current_ticket(broker, app_id, Some(&ticket)).await?;
             let answer = up
-                .app_access_token(&c.base_url, app_id, &c.secret, &fresh)
+                .app_access_token(&c.base_url, app_id, &c.secret, &fresh, deadline)
                 .await;
             if matches!(&answer, Err(e) if e.code() == Some(codes::APP_TICKET_INVALID)) {
                 broker.0.tickets.demote(app_id, &fresh).await;
@@ -291,12 +300,13 @@ async fn fetch_store_tenant_token(
     key: &TokenKey,
     tenant_key: &str,
     app_token: Arc<Token>,
+    deadline: Instant,
 ) -> Result<IssuedToken, Error> {
     let up = &broker.0.upstream;
     let app_id = c.app_id.as_str();
     let app_key = TokenKey::App(app_id.to_string());
     let answer = match up
-        .tenant_access_token(&c.base_url, &app_token.value, tenant_key)
+        .tenant_access_token(&c.base_url, &app_token.value, tenant_key, deadline)
         .await
     {
         Err(e)
@@ -312,7 +322,7 @@ async fn fetch_store_tenant_token(
             );
             let (fresh, _) =
                 Box::pin(broker.invalidate(&app_key, app_token.value.expose())).await?;
-            up.tenant_access_token(&c.base_url, &fresh.value, tenant_key)
+            up.tenant_access_token(&c.base_url, &fresh.value, tenant_key, deadline)
                 .await
         }
         other => other,
@@ -358,12 +368,12 @@ mod tests {
 
     #[test]
     fn only_store_apps_ask_for_a_ticket() {
-        let upstream = Upstream::new(
-            std::time::Duration::from_secs(1),
-            0,
-            crate::metrics::Metrics::new(),
-        )
-        .unwrap();
+        let bounds = super::super::upstream::Bounds {
+            timeout: std::time::Duration::from_secs(1),
+            retries: 0,
+            request_deadline: std::time::Duration::from_secs(10),
+        };
+        let upstream = Upstream::new(bounds, crate::metrics::Metrics::new()).unwrap();
         assert!(issuer("store").resend_call(&upstream).is_some());
         assert!(issuer("custom").resend_call(&upstream).is_none());
     }

@@ -71,13 +71,15 @@ impl Broker {
         issuer.before_login(self).await?;
         let creds = issuer.creds();
         let upstream = &self.0.upstream;
+        // One deadline for both calls (`tokens.request_deadline`).
+        let deadline = upstream.deadline();
         let tokens = upstream
-            .user_tokens(&creds.base_url, app_id, &creds.secret, &grant)
+            .user_tokens(&creds.base_url, app_id, &creds.secret, &grant, deadline)
             .await
             .map_err(|e| refused(e, &grant))?;
         let issued_at_ms = self.now();
         let info = upstream
-            .user_info(&creds.base_url, &tokens.access_token)
+            .user_info(&creds.base_url, &tokens.access_token, deadline)
             .await
             .map_err(Error::from)?;
         tracing::info!(
@@ -154,7 +156,7 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::LoginFailed);
         assert_eq!(e.upstream(), Some((20003, "invalid code")));
         assert_eq!(
-            refused(UpstreamError::Timeout, &grant()).kind(),
+            refused(UpstreamError::Timeout("no answer".into()), &grant()).kind(),
             ErrorKind::UpstreamTimeout
         );
         let e = refused(

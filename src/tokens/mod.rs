@@ -22,6 +22,17 @@
 //!   disconnected) abandons only its own wait: the flight completes and caches the token for
 //!   the others. (smithy-rs `expiring_cache.rs` runs the load inside the caller's future; a
 //!   shared token service cannot.) Callers that join a failing flight get its error, once.
+//! * **One deadline per fetch**: everything a flight asks Feishu — every attempt, retry and
+//!   back-off, the app token a tenant token needs (its own flight, started at the same moment),
+//!   the second call after a `10012` — ends `tokens.request_deadline` after the flight started
+//!   ([`upstream`] enforces it per call): the callers then get `504 upstream_timeout` whatever
+//!   retries remain, not after `(retries + 1) × timeout`. A wait for a ticket push is bounded by
+//!   `tickets.resend_wait` instead, and a fleet's wait for another replica's fetch by the
+//!   deadline too.
+//! * **Failures are counted per app** ([`TokenFetches`]): each fetch that asked Feishu and failed
+//!   (with the cause its callers were told), and the last success; the status API shows them and
+//!   `lark-ticketd status` exits 1 while an app's last fetch failed. One small record per
+//!   configured app.
 //! * **Answered errors back off**: a Feishu error answer (a `code`, e.g. `99991400` rate limit,
 //!   `10015` wrong secret) is remembered per key for `tokens.error_backoff` and given to the
 //!   callers of that key meanwhile, instead of every new wave of callers asking again. A newly
@@ -60,7 +71,7 @@
 //!   off the request path: one background writer applies token writes in order; a failure is
 //!   logged, never returned to a caller.
 //! * [`Broker::close`] stops the sweep and every background refresh, waits for the flights that
-//!   callers are waiting on (each is bounded by the upstream timeouts and `tickets.resend_wait`),
+//!   callers are waiting on (each is bounded by `tokens.request_deadline` and `tickets.resend_wait`),
 //!   and drains the token writer.
 //!
 //! # Several replicas on one store (a fleet)
@@ -114,6 +125,7 @@ use rand::Rng;
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{AbortHandle, JoinHandle};
+use tokio::time::Instant;
 
 use crate::clock::SharedClock;
 use crate::config::{AppKind, Config, TokenConfig};
@@ -121,7 +133,7 @@ use crate::error::{Error, ErrorKind};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::store::{Change, Store, TokenRecord};
-use crate::tickets::Tickets;
+use crate::tickets::{Resend, Tickets};
 use issuer::{Issuer, Prepared};
 use upstream::{codes, Upstream};
 
@@ -269,6 +281,38 @@ impl Served {
     }
 }
 
+/// How an app's token fetches from the Open Platform have gone since this process started: the
+/// status API's `tokens` block, and what makes `lark-ticketd status` exit 1 (the app's last
+/// fetch failed and none succeeded since). Counted per fetch that asked Feishu — every token of
+/// the app, app and tenant, background refreshes included — not per caller: callers that share
+/// a fetch, or get a remembered refusal during `tokens.error_backoff`, add nothing. Never a
+/// token or a secret.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct TokenFetches {
+    /// Fetches that failed since the last one that succeeded (0: the last one succeeded, or
+    /// none failed).
+    pub consecutive_failures: u64,
+    /// Unix seconds.
+    pub last_success_at: Option<u64>,
+    pub last_failure: Option<FetchFailure>,
+}
+
+/// The last failed token fetch of an app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct FetchFailure {
+    /// Unix seconds.
+    pub at: u64,
+    /// `app` or `tenant`: which kind of token.
+    pub token: String,
+    /// The error code the callers got: `upstream_error` or `upstream_timeout`.
+    pub error: String,
+    /// Feishu's code, when it answered with one.
+    pub upstream_code: Option<i64>,
+    /// What went wrong, naming the cause (Feishu's message, connection refused, DNS, TLS, a
+    /// timeout, an HTTP status …), as the callers were told.
+    pub message: String,
+}
+
 /// Things the broker did in the background, for tests and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BrokerEvent {
@@ -370,6 +414,8 @@ struct Inner {
     flights: DashMap<TokenKey, watch::Receiver<Outcome>>,
     /// The last answered error per key, until it may be asked again.
     failures: DashMap<TokenKey, Failure>,
+    /// Per configured app (a fixed set: bounded): how its fetches from Feishu have gone.
+    fetches: HashMap<String, Mutex<TokenFetches>>,
     /// Bounds background refreshes.
     refresh_permits: Arc<Semaphore>,
     /// Tokens dropped by compare-and-invalidate, until a new one is fetched: never reloaded from
@@ -427,8 +473,11 @@ impl Broker {
             .map(|a| (a.app_id.clone(), Issuer::new(a)))
             .collect();
         let upstream = Upstream::new(
-            config.tokens.upstream_timeout,
-            config.tokens.upstream_retries,
+            upstream::Bounds {
+                timeout: config.tokens.upstream_timeout,
+                retries: config.tokens.upstream_retries,
+                request_deadline: config.tokens.request_deadline,
+            },
             metrics,
         )
         .map_err(|e| {
@@ -440,6 +489,11 @@ impl Broker {
         })?;
         let (persist_tx, persist_rx) = mpsc::channel(PERSIST_QUEUE);
         let fleet = tickets.in_fleet();
+        let fetches = config
+            .apps
+            .iter()
+            .map(|a| (a.app_id.clone(), Mutex::new(TokenFetches::default())))
+            .collect();
         Ok(Broker(Arc::new(Inner {
             issuers,
             tokens_cfg: config.tokens.clone(),
@@ -451,6 +505,7 @@ impl Broker {
             index: Mutex::new(BTreeSet::new()),
             flights: DashMap::new(),
             failures: DashMap::new(),
+            fetches,
             refresh_permits: Arc::new(Semaphore::new(config.tokens.refresh_concurrency)),
             rejected: Mutex::new(HashMap::new()),
             tickets,
@@ -812,13 +867,15 @@ impl Broker {
         let mut closing = self.0.closing.subscribe();
         tokio::spawn(async move {
             let background = permit.is_some();
+            // One deadline for everything this fetch asks Feishu (module docs).
+            let deadline = this.0.upstream.deadline();
             let result = if background {
                 tokio::select! {
-                    r = this.run_flight(&key) => r,
+                    r = this.run_flight(&key, deadline) => r,
                     _ = closing.wait_for(|c| *c) => Err(shutting_down()),
                 }
             } else {
-                this.run_flight(&key).await
+                this.run_flight(&key, deadline).await
             };
             drop(permit);
             this.land(&key, &result, background);
@@ -862,11 +919,11 @@ impl Broker {
         }
     }
 
-    /// What a flight does: a persisted token (after a restart), else a fetch from Feishu; in a
-    /// fleet, [`Broker::run_fleet_flight`].
-    async fn run_flight(&self, key: &TokenKey) -> Result<Arc<Token>, Error> {
+    /// What a flight does: a persisted token (after a restart), else a fetch from Feishu, whose
+    /// calls end by `deadline`; in a fleet, [`Broker::run_fleet_flight`].
+    async fn run_flight(&self, key: &TokenKey, deadline: Instant) -> Result<Arc<Token>, Error> {
         if self.0.fleet {
-            return self.run_fleet_flight(key).await;
+            return self.run_fleet_flight(key, deadline).await;
         }
         if let Some(token) = self.load_persisted(key).await {
             if is_usable(
@@ -877,27 +934,32 @@ impl Broker {
                 return Ok(token);
             }
         }
-        self.fetch(key).await
+        self.fetch(key, deadline).await
     }
 
     /// How long a replica may hold a token's fetch lease: one upstream call's worst case
-    /// (every attempt timing out, the longest back-off between them) plus
-    /// [`FETCH_LEASE_SLACK`]. A fetch that takes longer (Feishu refused the app token and the
-    /// call is made again) may let a second replica fetch too: a wasted call, never a wrong
-    /// token (the store keeps the token that expires last).
+    /// (every attempt timing out, the longest back-off between them, but no longer than
+    /// `tokens.request_deadline`) plus [`FETCH_LEASE_SLACK`]. A fetch that takes longer (Feishu
+    /// refused the app token and the call is made again) may let a second replica fetch too: a
+    /// wasted call, never a wrong token (the store keeps the token that expires last).
     pub fn fetch_lease_ttl(&self) -> Duration {
         let cfg = &self.0.tokens_cfg;
         let backoff: Duration = (0..cfg.upstream_retries).map(upstream::max_backoff).sum();
         cfg.upstream_timeout
             .saturating_mul(cfg.upstream_retries.saturating_add(1))
             .saturating_add(backoff)
+            .min(cfg.request_deadline)
             .saturating_add(FETCH_LEASE_SLACK)
     }
 
     /// A flight in a fleet (see "Several replicas" in the module docs): adopt what another
     /// replica stored, else fetch under the fleet's lease, else wait for the lease holder's
     /// token.
-    async fn run_fleet_flight(&self, key: &TokenKey) -> Result<Arc<Token>, Error> {
+    async fn run_fleet_flight(
+        &self,
+        key: &TokenKey,
+        request_deadline: Instant,
+    ) -> Result<Arc<Token>, Error> {
         // Subscribe before the first look, so a token stored after it still wakes us.
         let mut changes = self.0.store.changes();
         let mut closing = self.0.closing.subscribe();
@@ -911,7 +973,8 @@ impl Broker {
         let ttl = self.fetch_lease_ttl();
         let poll = self.0.tokens_cfg.fleet_poll_interval;
         // The holder finishes or its lease expires within `ttl`; one more holder may come first.
-        let deadline = tokio::time::Instant::now() + ttl.saturating_mul(2) + poll;
+        // And this request's own deadline holds here too.
+        let deadline = (Instant::now() + ttl.saturating_mul(2) + poll).min(request_deadline);
         loop {
             if let Some(token) = self.adopt_stored(key, newer_than).await {
                 return Ok(token);
@@ -923,7 +986,9 @@ impl Broker {
                     let result = match self.adopt_stored(key, newer_than).await {
                         Some(token) => Ok(token),
                         None => match prepared.take() {
-                            Some(prepared) => self.call_and_store(key, prepared).await,
+                            Some(prepared) => {
+                                self.call_and_store(key, prepared, request_deadline).await
+                            }
                             None => Err(Error::from(ErrorKind::Internal)),
                         },
                     };
@@ -936,12 +1001,14 @@ impl Broker {
                 Err(e) => {
                     tracing::warn!(key = %key, error = %e, "cannot take the fetch lease; fetching without the other replicas");
                     return match prepared.take() {
-                        Some(prepared) => self.call_and_store(key, prepared).await,
+                        Some(prepared) => {
+                            self.call_and_store(key, prepared, request_deadline).await
+                        }
                         None => Err(Error::from(ErrorKind::Internal)),
                     };
                 }
             }
-            let now = tokio::time::Instant::now();
+            let now = Instant::now();
             if now >= deadline {
                 return Err(Error::new(
                     ErrorKind::UpstreamTimeout,
@@ -1212,10 +1279,11 @@ impl Broker {
         }
     }
 
-    /// Fetch `key` from Feishu (inside its flight), cache it and queue its write.
-    async fn fetch(&self, key: &TokenKey) -> Result<Arc<Token>, Error> {
+    /// Fetch `key` from Feishu (inside its flight, calls ending by `deadline`), cache it and
+    /// queue its write.
+    async fn fetch(&self, key: &TokenKey, deadline: Instant) -> Result<Arc<Token>, Error> {
         let prepared = self.prepare(key).await?;
-        self.call_and_store(key, prepared).await
+        self.call_and_store(key, prepared, deadline).await
     }
 
     /// How `app_id`'s tokens are issued; `unknown_app` if it is not configured.
@@ -1253,12 +1321,14 @@ impl Broker {
         &self,
         key: &TokenKey,
         prepared: Prepared,
+        deadline: Instant,
     ) -> Result<Arc<Token>, Error> {
         let issued = self
             .issuer(key.app_id())?
-            .issue(self, key, prepared)
+            .issue(self, key, prepared, deadline)
             .await?;
         let now = self.now();
+        self.fetched(key, now);
         let token = Token {
             value: issued.token,
             expires_at_ms: now.saturating_add(issued.expire_s.saturating_mul(1000)),
@@ -1309,9 +1379,29 @@ impl Broker {
         }
     }
 
-    /// Convert an upstream failure; Feishu's verdicts (an error answer, or a rate limit however
-    /// it came) are remembered for `tokens.error_backoff`, so the next callers of `key` get the
-    /// same answer without asking again. Outages (timeouts, 5xx) are not: the next caller tries.
+    /// A fetch of `key` from Feishu succeeded at `now_ms`: the app's failures in a row end.
+    fn fetched(&self, key: &TokenKey, now_ms: u64) {
+        if let Some(fetches) = self.0.fetches.get(key.app_id()) {
+            let mut fetches = lock(fetches);
+            fetches.consecutive_failures = 0;
+            fetches.last_success_at = Some(now_ms / 1000);
+        }
+    }
+
+    /// How the token fetches of `app_id` have gone ([`TokenFetches`]); empty for an app that is
+    /// not configured.
+    pub fn token_fetches(&self, app_id: &str) -> TokenFetches {
+        self.0
+            .fetches
+            .get(app_id)
+            .map(|f| lock(f).clone())
+            .unwrap_or_default()
+    }
+
+    /// Convert an upstream failure and count it for the app ([`TokenFetches`]); Feishu's
+    /// verdicts (an error answer, or a rate limit however it came) are remembered for
+    /// `tokens.error_backoff`, so the next callers of `key` get the same answer without asking
+    /// again. Outages (timeouts, 5xx) are not: the next caller tries.
     fn upstream_failed(&self, key: &TokenKey, e: upstream::UpstreamError) -> Error {
         let verdict = match &e {
             upstream::UpstreamError::Api { .. } => true,
@@ -1319,6 +1409,17 @@ impl Broker {
             _ => false,
         };
         let error = Error::from(e);
+        if let Some(fetches) = self.0.fetches.get(key.app_id()) {
+            let mut fetches = lock(fetches);
+            fetches.consecutive_failures = fetches.consecutive_failures.saturating_add(1);
+            fetches.last_failure = Some(FetchFailure {
+                at: self.now() / 1000,
+                token: key.kind().to_string(),
+                error: error.kind().code().to_string(),
+                upstream_code: error.upstream().map(|(code, _)| code),
+                message: error.message().to_string(),
+            });
+        }
         if verdict {
             let until = self
                 .now()
@@ -1347,9 +1448,9 @@ impl Broker {
 
     /// Ask Feishu to push the ticket again, at most once per app per `tickets.resend_interval`
     /// (across the fleet too; the bookkeeping is [`Tickets::request_resend`]'s; the call is the
-    /// Open Platform client's). Returns whether a request was sent now; never for a custom app
-    /// (it has no ticket).
-    pub async fn request_resend(&self, app_id: &str) -> bool {
+    /// Open Platform client's). Returns whether a request was sent now or how long it is held
+    /// back; never sent for a custom app (it has no ticket).
+    pub async fn request_resend(&self, app_id: &str) -> Resend {
         let call = self
             .0
             .issuers
@@ -1357,21 +1458,47 @@ impl Broker {
             .and_then(|i| i.resend_call(&self.0.upstream));
         match call {
             Some(call) => self.0.tickets.request_resend(app_id, call).await,
-            None => false,
+            None => Resend::NotApplicable,
         }
     }
 
-    /// An operator's resend request: as [`Broker::request_resend`], but an app without a ticket
-    /// (a custom app) is an error the operator should see, not a quiet `false`.
-    pub async fn resend_for_operator(&self, app_id: &str) -> Result<bool, Error> {
-        let issuer = self.issuer(app_id)?;
-        if issuer.resend_call(&self.0.upstream).is_none() {
-            return Err(Error::new(
+    /// An operator's resend request: as [`Broker::request_resend`], but what did not send a
+    /// request is an error the operator should see: an app without a ticket (a custom app) is
+    /// `400 bad_request`, a request held back by the interval `429 resend_rate_limited` with the
+    /// time until the next may be sent.
+    pub async fn resend_for_operator(&self, app_id: &str) -> Result<(), Error> {
+        let custom_app = || {
+            Error::new(
                 ErrorKind::BadRequest,
                 format!("{app_id} is a custom app: it has no App Ticket to resend"),
-            ));
+            )
+        };
+        if self.issuer(app_id)?.resend_call(&self.0.upstream).is_none() {
+            return Err(custom_app());
         }
-        Ok(self.request_resend(app_id).await)
+        match self.request_resend(app_id).await {
+            Resend::Sent => Ok(()),
+            Resend::Held {
+                retry_after,
+                other_replica,
+            } => {
+                let interval = self.0.tickets.resend_interval();
+                let who = if other_replica {
+                    "another replica asked Feishu to resend the App Ticket"
+                } else {
+                    "a resend of the App Ticket was requested"
+                };
+                Err(Error::new(
+                    ErrorKind::ResendRateLimited,
+                    format!(
+                        "{who} less than tickets.resend_interval ({interval:?}) ago and Feishu is asked at most once per interval; retry in {} s",
+                        crate::error::retry_after_seconds(retry_after)
+                    ),
+                )
+                .with_retry_after(retry_after))
+            }
+            Resend::NotApplicable => Err(custom_app()),
+        }
     }
 
     /// When the cached token for `key` expires, if one is cached (never the token itself).

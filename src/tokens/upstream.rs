@@ -3,13 +3,23 @@
 //! app endpoints (§6b: the same two tokens from `/internal`, app_id + app_secret alone), and
 //! OAuth login (§6c: the v2 token endpoint, then `user_info`).
 //!
-//! Every call has a timeout. Transport failures (including timeouts) and 5xx answers are retried
-//! with exponential backoff and jitter; an answered error (`code != 0`, HTTP < 500) is never
-//! retried — it is Feishu's verdict, and the broker decides what it means (10012: resend the
-//! ticket; 99991663 / 99991664: drop that token). Non-200 statuses are still parsed for `code` and
-//! `msg`, since Feishu answers some auth failures with HTTP 400 and a JSON body; a 5xx that
-//! carries a `code` keeps it ([`UpstreamError::Server`]), so the caller's `502 upstream_error`
-//! says what Feishu said.
+//! Every attempt has a timeout (`tokens.upstream_timeout`), and every call a **deadline** that the
+//! caller gives (a token fetch: `tokens.request_deadline` from the start of its flight): no
+//! attempt runs past it, and no retry starts that could not finish before it — the deadline, not
+//! `(retries + 1) × timeout`, bounds what a caller waits for Feishu. Transport failures
+//! (including timeouts) and 5xx answers are retried with exponential backoff and jitter; an
+//! answered error (`code != 0`, HTTP < 500) is never retried — it is Feishu's verdict, and the
+//! broker decides what it means (10012: resend the ticket; 99991663 / 99991664: drop that token).
+//! Non-200 statuses are still parsed for `code` and `msg`, since Feishu answers some auth failures
+//! with HTTP 400 and a JSON body; a 5xx that carries a `code` keeps it ([`UpstreamError::Server`]),
+//! so the caller's `502 upstream_error` says what Feishu said.
+//!
+//! **A failure names its cause** ([`no_answer`], [`unusable_answer`]): connection refused, DNS
+//! lookup failed, TLS handshake failed, the connection closed, no answer within the timeout or
+//! before the deadline, an HTTP status without Feishu's JSON answer, a body that is not JSON —
+//! from reqwest's classification and the error's `source()` chain (the io error's kind, hyper's
+//! connector stage), never from the URL: messages carry no URL (the request's is ours to know,
+//! and a base URL may hold credentials) and no body (it may hold a token).
 //!
 //! The OAuth token call is the exception: it is **never retried**. Its authorization code and
 //! refresh token are single-use, so a retry after a lost answer would be refused (the first
@@ -33,6 +43,7 @@ use std::time::Duration;
 use rand::Rng;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use tokio::time::Instant;
 
 use crate::error::{Error, ErrorKind};
 use crate::metrics::Metrics;
@@ -69,11 +80,12 @@ pub mod codes {
 pub enum UpstreamError {
     /// Feishu answered with a non-zero `code`.
     Api { code: i64, msg: String, status: u16 },
-    /// No answer within the timeout (after retries).
-    Timeout,
+    /// No answer within the timeout or before the deadline (after retries): which, in words.
+    Timeout(String),
     /// A 5xx answer that carried Feishu's `code` and `msg` (after retries).
     Server { code: i64, msg: String, status: u16 },
-    /// Connection failure or an unreadable answer (after retries).
+    /// No usable answer (after retries): a connection failure or an answer we cannot read, its
+    /// cause in words (connection refused, DNS lookup failed, TLS handshake failed, HTTP 502 …).
     Transport(String),
 }
 
@@ -95,8 +107,8 @@ impl fmt::Display for UpstreamError {
             UpstreamError::Server { code, msg, status } => {
                 write!(f, "Feishu failed with HTTP {status}, code {code} ({msg})")
             }
-            UpstreamError::Timeout => f.write_str("Feishu did not answer in time"),
-            UpstreamError::Transport(e) => write!(f, "cannot reach Feishu: {e}"),
+            UpstreamError::Timeout(why) => write!(f, "Feishu did not answer in time: {why}"),
+            UpstreamError::Transport(why) => write!(f, "no usable answer from Feishu: {why}"),
         }
     }
 }
@@ -116,12 +128,14 @@ impl From<UpstreamError> for Error {
                 format!("the Open Platform failed with code {code}: {msg}"),
             )
             .with_upstream(*code, msg.clone()),
-            UpstreamError::Timeout => Error::from(ErrorKind::UpstreamTimeout),
-            UpstreamError::Transport(_) => Error::new(
+            UpstreamError::Timeout(why) => Error::new(
+                ErrorKind::UpstreamTimeout,
+                format!("the Open Platform did not answer in time: {why}"),
+            ),
+            UpstreamError::Transport(why) => Error::new(
                 ErrorKind::UpstreamError,
-                "the Open Platform could not be reached",
-            )
-            .with_cause(e),
+                format!("no usable answer from the Open Platform: {why}"),
+            ),
         }
     }
 }
@@ -250,32 +264,37 @@ enum Outgoing<'a> {
     Get { bearer: &'a Secret },
 }
 
+/// How long a call may take: each attempt, and all of them together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounds {
+    /// One attempt (`tokens.upstream_timeout`).
+    pub timeout: Duration,
+    /// Retries after an outage (`tokens.upstream_retries`), as long as the deadline allows.
+    pub retries: u32,
+    /// A whole request, retries included (`tokens.request_deadline`): see [`Upstream::deadline`].
+    pub request_deadline: Duration,
+}
+
 /// The auth API client.
 #[derive(Clone, Debug)]
 pub struct Upstream {
     http: reqwest::Client,
-    timeout: Duration,
-    retries: u32,
+    bounds: Bounds,
     metrics: Metrics,
 }
 
 impl Upstream {
     /// The client; fails if the HTTP client cannot be built.
-    pub fn new(
-        timeout: Duration,
-        retries: u32,
-        metrics: Metrics,
-    ) -> Result<Upstream, UpstreamError> {
+    pub fn new(bounds: Bounds, metrics: Metrics) -> Result<Upstream, UpstreamError> {
         let builder = reqwest::Client::builder()
             .user_agent(concat!("lark-ticketd/", env!("CARGO_PKG_VERSION")))
             .pool_idle_timeout(Duration::from_secs(60));
-        Upstream::with_builder(builder, timeout, retries, metrics)
+        Upstream::with_builder(builder, bounds, metrics)
     }
 
     fn with_builder(
         builder: reqwest::ClientBuilder,
-        timeout: Duration,
-        retries: u32,
+        bounds: Bounds,
         metrics: Metrics,
     ) -> Result<Upstream, UpstreamError> {
         let http = builder
@@ -283,10 +302,14 @@ impl Upstream {
             .map_err(|e| UpstreamError::Transport(format!("cannot build the HTTP client: {e}")))?;
         Ok(Upstream {
             http,
-            timeout,
-            retries,
+            bounds,
             metrics,
         })
+    }
+
+    /// The deadline of a request starting now: `tokens.request_deadline` from now.
+    pub fn deadline(&self) -> Instant {
+        Instant::now() + self.bounds.request_deadline
     }
 
     /// `app_access_token` for a store app: needs the newest app_ticket.
@@ -296,6 +319,7 @@ impl Upstream {
         app_id: &str,
         app_secret: &Secret,
         app_ticket: &Secret,
+        deadline: Instant,
     ) -> Result<IssuedToken, UpstreamError> {
         let body = serde_json::json!({
             "app_id": app_id,
@@ -308,7 +332,8 @@ impl Upstream {
                 APP_ACCESS_TOKEN_PATH,
                 "app_access_token",
                 Outgoing::Post(&body),
-                self.retries,
+                self.bounds.retries,
+                deadline,
             )
             .await?;
         issued(r.app_access_token, expire_s(r.expire.as_ref()))
@@ -320,6 +345,7 @@ impl Upstream {
         base_url: &str,
         app_access_token: &Secret,
         tenant_key: &str,
+        deadline: Instant,
     ) -> Result<IssuedToken, UpstreamError> {
         let body = serde_json::json!({
             "app_access_token": app_access_token.expose(),
@@ -331,7 +357,8 @@ impl Upstream {
                 TENANT_ACCESS_TOKEN_PATH,
                 "tenant_access_token",
                 Outgoing::Post(&body),
-                self.retries,
+                self.bounds.retries,
+                deadline,
             )
             .await?;
         issued(r.tenant_access_token, expire_s(r.expire.as_ref()))
@@ -343,6 +370,7 @@ impl Upstream {
         base_url: &str,
         app_id: &str,
         app_secret: &Secret,
+        deadline: Instant,
     ) -> Result<IssuedToken, UpstreamError> {
         let body = serde_json::json!({ "app_id": app_id, "app_secret": app_secret.expose() });
         let r: AuthResponse = self
@@ -351,7 +379,8 @@ impl Upstream {
                 APP_ACCESS_TOKEN_INTERNAL_PATH,
                 "app_access_token_internal",
                 Outgoing::Post(&body),
-                self.retries,
+                self.bounds.retries,
+                deadline,
             )
             .await?;
         issued(r.app_access_token, expire_s(r.expire.as_ref()))
@@ -363,6 +392,7 @@ impl Upstream {
         base_url: &str,
         app_id: &str,
         app_secret: &Secret,
+        deadline: Instant,
     ) -> Result<IssuedToken, UpstreamError> {
         let body = serde_json::json!({ "app_id": app_id, "app_secret": app_secret.expose() });
         let r: AuthResponse = self
@@ -371,7 +401,8 @@ impl Upstream {
                 TENANT_ACCESS_TOKEN_INTERNAL_PATH,
                 "tenant_access_token_internal",
                 Outgoing::Post(&body),
-                self.retries,
+                self.bounds.retries,
+                deadline,
             )
             .await?;
         issued(r.tenant_access_token, expire_s(r.expire.as_ref()))
@@ -383,6 +414,7 @@ impl Upstream {
         base_url: &str,
         app_id: &str,
         app_secret: &Secret,
+        deadline: Instant,
     ) -> Result<(), UpstreamError> {
         let body = serde_json::json!({ "app_id": app_id, "app_secret": app_secret.expose() });
         self.call::<AuthResponse>(
@@ -390,7 +422,8 @@ impl Upstream {
             APP_TICKET_RESEND_PATH,
             "app_ticket_resend",
             Outgoing::Post(&body),
-            self.retries,
+            self.bounds.retries,
+            deadline,
         )
         .await
         .map(|_| ())
@@ -404,6 +437,7 @@ impl Upstream {
         app_id: &str,
         app_secret: &Secret,
         grant: &Grant,
+        deadline: Instant,
     ) -> Result<UserTokens, UpstreamError> {
         let mut body = serde_json::json!({
             "client_id": app_id,
@@ -436,6 +470,7 @@ impl Upstream {
                 "oauth_token",
                 Outgoing::Post(&body),
                 0,
+                deadline,
             )
             .await?;
         let access_token = r.access_token.filter(|t| !t.is_empty()).ok_or_else(|| {
@@ -466,6 +501,7 @@ impl Upstream {
         &self,
         base_url: &str,
         user_access_token: &Secret,
+        deadline: Instant,
     ) -> Result<UserInfo, UpstreamError> {
         let r: UserInfoResponse = self
             .call(
@@ -475,7 +511,8 @@ impl Upstream {
                 Outgoing::Get {
                     bearer: user_access_token,
                 },
-                self.retries,
+                self.bounds.retries,
+                deadline,
             )
             .await?;
         match r.data {
@@ -486,8 +523,8 @@ impl Upstream {
         }
     }
 
-    /// One call, with up to `retries` retries after an outage (module docs). `endpoint` names
-    /// it in metrics.
+    /// One call, with up to `retries` retries after an outage, all before `deadline` (module
+    /// docs). `endpoint` names it in metrics.
     async fn call<T: Answer>(
         &self,
         base_url: &str,
@@ -495,39 +532,91 @@ impl Upstream {
         endpoint: &'static str,
         send: Outgoing<'_>,
         retries: u32,
+        deadline: Instant,
     ) -> Result<T, UpstreamError> {
         let url = format!("{}{path}", base_url.trim_end_matches('/'));
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let mut attempt = 0;
         loop {
-            let outcome = self.call_once::<T>(&url, &send).await;
+            let left = deadline.saturating_duration_since(Instant::now());
+            // The attempt's own timeout, or what is left of the deadline: whichever ends first
+            // names the timeout.
+            let outcome = if left.is_zero() {
+                Err(UpstreamError::Timeout(self.deadline_passed(attempt)))
+            } else if left < self.bounds.timeout {
+                match self.call_once::<T>(&url, &send, left).await {
+                    Err(UpstreamError::Timeout(_)) => {
+                        Err(UpstreamError::Timeout(self.deadline_passed(attempt + 1)))
+                    }
+                    other => other,
+                }
+            } else {
+                self.call_once::<T>(&url, &send, self.bounds.timeout)
+                    .await
+                    .map_err(|e| match e {
+                        UpstreamError::Timeout(why) if attempt > 0 => UpstreamError::Timeout(
+                            format!("{why} (attempt {} of {})", attempt + 1, retries + 1),
+                        ),
+                        e => e,
+                    })
+            };
             let retryable = matches!(
                 outcome,
-                Err(UpstreamError::Timeout
+                Err(UpstreamError::Timeout(_)
                     | UpstreamError::Transport(_)
                     | UpstreamError::Server { .. })
             );
-            if !retryable || attempt >= retries {
+            let wait = backoff(attempt);
+            // A retry that could not even start before the deadline is not made.
+            let in_time = Instant::now() + wait < deadline;
+            let outcome = match outcome {
+                Err(UpstreamError::Timeout(why)) if attempt < retries && !in_time => {
+                    Err(UpstreamError::Timeout(self.no_time_left(why)))
+                }
+                Err(UpstreamError::Transport(why)) if attempt < retries && !in_time => {
+                    Err(UpstreamError::Transport(self.no_time_left(why)))
+                }
+                outcome => outcome,
+            };
+            if !retryable || attempt >= retries || !in_time {
                 let code = match &outcome {
                     Ok(_) => "0".to_string(),
                     Err(UpstreamError::Api { code, .. }) => code.to_string(),
                     Err(UpstreamError::Server { .. }) => "5xx".to_string(),
-                    Err(UpstreamError::Timeout) => "timeout".to_string(),
+                    Err(UpstreamError::Timeout(_)) => "timeout".to_string(),
                     Err(UpstreamError::Transport(_)) => "transport".to_string(),
                 };
                 self.metrics
                     .upstream_call(endpoint, &code, started.elapsed().as_secs_f64());
                 return outcome;
             }
-            tokio::time::sleep(backoff(attempt)).await;
+            tokio::time::sleep(wait).await;
             attempt += 1;
         }
+    }
+
+    /// Why a call ended with retries left: the deadline.
+    fn no_time_left(&self, why: String) -> String {
+        format!(
+            "{why}; no time left for another attempt before the request's deadline (tokens.request_deadline, {:?})",
+            self.bounds.request_deadline
+        )
+    }
+
+    /// Why a call ended at its deadline, `attempts` made.
+    fn deadline_passed(&self, attempts: u32) -> String {
+        let plural = if attempts == 1 { "" } else { "s" };
+        format!(
+            "no answer before the request's deadline (tokens.request_deadline, {:?}) passed; {attempts} attempt{plural} made",
+            self.bounds.request_deadline
+        )
     }
 
     async fn call_once<T: Answer>(
         &self,
         url: &str,
         send: &Outgoing<'_>,
+        timeout: Duration,
     ) -> Result<T, UpstreamError> {
         let request = match send {
             Outgoing::Post(body) => self
@@ -538,12 +627,12 @@ impl Upstream {
             Outgoing::Get { bearer } => self.http.get(url).bearer_auth(bearer.expose()),
         };
         let response = request
-            .timeout(self.timeout)
+            .timeout(timeout)
             .send()
             .await
-            .map_err(transport)?;
+            .map_err(|e| no_answer(&e, timeout))?;
         let status = response.status().as_u16();
-        let bytes = response.bytes().await.map_err(transport)?;
+        let bytes = response.bytes().await.map_err(|e| no_answer(&e, timeout))?;
         let parsed = serde_json::from_slice::<T>(&bytes);
         match parsed {
             Ok(r) if r.code() == 0 && status < 300 => Ok(r),
@@ -557,20 +646,101 @@ impl Upstream {
                 msg: r.message(),
                 status,
             }),
-            _ => Err(UpstreamError::Transport(format!(
-                "HTTP {status} with an unexpected body"
+            Ok(_) => Err(UpstreamError::Transport(format!(
+                "{}, with code 0",
+                http_status(status)
             ))),
+            Err(_) => Err(UpstreamError::Transport(unusable_answer(status, &bytes))),
         }
     }
 }
 
-fn transport(e: reqwest::Error) -> UpstreamError {
-    if e.is_timeout() {
-        UpstreamError::Timeout
-    } else {
-        // Without the URL: it is ours to log, not news to anyone.
-        UpstreamError::Transport(e.without_url().to_string())
+/// `HTTP 502 (Bad Gateway)`.
+fn http_status(status: u16) -> String {
+    match hyper::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+    {
+        Some(reason) => format!("HTTP {status} ({reason})"),
+        None => format!("HTTP {status}"),
     }
+}
+
+/// An answer without Feishu's JSON (`code`, `msg`): its status, and what the body was instead.
+/// Never the body itself (a token may be in it).
+pub fn unusable_answer(status: u16, body: &[u8]) -> String {
+    let what = if body.iter().all(u8::is_ascii_whitespace) {
+        "an empty body"
+    } else if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() {
+        "a JSON body that is not an Open Platform answer (no numeric code)"
+    } else {
+        "a body that is not JSON"
+    };
+    format!("{}, with {what}", http_status(status))
+}
+
+/// Why a request got no (complete) answer, named for an operator: from reqwest's classification
+/// and the `source()` chain — the io error's kind (refused, reset, timed out, TLS data), hyper's
+/// connector stage (`dns error`) — plus the innermost cause's own words. Never the URL.
+pub fn no_answer(e: &reqwest::Error, timeout: Duration) -> UpstreamError {
+    use std::error::Error as _;
+    use std::io::ErrorKind as Io;
+    let mut kinds = Vec::new();
+    let mut stages = Vec::new();
+    let mut innermost = None;
+    let mut source = e.source();
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            kinds.push(io.kind());
+        }
+        stages.push(cause.to_string());
+        innermost = Some(cause.to_string());
+        source = cause.source();
+    }
+    // Without the URL: reqwest's own words name it, the causes below it never do.
+    let detail = innermost.unwrap_or_else(|| {
+        let mut e = format!("{e}");
+        if let Some(url) = e.find(" for url (") {
+            e.truncate(url);
+        }
+        e
+    });
+    let has = |kind: Io| kinds.contains(&kind);
+    let https = e.url().is_some_and(|u| u.scheme() == "https");
+    if e.is_timeout() || has(Io::TimedOut) {
+        return UpstreamError::Timeout(format!(
+            "no answer within tokens.upstream_timeout ({timeout:?})"
+        ));
+    }
+    let why = if has(Io::ConnectionRefused) {
+        format!("connection refused ({detail})")
+    } else if stages.iter().any(|s| s == "dns error")
+        || detail.starts_with("failed to lookup address")
+    {
+        format!("DNS lookup of the Open Platform's host failed ({detail})")
+    } else if https
+        && (has(Io::InvalidData)
+            || (e.is_connect() && !stages.iter().any(|s| s.starts_with("tcp "))))
+    {
+        // Past DNS and TCP (hyper's connector names those stages `dns error`, `tcp connect
+        // error` …), a failed https connect is the TLS handshake; rustls' io errors are
+        // InvalidData.
+        format!("TLS handshake failed ({detail})")
+    } else if has(Io::ConnectionReset)
+        || has(Io::ConnectionAborted)
+        || has(Io::BrokenPipe)
+        || has(Io::UnexpectedEof)
+        || stages.iter().any(|s| s.contains("connection closed"))
+    {
+        format!("the connection was closed before a complete answer ({detail})")
+    } else if e.is_connect() {
+        format!("cannot connect ({detail})")
+    } else if e.is_body() || e.is_decode() {
+        format!("the answer broke off ({detail})")
+    } else {
+        format!("the request failed ({detail})")
+    };
+    UpstreamError::Transport(why)
 }
 
 /// `expire` as whole seconds: a negative or fractional number is 0 (unusable).
@@ -624,6 +794,30 @@ fn backoff(attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn bounds() -> Bounds {
+        Bounds {
+            timeout: Duration::from_secs(1),
+            retries: 0,
+            request_deadline: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn an_answer_without_feishus_json_names_its_status_and_what_came_instead() {
+        assert_eq!(
+            unusable_answer(502, b"<html>Bad Gateway</html>"),
+            "HTTP 502 (Bad Gateway), with a body that is not JSON"
+        );
+        assert_eq!(
+            unusable_answer(200, b"  "),
+            "HTTP 200 (OK), with an empty body"
+        );
+        assert_eq!(
+            unusable_answer(200, br#"{"tenant_access_token":"t-secret"}"#),
+            "HTTP 200 (OK), with a JSON body that is not an Open Platform answer (no numeric code)"
+        );
+    }
 
     #[test]
     fn backoff_grows_with_jitter() {
@@ -713,9 +907,9 @@ mod tests {
     fn upstream_builder_errors_are_surfaced() {
         // An invalid header value makes reqwest's builder fail at build().
         let builder = reqwest::Client::builder().user_agent("bad\nagent");
-        let built = Upstream::with_builder(builder, Duration::from_secs(1), 0, Metrics::new());
+        let built = Upstream::with_builder(builder, bounds(), Metrics::new());
         assert!(built.is_err(), "the builder error must reach the caller");
-        assert!(Upstream::new(Duration::from_secs(1), 0, Metrics::new()).is_ok());
+        assert!(Upstream::new(bounds(), Metrics::new()).is_ok());
     }
 
     #[test]
@@ -743,7 +937,11 @@ mod tests {
         .into();
         assert_eq!(e.kind(), ErrorKind::UpstreamError);
         assert_eq!(e.upstream(), Some((10014, "app secret invalid")));
-        let e: Error = UpstreamError::Timeout.into();
+        let e: Error = UpstreamError::Timeout("no answer within 3s".into()).into();
         assert_eq!(e.kind(), ErrorKind::UpstreamTimeout);
+        assert_eq!(
+            e.message(),
+            "the Open Platform did not answer in time: no answer within 3s"
+        );
     }
 }

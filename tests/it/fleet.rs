@@ -548,8 +548,10 @@ async fn one_resend_per_app_across_the_fleet_per_interval() {
                 serde_json::json!({}),
             )
             .await;
-        assert_eq!(r.status, 202, "{}", r.text);
-        assert_eq!(r.json["requested"], false);
+        // Held back (issue 12): 429, and when the next may be sent.
+        assert_eq!(r.status, 429, "{}", r.text);
+        assert_eq!(r.json["error"]["code"], "resend_rate_limited");
+        assert!(r.headers.contains_key("retry-after"), "{:?}", r.headers);
     }
     assert_eq!(fleet.mock.calls(Endpoint::AppTicketResend), 1);
     fleet.stop().await;
@@ -1142,8 +1144,10 @@ mod on_redis {
                     serde_json::json!({}),
                 )
                 .await;
-            assert_eq!(r.status, 202, "{}", r.text);
-            assert_eq!(r.json["requested"], false);
+            // Held back (issue 12): 429, and when the next may be sent.
+            assert_eq!(r.status, 429, "{}", r.text);
+            assert_eq!(r.json["error"]["code"], "resend_rate_limited");
+            assert!(r.headers.contains_key("retry-after"), "{:?}", r.headers);
         }
         assert_eq!(fleet.mock.calls(Endpoint::AppTicketResend), 1);
         fleet.stop();

@@ -172,6 +172,8 @@ enum Fault {
 enum Ready {
     /// [`CONSUMER`] has a dead letter.
     DeadLetter,
+    /// The last resend request for this app has its outcome.
+    ResendSettled(&'static str),
 }
 
 #[derive(Debug, Clone)]
@@ -610,13 +612,28 @@ fn cases() -> Vec<Case> {
             .key(STATUS_BEARER)
             .fault(Fault::StoreDown)
             .answers(503, "store_unavailable"),
-        post("resendTicket", app_path(APP_ID, "/ticket/resend"))
+        // The start-up resend of PLAIN_APP never reached Feishu (nothing listens at its
+        // base_url): it does not use up the interval, so an operator's resend is sent at once.
+        post("resendTicket", app_path(PLAIN_APP, "/ticket/resend"))
             .key(ADMIN_BEARER)
+            .after(Ready::ResendSettled(PLAIN_APP))
             .answers(202, ""),
-        post("resendTicket", app_path(APP_ID, "/ticket/resend"))
+        post("resendTicket", app_path(PLAIN_APP, "/ticket/resend"))
             .key(ADMIN_BEARER)
+            .after(Ready::ResendSettled(PLAIN_APP))
             .fault(Fault::StoreDown)
             .answers(503, "store_unavailable"),
+        // APP_ID's start-up resend was accepted (and pushed) within the interval (1 h here).
+        post("resendTicket", app_path(APP_ID, "/ticket/resend"))
+            .key(ADMIN_BEARER)
+            .answers(429, "resend_rate_limited")
+            .also(|body| {
+                let message = body["error"]["message"].as_str().unwrap_or_default();
+                assert!(
+                    message.contains("tickets.resend_interval"),
+                    "the message names the interval: {body}"
+                )
+            }),
     ]);
 
     // Token API. In World::Main nothing ever asks for `cli_second`'s tokens but the store-down
@@ -1088,7 +1105,7 @@ fn auth_cases(spec: &Spec, base: &Case) -> Vec<Case> {
         out.push(narrow);
     }
     if op.path.contains("{app_id}") {
-        let app = [APP_ID, CUSTOM_APP]
+        let app = [APP_ID, CUSTOM_APP, PLAIN_APP]
             .into_iter()
             .find(|a| derived.path.contains(a))
             .unwrap_or_else(|| panic!("{}: which app?", base.describe()));
@@ -1193,8 +1210,10 @@ impl<'s> Run<'s> {
     }
 
     async fn case(&mut self, served: &Served, c: &Case) {
-        if let Some(Ready::DeadLetter) = c.ready {
-            served.await_dead_letter().await;
+        match c.ready {
+            Some(Ready::DeadLetter) => served.await_dead_letter().await,
+            Some(Ready::ResendSettled(app_id)) => served.await_resend_outcome(app_id).await,
+            None => {}
         }
         let body = match &c.body {
             Body::Later(later) => Body::Bytes(served.make(*later).await),
@@ -1560,7 +1579,8 @@ impl Served {
         match world {
             World::Main => {
                 let served = stack(config(&format!(
-                    "[forwarding]\nretry_schedule = [\"10ms\"]\n\
+                    "[tickets]\nresend_interval = \"1h\"\n\
+                     [forwarding]\nretry_schedule = [\"10ms\"]\n\
                      [[consumers]]\nname = \"{CONSUMER}\"\nurl = \"http://127.0.0.1:1/\"\n\
                      secret = \"{CONSUMER_SECRET_A}\"\nevents = [\"im.message.receive_v1\"]\n\
                      [[clients]]\nname = \"narrow\"\nkey_sha256 = \"{}\"\napps = [\"cli_second\"]\n\
@@ -1642,6 +1662,20 @@ impl Served {
         memory.set_unavailable(fault == Fault::StoreDown);
         if let Some(stack) = &self.stack {
             stack.mock.set_down(fault == Fault::UpstreamDown);
+        }
+    }
+
+    async fn await_resend_outcome(&self, app_id: &str) {
+        let tickets = self.state().tickets();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tickets.resend_status(app_id).map(|s| s.outcome)
+            == Some(lark_ticketd::tickets::ResendOutcome::Pending)
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the resend of {app_id} has no outcome"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 

@@ -109,9 +109,14 @@ async fn status_api_reports_resends_tokens_and_tenants_but_never_a_secret() {
     assert_eq!(s["ticket"]["arrived_via"], "resend");
     assert_eq!(s["last_resend"]["outcome"]["state"], "accepted");
     assert_eq!(s["last_resend"]["awaiting_push"], false);
-    // A second request inside the interval is not sent.
+    // A second request inside the interval is not sent: 429 until the interval ends.
     let r = resend(&stack, ADMIN_BEARER).await;
-    assert_eq!(r.json["requested"], false);
+    assert_eq!(
+        (r.status, r.code()),
+        (429, "resend_rate_limited"),
+        "{}",
+        r.text
+    );
     // The status scope may not resend; the tokens scope may not read status.
     let r = resend(&stack, STATUS_BEARER).await;
     assert_eq!((r.status, r.code()), (403, "forbidden"));
@@ -177,6 +182,162 @@ async fn status_api_reports_resends_tokens_and_tenants_but_never_a_secret() {
         assert!(!text.contains(ticket.ticket.expose()));
         assert!(!text.contains(&tenant_token));
     }
+    stack.stop().await;
+}
+
+/// Wait until the last resend request for `app_id` has its outcome; returns it.
+async fn resend_outcome(stack: &Stack, app_id: &str) -> lark_ticketd::tickets::ResendOutcome {
+    use lark_ticketd::tickets::ResendOutcome;
+    let tickets = stack.app.state.tickets();
+    crate::util::eventually("the resend's outcome", || {
+        tickets
+            .resend_status(app_id)
+            .is_some_and(|s| s.outcome != ResendOutcome::Pending)
+    })
+    .await;
+    tickets.resend_status(app_id).unwrap().outcome
+}
+
+/// Issue 12: a resend held back by `tickets.resend_interval` answers `429 resend_rate_limited`
+/// with `Retry-After` (seconds until the interval ends), not `202 {"requested": false}`; a
+/// resend that never reached Feishu does not use up the interval.
+#[tokio::test]
+async fn issue_12_a_held_back_resend_is_429_and_a_failed_one_does_not_use_up_the_interval() {
+    use lark_ticketd::mock_feishu::Endpoint;
+    use lark_ticketd::tickets::ResendOutcome;
+    let clock = manual_clock();
+    let stack = Stack::start(StackOptions {
+        clock: Some(Arc::clone(&clock)),
+        no_push_on_resend: true,
+        config: "[tokens]\nupstream_retries = 0\n".into(),
+        ..Default::default()
+    })
+    .await;
+    // The start-up resend was accepted (the platform does not push): the interval runs.
+    assert_eq!(
+        resend_outcome(&stack, APP_ID).await,
+        ResendOutcome::Accepted
+    );
+    let r = resend(&stack, ADMIN_BEARER).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (429, "resend_rate_limited"),
+        "{}",
+        r.text
+    );
+    assert_eq!(r.headers["retry-after"], "60", "{:?}", r.headers);
+    assert!(
+        r.json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tickets.resend_interval (60s)"),
+        "{}",
+        r.text
+    );
+    clock.advance(Duration::from_secs(45));
+    let r = resend(&stack, ADMIN_BEARER).await;
+    assert_eq!(
+        (r.status, r.headers["retry-after"].to_str().unwrap()),
+        (429, "15")
+    );
+    clock.advance(Duration::from_secs(15));
+
+    // Feishu unreachable (every auth call a 503): the request fails, and the next may go at once.
+    stack.mock.set_down(true);
+    let calls = stack.mock.calls(Endpoint::AppTicketResend);
+    for attempt in 1..=2 {
+        let r = resend(&stack, ADMIN_BEARER).await;
+        assert_eq!(
+            (r.status, r.json["requested"].as_bool()),
+            (202, Some(true)),
+            "attempt {attempt}: {}",
+            r.text
+        );
+        assert!(matches!(
+            resend_outcome(&stack, APP_ID).await,
+            ResendOutcome::Failed { code: None, .. }
+        ));
+        assert_eq!(stack.mock.calls(Endpoint::AppTicketResend), calls + attempt);
+    }
+    // Reachable again: one that Feishu accepts uses the interval up.
+    stack.mock.set_down(false);
+    let r = resend(&stack, ADMIN_BEARER).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    assert_eq!(
+        resend_outcome(&stack, APP_ID).await,
+        ResendOutcome::Accepted
+    );
+    let r = resend(&stack, ADMIN_BEARER).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (429, "resend_rate_limited"),
+        "{}",
+        r.text
+    );
+    assert_eq!(r.headers["retry-after"], "60");
+    stack.stop().await;
+}
+
+/// Issue 12: `lark-ticketd status` exits 1 while Feishu fails every token request, though every
+/// ticket is fresh; the status API names the failures and their cause; a success clears them.
+#[tokio::test]
+async fn issue_12_status_exits_1_while_token_fetches_fail() {
+    let stack = Stack::start(StackOptions {
+        config: "[tokens]\nupstream_retries = 0\n".into(),
+        ..Default::default()
+    })
+    .await;
+    stack.wait_for_ticket(APP_ID).await;
+    stack.wait_for_ticket("cli_second").await;
+    let url = stack.app.url("");
+    assert_eq!(
+        status_cli(url.clone(), Some(STATUS_BEARER), false).await.0,
+        0
+    );
+
+    stack.mock.set_down(true);
+    for _ in 0..2 {
+        let r = stack
+            .get(&format!("/v1/apps/{APP_ID}/app_access_token"))
+            .await;
+        assert_eq!((r.status, r.code()), (502, "upstream_error"), "{}", r.text);
+    }
+    let s = app_status(&stack).await;
+    assert_eq!(s["ticket"]["state"], "fresh");
+    assert_eq!(s["tokens"]["consecutive_failures"], 2, "{s}");
+    assert_eq!(s["tokens"]["last_success_at"], Value::Null);
+    let failure = &s["tokens"]["last_failure"];
+    assert_eq!(failure["token"], "app");
+    assert_eq!(failure["error"], "upstream_error");
+    assert_eq!(failure["upstream_code"], -1);
+    assert!(
+        failure["message"]
+            .as_str()
+            .unwrap()
+            .contains("service unavailable"),
+        "{failure}"
+    );
+    let (code, stdout) = status_cli(url.clone(), Some(STATUS_BEARER), false).await;
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("FAILING (2 in a row)"), "{stdout}");
+    assert!(stdout.contains("TOKEN FETCHES FAILING"), "{stdout}");
+    let (code, stdout) = status_cli(url.clone(), Some(STATUS_BEARER), true).await;
+    assert_eq!(code, 1, "{stdout}");
+
+    // Feishu is back: the next fetch succeeds and the app is healthy again.
+    stack.mock.set_down(false);
+    let r = stack
+        .get(&format!("/v1/apps/{APP_ID}/app_access_token"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let s = app_status(&stack).await;
+    assert_eq!(s["tokens"]["consecutive_failures"], 0, "{s}");
+    assert!(s["tokens"]["last_success_at"].as_u64().is_some(), "{s}");
+    assert_eq!(
+        s["tokens"]["last_failure"]["token"], "app",
+        "kept for the record"
+    );
+    assert_eq!(status_cli(url, Some(STATUS_BEARER), false).await.0, 0);
     stack.stop().await;
 }
 

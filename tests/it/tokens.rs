@@ -13,7 +13,8 @@ use lark_ticketd::store::TicketSource;
 use lark_ticketd::tokens::BrokerEvent;
 
 use crate::util::{
-    eventually, Kind, Stack, StackOptions, APP_ID, BEARER, SECOND_APP_BEARER, STATUS_BEARER,
+    captured_logs, custom_app_toml, eventually, Kind, Reply, Stack, StackOptions, TestApp, APP_ID,
+    BEARER, CUSTOM_APP_ID, SECOND_APP_BEARER, STATUS_BEARER,
 };
 
 const TENANT: &str = "2ed263bf32cf1651";
@@ -484,5 +485,227 @@ async fn bearer_keys_scopes_and_apps_are_enforced() {
     assert_eq!((r.status, r.code()), (400, "bad_request"));
     let r = stack.post_json(&app_path(), serde_json::json!({})).await;
     assert_eq!((r.status, r.code()), (405, "method_not_allowed"));
+    stack.stop().await;
+}
+
+/// A fake Open Platform at the byte level: every connection gets `answer` (raw HTTP/1.1, then
+/// the connection closes), or, with `None`, is held open and never answered. Counts connections.
+struct RawPlatform {
+    addr: std::net::SocketAddr,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawPlatform {
+    async fn start(answer: Option<String>) -> RawPlatform {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = Arc::clone(&connections);
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                match answer.clone() {
+                    Some(answer) => {
+                        tokio::spawn(async move {
+                            // Whatever arrives first (a request head, a TLS ClientHello).
+                            let mut buf = [0u8; 4096];
+                            let _ = stream.read(&mut buf).await;
+                            let _ = stream.write_all(answer.as_bytes()).await;
+                            let _ = stream.shutdown().await;
+                        });
+                    }
+                    None => held.push(stream),
+                }
+            }
+        });
+        RawPlatform {
+            addr,
+            connections,
+            task,
+        }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for RawPlatform {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An HTTP/1.1 answer with this status line and body.
+fn http_answer(status_line: &str, content_type: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status_line}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// The service with only the custom app, its Open Platform at `base_url`, and these `[tokens]`.
+async fn custom_app_at(base_url: &str, tokens: &str) -> TestApp {
+    let config = format!(
+        "[tokens]\n{tokens}\n{}[[clients]]\nname = \"orders\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\n\
+         scopes = [\"tokens\", \"status\"]\n",
+        custom_app_toml(CUSTOM_APP_ID, base_url),
+        lark_ticketd::auth::key_sha256_hex(BEARER),
+    );
+    TestApp::spawn(&config).await
+}
+
+async fn get_with_key(app: &TestApp, path: &str) -> Reply {
+    let r = app.client.get(app.url(path)).bearer_auth(BEARER).send();
+    Reply::from(r.await.expect("request")).await
+}
+
+/// Issue 12: "error sending request" told nobody anything. Each way the Open Platform can fail
+/// to answer is named — in the caller's error, in the status API's last failure, in the log —
+/// and never with the URL.
+#[tokio::test]
+async fn issue_12_upstream_errors_name_their_cause() {
+    let refused = {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        taken.local_addr().unwrap().port()
+        // Dropped: nothing listens there any more.
+    };
+    let plain = RawPlatform::start(Some(http_answer("200 OK", "text/plain", "ok"))).await;
+    let bad_gateway = RawPlatform::start(Some(http_answer(
+        "502 Bad Gateway",
+        "text/html",
+        "<html><body>502 Bad Gateway</body></html>",
+    )))
+    .await;
+    let silent = RawPlatform::start(None).await;
+    let cases = [
+        (
+            format!("http://127.0.0.1:{refused}"),
+            "10s",
+            (502, "upstream_error"),
+            "no usable answer from the Open Platform: connection refused",
+        ),
+        (
+            "http://open.feishu.invalid".to_string(),
+            "10s",
+            (502, "upstream_error"),
+            "no usable answer from the Open Platform: DNS lookup of the Open Platform's host failed",
+        ),
+        (
+            // TLS spoken to a plain-HTTP server.
+            format!("https://{}", plain.addr),
+            "10s",
+            (502, "upstream_error"),
+            "no usable answer from the Open Platform: TLS handshake failed",
+        ),
+        (
+            format!("http://{}", silent.addr),
+            "500ms",
+            (504, "upstream_timeout"),
+            "the Open Platform did not answer in time: no answer within tokens.upstream_timeout (500ms)",
+        ),
+        (
+            format!("http://{}", bad_gateway.addr),
+            "10s",
+            (502, "upstream_error"),
+            "no usable answer from the Open Platform: HTTP 502 (Bad Gateway), with a body that is not JSON",
+        ),
+        (
+            format!("http://{}", plain.addr),
+            "10s",
+            (502, "upstream_error"),
+            "no usable answer from the Open Platform: HTTP 200 (OK), with a body that is not JSON",
+        ),
+    ];
+    for (base_url, timeout, answer, cause) in cases {
+        let tokens = format!("upstream_retries = 0\nupstream_timeout = \"{timeout}\"");
+        let app = custom_app_at(&base_url, &tokens).await;
+        let r = get_with_key(
+            &app,
+            &format!("/v1/apps/{CUSTOM_APP_ID}/tenant_access_token"),
+        )
+        .await;
+        assert_eq!((r.status, r.code()), answer, "{base_url}: {}", r.text);
+        let message = r.json["error"]["message"].as_str().unwrap().to_string();
+        println!("{base_url}: {} {message}", r.status);
+        assert!(message.starts_with(cause), "{base_url}: {message}");
+        assert!(!message.contains("http"), "no URL: {message}");
+        let s = get_with_key(&app, &format!("/v1/apps/{CUSTOM_APP_ID}")).await;
+        let failure = &s.json["tokens"]["last_failure"];
+        assert_eq!(failure["message"], message.as_str(), "{}", s.text);
+        assert_eq!(failure["error"], answer.1);
+        assert_eq!(failure["token"], "tenant");
+        assert_eq!(s.json["tokens"]["consecutive_failures"], 1);
+        assert!(captured_logs().contains(&message), "{base_url}: logged");
+        app.stop().await;
+    }
+}
+
+/// Issue 12: a token request has one deadline (`tokens.request_deadline`), not
+/// `(retries + 1) × timeout`: against a platform that never answers, with 19 retries of a 300 ms
+/// timeout (6 s and more), the caller has its `504` at the 1 s deadline, and the retries stop.
+#[tokio::test]
+async fn issue_12_a_token_request_ends_at_its_deadline_whatever_retries_remain() {
+    const TOKENS: &str =
+        "upstream_timeout = \"300ms\"\nupstream_retries = 19\nrequest_deadline = \"1s\"\n";
+    let silent = RawPlatform::start(None).await;
+    let app = custom_app_at(&format!("http://{}", silent.addr), TOKENS).await;
+    let started = std::time::Instant::now();
+    let r = get_with_key(
+        &app,
+        &format!("/v1/apps/{CUSTOM_APP_ID}/tenant_access_token"),
+    )
+    .await;
+    let elapsed = started.elapsed();
+    assert_eq!(
+        (r.status, r.code()),
+        (504, "upstream_timeout"),
+        "{}",
+        r.text
+    );
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "answered after {elapsed:?}; (retries + 1) × timeout is 6 s"
+    );
+    assert!(
+        r.json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("deadline (tokens.request_deadline, 1s)"),
+        "{}",
+        r.text
+    );
+    // Three 300 ms attempts and their back-off fit in 1 s at the very most.
+    let attempts = silent.connections();
+    assert!((1..=3).contains(&attempts), "{attempts} attempts");
+    app.stop().await;
+
+    // A store app's cold tenant token needs the app token first: both share the deadline.
+    let stack = Stack::start(StackOptions {
+        config: format!("[tokens]\n{TOKENS}"),
+        ..Default::default()
+    })
+    .await;
+    stack.wait_for_ticket(APP_ID).await;
+    stack.mock.set_latency(Duration::from_secs(10));
+    let started = std::time::Instant::now();
+    let r = stack.get(&tenant_path(TENANT)).await;
+    let elapsed = started.elapsed();
+    assert_eq!(
+        (r.status, r.code()),
+        (504, "upstream_timeout"),
+        "{}",
+        r.text
+    );
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "answered after {elapsed:?}"
+    );
+    assert!((1..=3).contains(&stack.mock.calls(Endpoint::AppAccessToken)));
+    assert_eq!(stack.mock.calls(Endpoint::TenantAccessToken), 0);
     stack.stop().await;
 }
