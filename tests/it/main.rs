@@ -28,6 +28,7 @@ mod process;
 mod redis;
 mod replay;
 mod robustness;
+mod sdk;
 mod storage;
 mod tokens;
 mod vectors;
