@@ -26,11 +26,16 @@
 //! * `app_ticket/resend` answers `{"code":0}` and then pushes a freshly encrypted, signed
 //!   `app_ticket` event to the events URL, as the platform does; an optional periodic push
 //!   imitates the hourly schedule; tickets stay valid for 12 hours;
-//! * a business endpoint, `GET /open-apis/tenant/v2/tenant/query`, that checks a
-//!   tenant_access_token (`99991663` when it is invalid), so a client can prove its token works.
+//! * a business endpoint, `GET /open-apis/tenant/v2/tenant/query` ("get tenant info", a typed
+//!   method in every official SDK), that checks a tenant_access_token as the platform does, so a
+//!   client can prove its token works and its invalidate-and-retry path runs: `99991661`
+//!   without a token, `99991663` when it is invalid, with HTTP 400 (the status third-party
+//!   captures show Feishu sending them with; the Node SDK throws on it, the Python and Go SDKs
+//!   return the code).
 //!
 //! For tests and chaos: latency and error-rate injection, an "upstream down" switch, token
-//! revocation, ticket invalidation, per-endpoint call counts (also at `GET /mock/calls`), and the
+//! revocation (also at `POST /mock/revoke`, optionally naming the code the business endpoint
+//! then answers), ticket invalidation, per-endpoint call counts (also at `GET /mock/calls`), and the
 //! most auth calls it had in progress at once (to test a client's concurrency bound).
 
 use std::collections::{HashMap, HashSet};
@@ -301,6 +306,9 @@ struct Data {
     /// (app_id, tenant_key) → tenant tokens issued, oldest first.
     tenant_tokens: HashMap<(String, String), Vec<Issued>>,
     revoked: HashSet<String>,
+    /// Revoked tokens for which a test chose what the business endpoint answers (`99991664`,
+    /// say); the others get `99991663`.
+    revoked_answers: HashMap<String, i64>,
     /// OAuth: authorization codes not used yet.
     codes: HashMap<String, Code>,
     /// OAuth: user access tokens → (user, expires at).
@@ -465,7 +473,14 @@ impl MockFeishu {
 
     /// Make a token invalid from now on (as when Feishu revokes it).
     pub fn revoke(&self, token: &str) {
-        self.state.data().revoked.insert(token.to_string());
+        self.state.revoke(token, None);
+    }
+
+    /// [`MockFeishu::revoke`], and the business endpoint answers `code` for the token instead of
+    /// `99991663` (Feishu documents no rule for which of its token codes a revoked token gets;
+    /// a client must handle `99991663` and `99991664` alike).
+    pub fn revoke_answering(&self, token: &str, code: i64) {
+        self.state.revoke(token, Some(code));
     }
 
     /// Make every ticket pushed so far for `app_id` invalid (`10012` on use).
@@ -631,11 +646,10 @@ impl State {
                 .get(hyper::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("")
-                .to_string();
+                .filter(|t| !t.is_empty());
             return match endpoint {
-                Endpoint::UserInfo => self.user_info(&token),
-                _ => self.tenant_query(&token),
+                Endpoint::UserInfo => self.user_info(token.unwrap_or("")),
+                _ => self.tenant_query(token),
             };
         }
         let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
@@ -1066,7 +1080,19 @@ impl State {
         )
     }
 
-    fn tenant_query(&self, token: &str) -> Response<Full<Bytes>> {
+    /// `GET /open-apis/tenant/v2/tenant/query` ("get tenant info"), a business endpoint that
+    /// checks the caller's tenant_access_token as the platform does: the tenant of a valid
+    /// (issued, unexpired, unrevoked) tenant token; else Feishu's error shape with HTTP 400 (the
+    /// status Feishu sends these codes with): `99991661` without a bearer token, `99991663` for
+    /// any other token (unknown, expired, revoked, an app token), or the code a test chose when
+    /// it revoked the token ([`MockFeishu::revoke_answering`], `POST /mock/revoke`).
+    fn tenant_query(&self, token: Option<&str>) -> Response<Full<Bytes>> {
+        let Some(token) = token else {
+            return feishu_error(
+                99991661,
+                "Missing access token for authorization. Please make a request with token attached.",
+            );
+        };
         let now = self.clock.now_ms();
         let data = self.data();
         let tenant = data.tenant_tokens.iter().find_map(|((_, tenant), list)| {
@@ -1080,10 +1106,23 @@ impl State {
                 json!({"code": 0, "msg": "success",
                        "data": {"tenant": {"tenant_key": tenant_key, "name": "Mock Tenant"}}}),
             ),
-            None => feishu_error(
-                99991663,
-                "Invalid access token for authorization. Please make a request with token attached.",
-            ),
+            None => match data.revoked_answers.get(token) {
+                Some(&code) if code == 99991664 => feishu_error(code, "invalid app token"),
+                Some(&code) if code != 99991663 => feishu_error(code, "the token was revoked"),
+                _ => feishu_error(
+                    99991663,
+                    "Invalid access token for authorization. Please make a request with token attached.",
+                ),
+            },
+        }
+    }
+
+    /// Revoke `token`; `answer`: the code the business endpoint then answers for it.
+    fn revoke(&self, token: &str, answer: Option<i64>) {
+        let mut data = self.data();
+        data.revoked.insert(token.to_string());
+        if let Some(code) = answer {
+            data.revoked_answers.insert(token.to_string(), code);
         }
     }
 
@@ -1322,14 +1361,19 @@ impl State {
                     Ok(b) => serde_json::from_slice::<Value>(&b.to_bytes()).unwrap_or(Value::Null),
                     Err(_) => Value::Null,
                 };
-                match str_field(&body, "token") {
-                    Some(token) => {
-                        self.data().revoked.insert(token.to_string());
+                // `code` (optional): what the business endpoint answers for the token.
+                let code = match body.get("code") {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(code) => code.as_i64().filter(|c| *c != 0).map(Some).ok_or(()),
+                };
+                match (str_field(&body, "token"), code) {
+                    (Some(token), Ok(code)) => {
+                        self.revoke(token, code);
                         reply(StatusCode::OK, json!({"revoked": true}))
                     }
-                    None => reply(
+                    _ => reply(
                         StatusCode::BAD_REQUEST,
-                        json!({"error": "send {\"token\"}"}),
+                        json!({"error": "send {\"token\", \"code\"?: a non-zero Feishu error code}"}),
                     ),
                 }
             }
@@ -1338,5 +1382,197 @@ impl State {
                 json!({"code": 404, "msg": "mock-feishu does not serve this path"}),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::clock::ManualClock;
+
+    const APP: &str = "cli_mocktest0000001";
+    const SECRET: &str = "mock-test-secret";
+
+    struct Fixture {
+        mock: MockFeishu,
+        clock: Arc<ManualClock>,
+        http: reqwest::Client,
+    }
+
+    /// mock-feishu on port 0 with one self-built app (its tenant token needs no ticket).
+    async fn start() -> Fixture {
+        let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let options = MockOptions {
+            apps: vec![MockApp {
+                app_id: APP.into(),
+                kind: AppKind::Custom,
+                app_secret: Secret::new(SECRET),
+                encrypt_key: None,
+                verification_token: None,
+            }],
+            events_url: None,
+            push_interval: None,
+            push_on_resend: false,
+            token_ttl: Duration::from_secs(2 * 3600),
+            ticket_ttl: Duration::from_secs(12 * 3600),
+            latency: Duration::ZERO,
+            error_rate: 0.0,
+            clock: clock.clone(),
+        };
+        Fixture {
+            mock: MockFeishu::start(listener, options).unwrap(),
+            clock,
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+        }
+    }
+
+    impl Fixture {
+        /// The app's tenant token, as Feishu issues it.
+        async fn tenant_token(&self) -> String {
+            let body: Value = self
+                .http
+                .post(format!(
+                    "{}{TENANT_ACCESS_TOKEN_INTERNAL_PATH}",
+                    self.mock.base_url()
+                ))
+                .json(&json!({"app_id": APP, "app_secret": SECRET}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            body["tenant_access_token"].as_str().unwrap().to_string()
+        }
+
+        /// `GET /open-apis/tenant/v2/tenant/query` with this Authorization header: status, body.
+        async fn query(&self, authorization: Option<&str>) -> (u16, Value) {
+            let mut req = self
+                .http
+                .get(format!("{}{TENANT_QUERY_PATH}", self.mock.base_url()));
+            if let Some(value) = authorization {
+                req = req.header("authorization", value);
+            }
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.json().await.unwrap())
+        }
+
+        async fn post_revoke(&self, body: Value) -> (u16, Value) {
+            let r = self
+                .http
+                .post(format!("{}/mock/revoke", self.mock.base_url()))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json().await.unwrap())
+        }
+    }
+
+    #[tokio::test]
+    async fn tenant_query_answers_the_tenant_of_a_valid_token() {
+        let f = start().await;
+        let token = f.tenant_token().await;
+        let (status, body) = f.query(Some(&format!("Bearer {token}"))).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["code"], 0);
+        assert_eq!(body["msg"], "success");
+        assert_eq!(body["data"]["tenant"]["tenant_key"], own_tenant_key(APP));
+        assert_eq!(f.mock.calls(Endpoint::TenantQuery), 1);
+    }
+
+    #[tokio::test]
+    async fn tenant_query_without_a_token_is_99991661() {
+        let f = start().await;
+        for authorization in [None, Some("Bearer "), Some("Basic dXNlcjpwdw==")] {
+            let (status, body) = f.query(authorization).await;
+            assert_eq!(status, 400, "{authorization:?}: {body}");
+            assert_eq!(body["code"], 99991661, "{authorization:?}: {body}");
+            assert!(body["msg"]
+                .as_str()
+                .unwrap()
+                .starts_with("Missing access token"));
+        }
+    }
+
+    #[tokio::test]
+    async fn tenant_query_refuses_unknown_expired_and_app_tokens_with_99991663() {
+        let f = start().await;
+        let token = f.tenant_token().await;
+        let app_token: Value = f
+            .http
+            .post(format!(
+                "{}{APP_ACCESS_TOKEN_INTERNAL_PATH}",
+                f.mock.base_url()
+            ))
+            .json(&json!({"app_id": APP, "app_secret": SECRET}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let app_token = app_token["app_access_token"].as_str().unwrap();
+        for bad in ["t-0000000000000000000000000000000000000000", app_token] {
+            let (status, body) = f.query(Some(&format!("Bearer {bad}"))).await;
+            assert_eq!((status, body["code"].as_i64()), (400, Some(99991663)));
+        }
+        f.clock.advance(Duration::from_secs(2 * 3600));
+        let (status, body) = f.query(Some(&format!("Bearer {token}"))).await;
+        assert_eq!(
+            (status, body["code"].as_i64()),
+            (400, Some(99991663)),
+            "expired"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_revoked_token_is_refused_with_the_code_the_test_chose() {
+        let f = start().await;
+        // Revoked over HTTP without a code: 99991663, as Feishu answers an invalid tenant token.
+        let first = f.tenant_token().await;
+        assert_eq!(f.post_revoke(json!({"token": first})).await.0, 200);
+        let (status, body) = f.query(Some(&format!("Bearer {first}"))).await;
+        assert_eq!((status, body["code"].as_i64()), (400, Some(99991663)));
+        // The revoked token is never issued again.
+        let second = f.tenant_token().await;
+        assert_ne!(second, first);
+        assert_eq!(f.query(Some(&format!("Bearer {second}"))).await.0, 200);
+        // With a code: that one.
+        let (status, _) = f
+            .post_revoke(json!({"token": second, "code": 99991664}))
+            .await;
+        assert_eq!(status, 200);
+        let (status, body) = f.query(Some(&format!("Bearer {second}"))).await;
+        assert_eq!(
+            (status, body["code"].as_i64()),
+            (400, Some(99991664)),
+            "{body}"
+        );
+        // The library call does the same.
+        let third = f.tenant_token().await;
+        f.mock.revoke_answering(&third, 99991664);
+        let (_, body) = f.query(Some(&format!("Bearer {third}"))).await;
+        assert_eq!(body["code"], 99991664);
+    }
+
+    #[tokio::test]
+    async fn mock_revoke_refuses_a_body_without_a_token_or_with_a_bad_code() {
+        let f = start().await;
+        let token = f.tenant_token().await;
+        for body in [
+            json!({}),
+            json!({"token": ""}),
+            json!({"token": token, "code": 0}),
+            json!({"token": token, "code": "99991664"}),
+        ] {
+            let (status, answer) = f.post_revoke(body.clone()).await;
+            assert_eq!(status, 400, "{body}: {answer}");
+        }
+        // Nothing was revoked.
+        assert_eq!(f.query(Some(&format!("Bearer {token}"))).await.0, 200);
     }
 }

@@ -30,6 +30,7 @@ mod process;
 mod redis;
 mod replay;
 mod robustness;
+mod sdk;
 mod storage;
 mod tokens;
 mod vectors;
