@@ -240,7 +240,7 @@ pub async fn run(
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            Some(()) = next_hangup(&mut hangups) => reload_config(&state),
+            () = next_hangup(&mut hangups) => reload_config(&state),
         }
     }
     drop(stop);
@@ -564,17 +564,21 @@ fn hangup_signal() -> Hangups {
 #[cfg(not(unix))]
 fn hangup_signal() -> Hangups {}
 
-/// The next SIGHUP (never, without the stream).
+/// The next SIGHUP (never, without the stream, or once it has ended).
 #[cfg(unix)]
-async fn next_hangup(hangups: &mut Hangups) -> Option<()> {
-    match hangups {
-        Some(s) => s.recv().await,
-        None => std::future::pending().await,
+async fn next_hangup(hangups: &mut Hangups) {
+    if let Some(s) = hangups {
+        if s.recv().await.is_some() {
+            return;
+        }
+        // The stream ended: never poll it again (it would answer at once, for ever).
+        *hangups = None;
     }
+    std::future::pending().await
 }
 
 #[cfg(not(unix))]
-async fn next_hangup(_: &mut Hangups) -> Option<()> {
+async fn next_hangup(_: &mut Hangups) {
     std::future::pending().await
 }
 
