@@ -4,6 +4,11 @@
 //! against every client's hash in constant time (all of them, no early exit), so neither the key
 //! nor which client matched leaks through timing. Missing or unknown key: `401` with
 //! `WWW-Authenticate: Bearer`; a known key without the scope or the app: `403`.
+//!
+//! A [`Clients`] is immutable; a config reload (SIGHUP) builds a new one and the service swaps
+//! it in whole (`AppState::clients`), so a request sees either the old clients or the new ones.
+
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
@@ -14,18 +19,29 @@ use crate::error::{Error, ErrorKind};
 /// The configured clients.
 #[derive(Debug, Clone)]
 pub struct Clients {
-    clients: Vec<ClientConfig>,
+    /// Shared, so an authenticated request holds its client without copying it, and keeps it
+    /// even if a reload swaps the clients meanwhile.
+    clients: Vec<Arc<ClientConfig>>,
 }
 
 impl Clients {
     pub fn new(clients: &[ClientConfig]) -> Clients {
         Clients {
-            clients: clients.to_vec(),
+            clients: clients.iter().cloned().map(Arc::new).collect(),
         }
     }
 
+    /// How many clients are configured.
+    pub fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.clients.is_empty()
+    }
+
     /// The client whose key is in this `Authorization` header value.
-    pub fn authenticate(&self, authorization: Option<&str>) -> Result<&ClientConfig, Error> {
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Arc<ClientConfig>, Error> {
         let key = authorization
             .and_then(|h| {
                 let (scheme, key) = h.split_once(' ')?;
@@ -43,6 +59,7 @@ impl Clients {
         }
         self.clients
             .get(found as usize)
+            .cloned()
             .ok_or_else(|| Error::new(ErrorKind::Unauthorized, "unknown bearer key"))
     }
 }
@@ -114,18 +131,18 @@ mod tests {
     fn scopes_and_apps_are_enforced() {
         let c = clients();
         let orders = c.authenticate(Some("Bearer orders-key")).unwrap();
-        assert!(authorize(orders, Scope::Tokens, Some("cli_a")).is_ok());
+        assert!(authorize(&orders, Scope::Tokens, Some("cli_a")).is_ok());
         assert_eq!(
-            authorize(orders, Scope::Tokens, Some("cli_b"))
+            authorize(&orders, Scope::Tokens, Some("cli_b"))
                 .unwrap_err()
                 .kind(),
             ErrorKind::Forbidden
         );
         assert_eq!(
-            authorize(orders, Scope::Status, None).unwrap_err().kind(),
+            authorize(&orders, Scope::Status, None).unwrap_err().kind(),
             ErrorKind::Forbidden
         );
         let ops = c.authenticate(Some("Bearer ops-key")).unwrap();
-        assert!(authorize(ops, Scope::Admin, Some("anything")).is_ok());
+        assert!(authorize(&ops, Scope::Admin, Some("anything")).is_ok());
     }
 }

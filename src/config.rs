@@ -97,6 +97,10 @@ pub struct Config {
     /// The services events are handed on to; none means nothing is stored or delivered.
     #[serde(default)]
     pub consumers: Vec<ConsumerConfig>,
+    /// The file this config was loaded from ([`Config::load`]): what `serve` reads again on
+    /// SIGHUP. `None` for config text parsed in memory (tests).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// How events are handed on to consumers: dedupe, retries, retention.
@@ -535,9 +539,26 @@ pub struct AppConfig {
     pub verification_token: Option<Secret>,
     #[serde(default = "default_base_url")]
     pub base_url: String,
+    /// Key rotation: the Encrypt Key this app had before `encrypt_key`, still accepted (signature
+    /// and decryption, after the current key) until `previous_keys_until`.
+    #[serde(default)]
+    pub previous_encrypt_key: Option<Secret>,
+    /// Key rotation: the Verification Token before `verification_token`, still accepted until
+    /// `previous_keys_until`.
+    #[serde(default)]
+    pub previous_verification_token: Option<Secret>,
+    /// Until when (RFC 3339, e.g. `"2026-12-01T00:00:00Z"`) the previous key and token are
+    /// accepted, as unix milliseconds. Required with either of them.
+    #[serde(default, deserialize_with = "de_rfc3339_ms")]
+    pub previous_keys_until: Option<u64>,
 }
 
 impl AppConfig {
+    /// Are the previous Encrypt Key / Verification Token still accepted at `now_ms`?
+    pub fn previous_keys_active(&self, now_ms: u64) -> bool {
+        self.previous_keys_until.is_some_and(|until| now_ms < until)
+    }
+
     /// Are this app's events received here (is there a Verification Token to check them with)?
     pub fn receives_events(&self) -> bool {
         self.verification_token.is_some()
@@ -595,7 +616,62 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
         })?;
-        Config::parse(&text, &|name| std::env::var(name).ok())
+        let mut config = Config::parse(&text, &|name| std::env::var(name).ok())?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// The keys that differ between the running config (`self`) and `new` but are only read at
+    /// start-up, so a reload cannot apply them: the listeners, `[server]`, `[store]`,
+    /// `[tickets]`, `[tokens]`, `[events]`, `[forwarding]`, which apps exist, and each app's
+    /// kind, secret and base URL. What a reload does apply (`[[clients]]`, `[[consumers]]`, the
+    /// apps' event keys and tokens, previous ones included) is never listed.
+    pub fn needs_restart(&self, new: &Config) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut differs = |key: &str, changed: bool| {
+            if changed {
+                keys.push(key.to_string());
+            }
+        };
+        differs("listen", self.listen != new.listen);
+        differs("ops_listen", self.ops_listen != new.ops_listen);
+        differs("api_listen", self.api_listen != new.api_listen);
+        // Debug compares every setting; secrets print `[redacted]`, so the store URL (which
+        // may hold a password) is compared apart.
+        let debug = |v: &dyn fmt::Debug| format!("{v:?}");
+        differs("server", debug(&self.server) != debug(&new.server));
+        differs(
+            "store",
+            debug(&self.store) != debug(&new.store) || self.store.url != new.store.url,
+        );
+        differs("tickets", debug(&self.tickets) != debug(&new.tickets));
+        differs("tokens", debug(&self.tokens) != debug(&new.tokens));
+        differs("events", debug(&self.events) != debug(&new.events));
+        differs(
+            "forwarding",
+            debug(&self.forwarding) != debug(&new.forwarding),
+        );
+        let ids = |c: &Config| c.apps.iter().map(|a| a.app_id.clone()).collect::<Vec<_>>();
+        let (old_ids, new_ids) = (ids(self), ids(new));
+        let mut sorted = (old_ids.clone(), new_ids.clone());
+        sorted.0.sort();
+        sorted.1.sort();
+        differs("apps (added or removed)", sorted.0 != sorted.1);
+        for (i, app) in self.apps.iter().enumerate() {
+            let Some(other) = new.app(&app.app_id) else {
+                continue;
+            };
+            differs(&format!("apps[{i}].kind"), app.kind != other.kind);
+            differs(
+                &format!("apps[{i}].app_secret"),
+                app.app_secret != other.app_secret,
+            );
+            differs(
+                &format!("apps[{i}].base_url"),
+                app.base_url != other.base_url,
+            );
+        }
+        keys
     }
 
     /// Parse, expand and validate config text; `env` resolves `${NAME}` references.
@@ -634,6 +710,14 @@ impl Config {
             if let Some(k) = &app.encrypt_key {
                 let key = key("encrypt_key");
                 app.encrypt_key = Some(expand_present_secret(k, &key, env)?);
+            }
+            if let Some(k) = &app.previous_encrypt_key {
+                let key = key("previous_encrypt_key");
+                app.previous_encrypt_key = Some(expand_present_secret(k, &key, env)?);
+            }
+            if let Some(t) = &app.previous_verification_token {
+                let key = key("previous_verification_token");
+                app.previous_verification_token = Some(expand_present_secret(t, &key, env)?);
             }
             app.base_url = expand(&app.base_url, &key("base_url"), env)?;
         }
@@ -811,6 +895,7 @@ impl Config {
                 _ => {}
             }
             validate_base_url(&app.base_url).map_err(|m| ConfigError::new(key("base_url"), m))?;
+            validate_previous_keys(app).map_err(|(field, m)| ConfigError::new(key(field), m))?;
         }
         let mut names = HashSet::new();
         for (i, client) in self.clients.iter().enumerate() {
@@ -937,6 +1022,37 @@ impl Config {
     }
 }
 
+/// Key rotation's rules: a previous key or token only next to a current one, and never without
+/// the time it stops being accepted (so a forgotten old key does not stay valid for ever).
+fn validate_previous_keys(app: &AppConfig) -> Result<(), (&'static str, String)> {
+    if app.previous_encrypt_key.is_some() && app.encrypt_key.is_none() {
+        return Err((
+            "previous_encrypt_key",
+            "is set but encrypt_key is not: put the new key in encrypt_key and the old one here"
+                .into(),
+        ));
+    }
+    if app.previous_verification_token.is_some() && app.verification_token.is_none() {
+        return Err((
+            "previous_verification_token",
+            "is set but verification_token is not: put the new token in verification_token and \
+             the old one here"
+                .into(),
+        ));
+    }
+    let has_previous =
+        app.previous_encrypt_key.is_some() || app.previous_verification_token.is_some();
+    if has_previous && app.previous_keys_until.is_none() {
+        return Err((
+            "previous_keys_until",
+            "is required with previous_encrypt_key or previous_verification_token: until when \
+             (RFC 3339, e.g. \"2026-12-01T00:00:00Z\") the previous key is still accepted"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 fn is_valid_app_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
@@ -988,7 +1104,7 @@ fn validate_base_url(url: &str) -> Result<(), String> {
 }
 
 /// [`expand_secret`] for a secret whose emptiness would change what the service does: an empty
-/// `encrypt_key` would turn decryption and signature checks off, an empty `verification_token`
+/// `encrypt_key` (current or previous) would turn decryption and signature checks off, an empty `verification_token`
 /// would stop an app's events, an empty `app_secret` can fetch no token. An empty value (a
 /// `${NAME}` set to "" included) is refused, naming the key and the variables; a key left out of
 /// the file is the one way to say "not set".
@@ -1140,6 +1256,87 @@ fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
         Size::Int(n) => usize::try_from(n).map_err(serde::de::Error::custom),
         Size::Text(s) => parse_bytes(&s).map_err(serde::de::Error::custom),
     }
+}
+
+/// Parse an RFC 3339 time (`2026-12-01T00:00:00Z`, `2026-12-01T08:00:00+08:00`, fractional
+/// seconds allowed) to unix milliseconds. Times before 1970 are refused.
+pub fn parse_rfc3339_ms(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not an RFC 3339 time like \"2026-12-01T00:00:00Z\"");
+    let b = s.trim().as_bytes();
+    let num = |range: std::ops::Range<usize>| -> Result<i64, String> {
+        let part = b.get(range).ok_or_else(bad)?;
+        if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+            return Err(bad());
+        }
+        std::str::from_utf8(part)
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(bad)
+    };
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return Err(bad());
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let mut i = 19;
+    let mut millis = 0i64;
+    if b[i] == b'.' {
+        let start = i + 1;
+        i = start;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start {
+            return Err(bad());
+        }
+        let digits = &s.trim()[start..i.min(start + 3)];
+        millis = format!("{digits:0<3}").parse().map_err(|_| bad())?;
+    }
+    let offset_min = match b.get(i) {
+        Some(b'Z' | b'z') if i + 1 == b.len() => 0,
+        Some(sign @ (b'+' | b'-')) if i + 6 == b.len() && b[i + 3] == b':' => {
+            let minutes = num(i + 1..i + 3)? * 60 + num(i + 4..i + 6)?;
+            if *sign == b'+' {
+                minutes
+            } else {
+                -minutes
+            }
+        }
+        _ => return Err(bad()),
+    };
+    let days_in_month = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+        2 => 28,
+        _ => return Err(bad()),
+    };
+    if !(1..=days_in_month).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+        return Err(bad());
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_min * 60;
+    u64::try_from(seconds * 1000 + millis).map_err(|_| format!("{s:?} is before 1970"))
+}
+
+fn de_rfc3339_ms<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_rfc3339_ms(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 fn de_key_hash<'de, D: Deserializer<'de>>(d: D) -> Result<KeyHash, D::Error> {
@@ -1794,5 +1991,94 @@ scopes = ["login", "tokens"]
             let err = Config::parse(text, &env_of(&[])).unwrap_err();
             assert!(err.key.starts_with(key), "expected {key}, got {err}");
         }
+    }
+
+    #[test]
+    fn rfc3339_times_parse_to_unix_milliseconds() {
+        assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00Z"), Ok(0));
+        assert_eq!(
+            parse_rfc3339_ms("2026-12-01T00:00:00Z"),
+            Ok(1_796_083_200_000)
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2026-12-01T08:00:00.5+08:00"),
+            Ok(1_796_083_200_500)
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2024-02-29T23:59:59-00:30"),
+            Ok(1_709_252_999_000)
+        );
+        for bad in [
+            "",
+            "2026-12-01",
+            "2026-12-01T00:00:00",
+            "2026-13-01T00:00:00Z",
+            "2026-02-30T00:00:00Z",
+            "2026-12-01T00:00:00+0800",
+            "1969-12-31T23:59:59Z",
+            "24h",
+        ] {
+            assert!(parse_rfc3339_ms(bad).is_err(), "{bad}");
+        }
+    }
+
+    const ROTATING: &str = "[[apps]]\napp_id = \"cli_a\"\napp_secret = \"s\"\n\
+        verification_token = \"new-tok\"\nencrypt_key = \"new-key\"\n";
+
+    #[test]
+    fn previous_keys_need_a_current_key_and_an_end() {
+        let ok = format!(
+            "{ROTATING}previous_encrypt_key = \"${{OLD}}\"\nprevious_verification_token = \"old-tok\"\n\
+             previous_keys_until = \"2026-12-01T00:00:00Z\"\n"
+        );
+        let c = Config::parse(&ok, &env_of(&[("OLD", "old-key")])).unwrap();
+        let app = &c.apps[0];
+        assert_eq!(
+            app.previous_encrypt_key.as_ref().map(Secret::expose),
+            Some("old-key")
+        );
+        assert!(app.previous_keys_active(1_796_083_199_999));
+        assert!(!app.previous_keys_active(1_796_083_200_000));
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("old-key") && !printed.contains("old-tok"));
+        // An empty value is refused, as for the current key: leaving the key out means "not set".
+        let empty = Config::parse(&ok, &env_of(&[("OLD", "")])).unwrap_err();
+        assert_eq!(empty.key, "apps[0].previous_encrypt_key");
+
+        let no_end = format!("{ROTATING}previous_encrypt_key = \"old-key\"\n");
+        let err = Config::parse(&no_end, &env_of(&[])).unwrap_err();
+        assert_eq!(err.key, "apps[0].previous_keys_until");
+        let bad_time = format!(
+            "{ROTATING}previous_encrypt_key = \"old-key\"\nprevious_keys_until = \"24h\"\n"
+        );
+        let err = Config::parse(&bad_time, &env_of(&[])).unwrap_err();
+        assert!(err.key.starts_with("apps[0].previous_keys_until"), "{err}");
+        let no_current = "[[apps]]\napp_id = \"cli_a\"\napp_secret = \"s\"\n\
+            verification_token = \"t\"\nprevious_encrypt_key = \"old\"\n\
+            previous_keys_until = \"2026-12-01T00:00:00Z\"\n";
+        let err = Config::parse(no_current, &env_of(&[])).unwrap_err();
+        assert_eq!(err.key, "apps[0].previous_encrypt_key");
+    }
+
+    #[test]
+    fn a_reload_names_what_needs_a_restart_and_only_that() {
+        let base = format!("{ROTATING}[[clients]]\nname = \"a\"\nkey_sha256 = \"{}\"\napps = [\"*\"]\nscopes = [\"tokens\"]\n", "00".repeat(32));
+        let old = Config::parse(&base, &env_of(&[])).unwrap();
+        // Clients, keys and tokens: applied by a reload, never listed.
+        let applied = base
+            .replace("new-key", "newer-key")
+            .replace("new-tok", "newer-tok")
+            .replace(&"00".repeat(32), &"11".repeat(32));
+        let new = Config::parse(&applied, &env_of(&[])).unwrap();
+        assert!(old.needs_restart(&new).is_empty());
+        let restart = format!(
+            "listen = \"127.0.0.1:9\"\n[tokens]\nrefresh_jitter = \"1s\"\n{}",
+            base.replace("app_secret = \"s\"", "app_secret = \"s2\"")
+        );
+        let new = Config::parse(&restart, &env_of(&[])).unwrap();
+        assert_eq!(
+            old.needs_restart(&new),
+            ["listen", "tokens", "apps[0].app_secret"]
+        );
     }
 }

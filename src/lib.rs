@@ -57,6 +57,15 @@
 //!
 //! State is shared as one cheap, clonable [`AppState`] handle; time comes from a [`clock::Clock`]
 //! so tests move it by hand.
+//!
+//! # Reloading
+//!
+//! `serve` reads its config file again on SIGHUP ([`server`]) and hands it to
+//! [`AppState::reload`], which applies what can change while running — `[[clients]]`,
+//! `[[consumers]]`, and the apps' Encrypt Keys and Verification Tokens (previous ones included)
+//! — and logs the rest as "needs a restart" ([`Config::needs_restart`]). The clients and the
+//! verifier are immutable values swapped whole ([`Swap`]): a request reads one `Arc` under an
+//! uncontended lock. [`AppState::config`] stays the config the service started with.
 
 pub mod auth;
 pub mod clock;
@@ -79,7 +88,7 @@ pub mod tickets;
 pub mod tokens;
 pub mod webhook;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
 use clock::{Clock, SharedClock};
 use config::Config;
@@ -93,10 +102,40 @@ use tokens::Broker;
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
 
+/// A value replaced whole by a config reload: readers clone the `Arc` under a read lock held for
+/// nothing else, so they never wait on each other (std `RwLock`: nothing awaits inside).
+struct Swap<T>(RwLock<Arc<T>>);
+
+impl<T> Swap<T> {
+    fn new(value: T) -> Self {
+        Swap(RwLock::new(Arc::new(value)))
+    }
+
+    fn load(&self) -> Arc<T> {
+        Arc::clone(&self.0.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn store(&self, value: T) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(value);
+    }
+}
+
+/// What a reload changed, and what it could not.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Clients configured now.
+    pub clients: usize,
+    pub consumers: forward::deliver::ConsumerChanges,
+    /// Keys whose change needs a restart: not applied.
+    pub needs_restart: Vec<String>,
+}
+
 struct Inner {
     config: Config,
-    verifier: Verifier,
-    clients: auth::Clients,
+    verifier: Swap<Verifier>,
+    clients: Swap<auth::Clients>,
+    /// Serialises reloads (SIGHUPs in quick succession apply one after the other).
+    reloading: Mutex<()>,
     intake: Intake,
     tickets: Tickets,
     forwarder: Forwarder,
@@ -131,7 +170,7 @@ impl AppState {
         clock: SharedClock,
         fleet: bool,
     ) -> Result<Self, error::Error> {
-        let verifier = Verifier::new(&config.apps);
+        let verifier = Verifier::with_clock(&config.apps, Arc::clone(&clock));
         let clients = auth::Clients::new(&config.clients);
         let metrics = metrics::Metrics::new();
         let tickets = Tickets::new(
@@ -160,8 +199,9 @@ impl AppState {
         )?;
         Ok(AppState(Arc::new(Inner {
             config,
-            verifier,
-            clients,
+            verifier: Swap::new(verifier),
+            clients: Swap::new(clients),
+            reloading: Mutex::new(()),
             intake,
             tickets,
             forwarder,
@@ -172,16 +212,55 @@ impl AppState {
         })))
     }
 
+    /// The config the service started with. What a reload changes is read from
+    /// [`AppState::clients`], [`AppState::verifier`] and [`AppState::forwarder`].
     pub fn config(&self) -> &Config {
         &self.0.config
     }
 
-    pub fn verifier(&self) -> &Verifier {
-        &self.0.verifier
+    /// The event keys and tokens in effect now.
+    pub fn verifier(&self) -> Arc<Verifier> {
+        self.0.verifier.load()
     }
 
-    pub fn clients(&self) -> &auth::Clients {
-        &self.0.clients
+    /// The bearer-key clients in effect now.
+    pub fn clients(&self) -> Arc<auth::Clients> {
+        self.0.clients.load()
+    }
+
+    /// Apply a reloaded, validated config: swap in its clients, its consumers and the event
+    /// keys and tokens of the apps running now; list what needs a restart instead of applying
+    /// it (see [`Config::needs_restart`]). Apps added by `new` are not served until a restart.
+    pub fn reload(&self, new: &Config) -> Result<Reloaded, error::Error> {
+        let _one_at_a_time = self.0.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let running = &self.0.config;
+        let needs_restart = running.needs_restart(new);
+        // The running apps, each with its keys and tokens from `new` when it is still there.
+        let apps: Vec<config::AppConfig> = running
+            .apps
+            .iter()
+            .map(|app| match new.app(&app.app_id) {
+                Some(fresh) => config::AppConfig {
+                    encrypt_key: fresh.encrypt_key.clone(),
+                    verification_token: fresh.verification_token.clone(),
+                    previous_encrypt_key: fresh.previous_encrypt_key.clone(),
+                    previous_verification_token: fresh.previous_verification_token.clone(),
+                    previous_keys_until: fresh.previous_keys_until,
+                    ..app.clone()
+                },
+                None => app.clone(),
+            })
+            .collect();
+        let consumers = self.0.forwarder.reconfigure(&new.consumers)?;
+        self.0
+            .verifier
+            .store(Verifier::with_clock(&apps, Arc::clone(&self.0.clock)));
+        self.0.clients.store(auth::Clients::new(&new.clients));
+        Ok(Reloaded {
+            clients: new.clients.len(),
+            consumers,
+            needs_restart,
+        })
     }
 
     /// What acts on verified `/events` payloads.

@@ -133,6 +133,19 @@ struct AppLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PreviousKeyLabels {
+    app_id: String,
+    /// `encrypt_key` or `verification_token`.
+    key: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    /// `applied` or `refused`.
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AppStateLabels {
     app_id: String,
     state: String,
@@ -217,6 +230,8 @@ struct Inner {
     delivery_latency: Family<ConsumerLabels, Histogram, fn() -> Histogram>,
     duplicates: Counter,
     open_connections: Gauge,
+    events_previous_key: Family<PreviousKeyLabels, Counter>,
+    config_reloads: Family<ReloadLabels, Counter>,
 }
 
 /// The metrics handle. Cheap to clone.
@@ -355,6 +370,18 @@ impl Metrics {
             "Events redelivered within forwarding.dedupe_window: acknowledged, not handed on again",
             duplicates.clone(),
         );
+        let events_previous_key = Family::<PreviousKeyLabels, Counter>::default();
+        registry.register(
+            "events_previous_key",
+            "Authentic pushes only an app's previous Encrypt Key or Verification Token accepted (key rotation): at zero for a while, Feishu uses the new one",
+            events_previous_key.clone(),
+        );
+        let config_reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config reloads (SIGHUP) by outcome: applied, or refused (the file was invalid; the running config stays)",
+            config_reloads.clone(),
+        );
         let open_connections = Gauge::default();
         registry.register(
             "open_connections",
@@ -395,6 +422,8 @@ impl Metrics {
             delivery_latency,
             duplicates,
             open_connections,
+            events_previous_key,
+            config_reloads,
         }))
     }
 
@@ -435,6 +464,36 @@ impl Metrics {
             .consumer_oldest_pending
             .get_or_create(&labels)
             .set(oldest_pending_age_s);
+    }
+
+    /// An authentic push that only the app's previous `key` (`encrypt_key` or
+    /// `verification_token`) accepted.
+    pub fn event_previous_key(&self, app_id: &str, key: &'static str) {
+        self.0
+            .events_previous_key
+            .get_or_create(&PreviousKeyLabels {
+                app_id: app_id.to_string(),
+                key,
+            })
+            .inc();
+    }
+
+    /// A config reload: `applied` or `refused`.
+    pub fn config_reload(&self, outcome: &'static str) {
+        self.0
+            .config_reloads
+            .get_or_create(&ReloadLabels { outcome })
+            .inc();
+    }
+
+    /// A consumer removed by a reload: its gauges go, so no stale backlog is exported.
+    pub fn forget_consumer(&self, consumer: &str) {
+        let labels = ConsumerLabels {
+            consumer: consumer.to_string(),
+        };
+        self.0.consumer_pending.remove(&labels);
+        self.0.consumer_dead.remove(&labels);
+        self.0.consumer_oldest_pending.remove(&labels);
     }
 
     /// An event redelivered within the dedupe window.

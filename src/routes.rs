@@ -301,7 +301,7 @@ where
             let client = caller(state, &req, Scope::Status, None, log)?;
             let mut apps = Vec::new();
             for app in &state.config().apps {
-                if auth::authorize(client, Scope::Status, Some(&app.app_id)).is_ok() {
+                if auth::authorize(&client, Scope::Status, Some(&app.app_id)).is_ok() {
                     apps.push(status::app_status(state, &app.app_id).await?);
                 }
             }
@@ -367,7 +367,7 @@ where
         }
         Route::Consumers => {
             only(&req, &[Method::GET])?;
-            consumers::require_every_app(caller(state, &req, Scope::Status, None, log)?)?;
+            consumers::require_every_app(&*caller(state, &req, Scope::Status, None, log)?)?;
             let consumers = consumers::list(state).await?;
             Ok(json(
                 StatusCode::OK,
@@ -376,7 +376,7 @@ where
         }
         Route::DeadLetters(name) => {
             only(&req, &[Method::GET])?;
-            consumers::require_every_app(caller(state, &req, Scope::Status, None, log)?)?;
+            consumers::require_every_app(&*caller(state, &req, Scope::Status, None, log)?)?;
             let events = consumers::dead_letters(state, name, req.uri().query()).await?;
             Ok(json(
                 StatusCode::OK,
@@ -385,7 +385,7 @@ where
         }
         Route::Redeliver(name) => {
             only(&req, &[Method::POST])?;
-            consumers::require_every_app(caller(state, &req, Scope::Admin, None, log)?)?;
+            consumers::require_every_app(&*caller(state, &req, Scope::Admin, None, log)?)?;
             let (parts, body) = req.into_parts();
             let timeout = state.config().server.request_timeout;
             let (body, _budget) = read_body(&parts, body, MAX_API_BODY_BYTES, timeout).await?;
@@ -445,20 +445,20 @@ where
 }
 
 /// The bearer-authenticated client, allowed `scope` on `app_id` (which must exist).
-fn caller<'s, B>(
-    state: &'s AppState,
+fn caller<B>(
+    state: &AppState,
     req: &Request<B>,
     scope: Scope,
     app_id: Option<&str>,
     log: &mut RequestLog,
-) -> Result<&'s crate::config::ClientConfig, Error> {
+) -> Result<std::sync::Arc<crate::config::ClientConfig>, Error> {
     let header = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let client = state.clients().authenticate(header)?;
     log.client = Some(client.name.clone());
-    auth::authorize(client, scope, app_id)?;
+    auth::authorize(&client, scope, app_id)?;
     if let Some(app_id) = app_id {
         log.app_id = Some(app_id.to_string());
         if state.config().app(app_id).is_none() {
@@ -696,7 +696,7 @@ async fn metrics(state: &AppState) -> Result<Response<Full<Bytes>>, Error> {
         let age = record.map(|r| now.saturating_sub(r.received_at_ms) as f64 / 1000.0);
         state.metrics().set_ticket(&app.app_id, ticket_state, age);
     }
-    for consumer in state.forwarder().consumer_names() {
+    for consumer in &state.forwarder().consumer_names() {
         let stats = state.store().consumer_stats(consumer).await?;
         let oldest = stats
             .oldest_pending_received_at_ms

@@ -26,6 +26,11 @@
 //!   offers no hook to change it; [`EnvelopeIo`] swaps exactly those canned answers for the same
 //!   status with the JSON error envelope, as the connection writes them;
 //! * on shutdown, listeners close at once and in-flight requests get `shutdown_grace` to finish.
+//!
+//! Signals: SIGTERM and SIGINT shut down ([`shutdown_signal`]); SIGHUP reloads the config file
+//! the service was started with ([`reload_config`]), and is never fatal — its handler is in
+//! place before the first connection is accepted. An invalid file is logged (one line naming
+//! the key) and the running config stays.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -46,7 +51,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::config::ServerConfig;
+use crate::config::{Config, ServerConfig};
 use crate::error::{Error, ErrorKind};
 use crate::routes::{self, BodyBudget, Role};
 use crate::AppState;
@@ -210,8 +215,10 @@ pub async fn run(
 ) -> io::Result<()> {
     let limits = state.config().server.clone();
     let serve = Serve::new(&state, &limits);
+    // Before anything is accepted: from here on SIGHUP reloads instead of killing the process.
+    let mut hangups = hangup_signal();
     let background = state.broker().start();
-    let mut deliveries = state.forwarder().start();
+    state.forwarder().start();
     // Dropping the sender stops every accept loop.
     let (stop, stopped) = watch::channel(());
     let loops: Vec<_> = listeners
@@ -229,7 +236,13 @@ pub async fn run(
         })
         .collect();
     drop(stopped);
-    shutdown.await;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            () = next_hangup(&mut hangups) => reload_config(&state),
+        }
+    }
     drop(stop);
     for accept in loops {
         // Each loop drops its listener as it ends.
@@ -237,8 +250,7 @@ pub async fn run(
     }
     state.broker().close().await;
     // Attempts cut short here are claimed again after a restart, once their lease runs out.
-    deliveries.abort_all();
-    while deliveries.join_next().await.is_some() {}
+    state.forwarder().stop().await;
     // Wait until the stopped sweep is gone, with its handles on the store.
     let _ = background.await;
     tracing::info!(
@@ -529,6 +541,90 @@ pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// The SIGHUP stream, where there is one. Creating it replaces SIGHUP's default action
+/// (terminate) for the whole process.
+#[cfg(unix)]
+type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangups = ();
+
+#[cfg(unix)]
+fn hangup_signal() -> Hangups {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: config reload unavailable");
+            None
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn hangup_signal() -> Hangups {}
+
+/// The next SIGHUP (never, without the stream, or once it has ended).
+#[cfg(unix)]
+async fn next_hangup(hangups: &mut Hangups) {
+    if let Some(s) = hangups {
+        if s.recv().await.is_some() {
+            return;
+        }
+        // The stream ended: never poll it again (it would answer at once, for ever).
+        *hangups = None;
+    }
+    std::future::pending().await
+}
+
+#[cfg(not(unix))]
+async fn next_hangup(_: &mut Hangups) {
+    std::future::pending().await
+}
+
+/// Read the config file the service was started with again, validate it as at start-up, and
+/// apply what a running service can change ([`AppState::reload`]). An invalid file changes
+/// nothing: one error line names the key. Counted in `lark_ticketd_config_reloads_total`.
+pub fn reload_config(state: &AppState) {
+    let Some(path) = state.config().source.clone() else {
+        tracing::warn!("SIGHUP: the config was not loaded from a file, nothing to reload");
+        return;
+    };
+    let reloaded = Config::load(&path)
+        .map_err(|e| (e.key.clone(), e.to_string()))
+        .and_then(|new| {
+            state
+                .reload(&new)
+                .map_err(|e| ("consumers".to_string(), e.message().to_string()))
+        });
+    match reloaded {
+        Ok(done) => {
+            state.metrics().config_reload("applied");
+            tracing::info!(
+                config = %path.display(),
+                clients = done.clients,
+                consumers_added = ?done.consumers.added,
+                consumers_removed = ?done.consumers.removed,
+                consumers_changed = ?done.consumers.changed,
+                "config reloaded"
+            );
+            if !done.needs_restart.is_empty() {
+                tracing::warn!(
+                    keys = %done.needs_restart.join(", "),
+                    "config reloaded, but these changes need a restart and were not applied: {}",
+                    done.needs_restart.join(", ")
+                );
+            }
+        }
+        Err((key, why)) => {
+            state.metrics().config_reload("refused");
+            tracing::error!(
+                config = %path.display(),
+                key = %key,
+                "config reload refused, still running with the previous config: {why}"
+            );
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

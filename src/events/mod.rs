@@ -13,6 +13,15 @@
 //! 4. the Verification Token must match on every shape, in constant time (`bad_token`);
 //! 5. an event naming another app than the routed one is refused (`app_mismatch`).
 //!
+//! **Key rotation.** An app may also have a previous Encrypt Key and Verification Token
+//! (`previous_encrypt_key`, `previous_verification_token`), accepted until
+//! `previous_keys_until` by the [`Clock`]: in steps 2–4 the current key (token) is tried first,
+//! then the previous one, the signature still over the raw bytes and tokens still compared in
+//! constant time; on bare `/events` either key finds the app. A payload that only a previous key
+//! or token accepts says so in [`Verified`], and [`accept`] counts it
+//! (`lark_ticketd_events_previous_key_total`), so the operator sees when Feishu stopped using
+//! the old one. A verifier is immutable: a config reload builds a new one.
+//!
 //! Only [`Verifier::verify`] builds a [`Verified`], so nothing downstream can act on a payload
 //! that skipped a step. [`accept`] then checks that an event is fresh ([`freshness`]: the
 //! replay window, `stale_request`; event times ahead of our clock are capped for ordering) and
@@ -41,7 +50,7 @@ pub mod signature;
 
 use std::collections::{HashMap, HashSet};
 
-use crate::clock::SharedClock;
+use crate::clock::{self, SharedClock};
 use crate::config::{AppConfig, EventsConfig};
 use sha2::{Digest, Sha256};
 
@@ -69,6 +78,71 @@ struct AppKeys {
     app_id: String,
     verification_token: Secret,
     encrypt_key: Option<(Secret, EventCipher)>,
+    /// The keys before a rotation, while they are still accepted.
+    previous: Option<PreviousKeys>,
+}
+
+/// An app's Encrypt Key and Verification Token before a rotation.
+#[derive(Debug)]
+struct PreviousKeys {
+    encrypt_key: Option<(Secret, EventCipher)>,
+    verification_token: Option<Secret>,
+    /// Accepted while `now < until_ms`.
+    until_ms: u64,
+}
+
+impl AppKeys {
+    /// The previous keys, if they are still accepted at `now_ms`.
+    fn previous(&self, now_ms: u64) -> Option<&PreviousKeys> {
+        self.previous.as_ref().filter(|p| now_ms < p.until_ms)
+    }
+
+    /// Does `token` match: `Some(false)` the current token, `Some(true)` only the previous one
+    /// (while accepted), `None` neither. Both comparisons are constant time.
+    fn token_matches(&self, token: &str, now_ms: u64) -> Option<bool> {
+        if self.verification_token.ct_eq(token) {
+            return Some(false);
+        }
+        let previous = self.previous(now_ms)?.verification_token.as_ref()?;
+        previous.ct_eq(token).then_some(true)
+    }
+}
+
+/// One Encrypt Key to try: whose it is and whether it is a previous one.
+struct KeySlot<'a> {
+    app: &'a AppKeys,
+    key: &'a Secret,
+    cipher: &'a EventCipher,
+    previous: bool,
+}
+
+/// Every Encrypt Key of `candidates` to try, the current keys first, then the previous ones
+/// still accepted at `now_ms`.
+fn key_slots(candidates: &[AppKeys], now_ms: u64) -> Vec<KeySlot<'_>> {
+    let current = candidates.iter().filter_map(|app| {
+        let (key, cipher) = app.encrypt_key.as_ref()?;
+        Some(KeySlot {
+            app,
+            key,
+            cipher,
+            previous: false,
+        })
+    });
+    let previous = candidates.iter().filter_map(|app| {
+        let (key, cipher) = app.previous(now_ms)?.encrypt_key.as_ref()?;
+        Some(KeySlot {
+            app,
+            key,
+            cipher,
+            previous: true,
+        })
+    });
+    current.chain(previous).collect()
+}
+
+fn keyed(key: &Option<Secret>) -> Option<(Secret, EventCipher)> {
+    key.as_ref()
+        .map(|k| (k.clone(), EventCipher::new(k.expose())))
 }
 
 /// Which app a request was addressed to.
@@ -89,6 +163,17 @@ pub struct Verified {
     json: String,
     /// The timestamp the (valid) signature covers, for the replay window.
     signed_at: SignedAt,
+    /// Which of the app's previous keys this payload needed (key rotation).
+    previous: UsedPrevious,
+}
+
+/// Which previous key or token a verified payload was accepted with (none, normally).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsedPrevious {
+    /// Signed (or, for an unsigned challenge, encrypted) with `previous_encrypt_key`.
+    pub encrypt_key: bool,
+    /// Carried `previous_verification_token`.
+    pub verification_token: bool,
 }
 
 impl Verified {
@@ -105,6 +190,11 @@ impl Verified {
         self.signed_at
     }
 
+    /// Which previous key or token (key rotation) the payload was accepted with.
+    pub fn used_previous(&self) -> UsedPrevious {
+        self.previous
+    }
+
     /// The event type for logs and metrics: `url_verification` or the event's type.
     pub fn event_type(&self) -> &str {
         match &self.payload {
@@ -115,7 +205,6 @@ impl Verified {
 }
 
 /// Checks requests against the configured apps' keys and tokens.
-#[derive(Debug)]
 pub struct Verifier {
     /// The apps whose events are received here (they have a Verification Token).
     apps: Vec<AppKeys>,
@@ -124,10 +213,27 @@ pub struct Verifier {
     /// Token. A request routed to one is refused as `events_not_configured`, never checked
     /// against an empty token.
     without_events: HashSet<String>,
+    /// Decides whether the previous keys are still accepted.
+    clock: SharedClock,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("apps", &self.apps)
+            .field("without_events", &self.without_events)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Verifier {
+    /// A verifier on the system clock.
     pub fn new(apps: &[AppConfig]) -> Self {
+        Self::with_clock(apps, clock::system())
+    }
+
+    /// A verifier whose previous keys expire by `clock`.
+    pub fn with_clock(apps: &[AppConfig], clock: SharedClock) -> Self {
         let without_events = apps
             .iter()
             .filter(|a| a.verification_token.is_none())
@@ -136,13 +242,20 @@ impl Verifier {
         let apps: Vec<AppKeys> = apps
             .iter()
             .filter_map(|a| {
+                let previous = a.previous_keys_until.and_then(|until_ms| {
+                    let keys = PreviousKeys {
+                        encrypt_key: keyed(&a.previous_encrypt_key),
+                        verification_token: a.previous_verification_token.clone(),
+                        until_ms,
+                    };
+                    (keys.encrypt_key.is_some() || keys.verification_token.is_some())
+                        .then_some(keys)
+                });
                 Some(AppKeys {
                     app_id: a.app_id.clone(),
                     verification_token: a.verification_token.clone()?,
-                    encrypt_key: a
-                        .encrypt_key
-                        .as_ref()
-                        .map(|k| (k.clone(), EventCipher::new(k.expose()))),
+                    encrypt_key: keyed(&a.encrypt_key),
+                    previous,
                 })
             })
             .collect();
@@ -155,6 +268,7 @@ impl Verifier {
             apps,
             index,
             without_events,
+            clock,
         }
     }
 
@@ -200,15 +314,16 @@ impl Verifier {
                 std::slice::from_ref(&self.apps[i])
             }
         };
+        let now_ms = self.clock.now_ms();
         // Feishu's exact shape first: no JSON parser needed for the outer object.
         if let Some(encrypt) = envelope::encrypt_only(body) {
-            return Self::verify_encrypted(candidates, signature, body, encrypt);
+            return Self::verify_encrypted(candidates, signature, body, encrypt, now_ms);
         }
         let wire =
             envelope::parse_object(body).map_err(|_| Error::from(ErrorKind::MalformedBody))?;
         match wire.encrypt.as_deref() {
-            Some(encrypt) => Self::verify_encrypted(candidates, signature, body, encrypt),
-            None => Self::verify_plain(candidates, &wire, body),
+            Some(encrypt) => Self::verify_encrypted(candidates, signature, body, encrypt, now_ms),
+            None => Self::verify_plain(candidates, &wire, body, now_ms),
         }
     }
 
@@ -217,22 +332,21 @@ impl Verifier {
         signature: Option<SignatureHeaders<'_>>,
         body: &[u8],
         encrypt: &str,
+        now_ms: u64,
     ) -> Result<Verified, Error> {
-        let mut keyed = candidates
-            .iter()
-            .filter_map(|a| a.encrypt_key.as_ref().map(|(k, c)| (a, k, c)))
-            .peekable();
-        if keyed.peek().is_none() {
+        let slots = key_slots(candidates, now_ms);
+        if slots.is_empty() {
             return Err(ErrorKind::EncryptKeyNotConfigured.into());
         }
-        // Signed: the signature picks the app, then decrypt.
+        // Signed: the signature picks the app (and which of its keys), then decrypt.
         if let Some(headers) = signature {
-            let signed_by = keyed
-                .clone()
-                .find(|(_, key, _)| signature::verify(&headers, key.expose(), body));
-            if let Some((app, _, cipher)) = signed_by {
-                let (payload, json) = decrypt_payload(cipher, encrypt)?;
-                return finish(app, payload, json, SignedAt::parse(headers.timestamp));
+            let signed_by = slots
+                .iter()
+                .find(|slot| signature::verify(&headers, slot.key.expose(), body));
+            if let Some(slot) = signed_by {
+                let (payload, json) = decrypt_payload(slot.cipher, encrypt)?;
+                let signed_at = SignedAt::parse(headers.timestamp);
+                return finish(slot.app, payload, json, signed_at, slot.previous, now_ms);
             }
         }
         // Unsigned (or signed by no app): only a URL-verification challenge may pass. A challenge
@@ -241,15 +355,20 @@ impl Verifier {
         if encrypt.len() > MAX_CHALLENGE_ENCRYPT_BYTES {
             return Err(ErrorKind::BadSignature.into());
         }
-        let decrypted = keyed.find_map(|(app, _, cipher)| {
-            decrypt_payload(cipher, encrypt)
+        let decrypted = slots.iter().find_map(|slot| {
+            decrypt_payload(slot.cipher, encrypt)
                 .ok()
-                .map(|payload| (app, payload))
+                .map(|payload| (slot, payload))
         });
         match decrypted {
-            Some((app, (payload @ Payload::Challenge { .. }, json))) => {
-                finish(app, payload, json, SignedAt::Unsigned)
-            }
+            Some((slot, (payload @ Payload::Challenge { .. }, json))) => finish(
+                slot.app,
+                payload,
+                json,
+                SignedAt::Unsigned,
+                slot.previous,
+                now_ms,
+            ),
             Some(_) => Err(ErrorKind::BadSignature.into()),
             // A signature was claimed and is wrong: that is the answer, whatever the payload.
             None if signature.is_some() => Err(ErrorKind::BadSignature.into()),
@@ -261,6 +380,7 @@ impl Verifier {
         candidates: &[AppKeys],
         wire: &envelope::Wire<'_>,
         body: &[u8],
+        now_ms: u64,
     ) -> Result<Verified, Error> {
         if candidates.iter().all(|a| a.encrypt_key.is_some()) {
             return Err(ErrorKind::EncryptionRequired.into());
@@ -269,12 +389,12 @@ impl Verifier {
         let token = payload
             .token()
             .ok_or_else(|| Error::new(ErrorKind::BadToken, "the Verification Token is missing"))?;
-        let matches = |a: &&AppKeys| a.verification_token.ct_eq(token.expose());
+        let matches = |a: &&AppKeys| a.token_matches(token.expose(), now_ms).is_some();
         match candidates.iter().find(matches) {
             Some(app) if app.encrypt_key.is_none() => {
                 // The body parsed as JSON, so it is UTF-8.
                 let json = String::from_utf8_lossy(body).into_owned();
-                finish(app, payload, json, SignedAt::Unsigned)
+                finish(app, payload, json, SignedAt::Unsigned, false, now_ms)
             }
             Some(_) => Err(ErrorKind::EncryptionRequired.into()),
             None => Err(ErrorKind::BadToken.into()),
@@ -301,18 +421,21 @@ fn shape_error(e: ShapeError) -> Error {
 }
 
 /// The token and app checks shared by every path.
+/// `previous_key`: the payload was signed or decrypted with the app's previous Encrypt Key.
 fn finish(
     app: &AppKeys,
     payload: Payload,
     json: String,
     signed_at: SignedAt,
+    previous_key: bool,
+    now_ms: u64,
 ) -> Result<Verified, Error> {
     let token = payload
         .token()
         .ok_or_else(|| Error::new(ErrorKind::BadToken, "the Verification Token is missing"))?;
-    if !app.verification_token.ct_eq(token.expose()) {
-        return Err(ErrorKind::BadToken.into());
-    }
+    let previous_token = app
+        .token_matches(token.expose(), now_ms)
+        .ok_or_else(|| Error::from(ErrorKind::BadToken))?;
     if let Payload::Event(event) = &payload {
         let names_app = event.app_id.as_deref();
         match (&event.detail, names_app) {
@@ -339,6 +462,10 @@ fn finish(
         payload,
         json,
         signed_at,
+        previous: UsedPrevious {
+            encrypt_key: previous_key,
+            verification_token: previous_token,
+        },
     })
 }
 
@@ -401,7 +528,16 @@ pub async fn accept(intake: &Intake, verified: Verified) -> Result<Outcome, Erro
         payload,
         json,
         signed_at,
+        previous,
     } = verified;
+    if previous.encrypt_key {
+        intake.metrics.event_previous_key(&app_id, "encrypt_key");
+    }
+    if previous.verification_token {
+        intake
+            .metrics
+            .event_previous_key(&app_id, "verification_token");
+    }
     let event = match payload {
         Payload::Challenge { challenge, .. } => return Ok(Outcome::Challenge(challenge)),
         Payload::Event(event) => *event,
@@ -535,6 +671,7 @@ async fn hand_on(
 mod tests {
     use super::*;
     use crate::config::Config;
+    use std::sync::Arc;
 
     const TOKEN: &str = "Vt0kExampleVerificationTok3n0001";
     const KEY: &str = "EkEyExampleEncryptKey000000000001";
@@ -598,6 +735,54 @@ mod tests {
         );
         let verified = v.verify(Target::AnyApp, None, &body).unwrap();
         assert_eq!(verified.app_id(), "cli_b");
+    }
+
+    #[test]
+    fn previous_keys_are_tried_after_the_current_ones_until_they_expire() {
+        use crate::clock::ManualClock;
+        let text = "[[apps]]\napp_id = \"cli_a\"\napp_secret = \"s\"\nverification_token = \"tok-a\"\n\
+            encrypt_key = \"key-a\"\n\
+            [[apps]]\napp_id = \"cli_b\"\napp_secret = \"s\"\nverification_token = \"tok-b\"\n\
+            encrypt_key = \"key-b\"\nprevious_encrypt_key = \"old-b\"\n\
+            previous_verification_token = \"old-tok-b\"\nprevious_keys_until = \"1970-01-01T00:00:10Z\"\n";
+        let config = Config::parse(text, &|_| None).unwrap();
+        let clock = Arc::new(ManualClock::new(9_999));
+        let v = Verifier::with_clock(&config.apps, clock.clone());
+        let check = |key: &str, token: &str, target| {
+            let body = encrypted(key, &ticket_json("cli_b", token));
+            let mut sig = String::new();
+            let h = signed(key, &body, &mut sig);
+            v.verify(target, Some(h), &body)
+        };
+        for target in [Target::AnyApp, Target::App("cli_b")] {
+            let current = check("key-b", "tok-b", target).unwrap();
+            assert_eq!(current.used_previous(), UsedPrevious::default());
+            let old = check("old-b", "old-tok-b", target).unwrap();
+            assert_eq!(old.app_id(), "cli_b");
+            assert_eq!(
+                old.used_previous(),
+                UsedPrevious {
+                    encrypt_key: true,
+                    verification_token: true
+                }
+            );
+            // Another app's previous token is not this app's.
+            let err = check("old-b", "tok-a", target).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::BadToken);
+        }
+        clock.advance(std::time::Duration::from_millis(1));
+        for target in [Target::AnyApp, Target::App("cli_b")] {
+            let err = check("old-b", "tok-b", target).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::BadSignature);
+            let err = check("key-b", "old-tok-b", target).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::BadToken);
+        }
+        // Debug never shows a key.
+        let printed = format!("{v:?}");
+        assert!(
+            !printed.contains("old-b") && !printed.contains("key-b"),
+            "{printed}"
+        );
     }
 
     #[test]

@@ -17,17 +17,26 @@
 //!
 //! What this never does: hold an event in memory beyond the attempts in flight (the backlog
 //! lives in the store), or log a body, a secret or a consumer's answer body.
+//!
+//! **Reconfiguring** (a config reload, [`Forwarder::reconfigure`]): the consumer set is an
+//! immutable list swapped whole, so intake reads it with one uncontended lock and an `Arc`
+//! clone. An added consumer gets its loop at once. A removed one's loop stops claiming and lets
+//! its attempts in flight finish; its queued deliveries stay in the store, claimed again if a
+//! consumer of that name comes back. A changed URL, secret or filter takes effect from the next
+//! attempt: each attempt looks its consumer up when it starts. A consumer's running state (its
+//! failure count, its wake-ups) survives a change; the loops live in the forwarder's own task
+//! set, from [`Forwarder::start`] to [`Forwarder::stop`].
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 
 use crate::clock::SharedClock;
-use crate::config::{Config, ForwardingConfig};
+use crate::config::{Config, ConsumerConfig, ForwardingConfig};
 use crate::consumer_filter::ConsumerFilter;
 use crate::error::{Error, ErrorKind};
 use crate::metrics::Metrics;
@@ -56,26 +65,61 @@ pub const BACK_OFF_MAX: Duration = Duration::from_secs(60);
 /// Longest error text kept with a delivery (no consumer answer body is ever kept).
 const MAX_ERROR_CHARS: usize = 200;
 
-/// One configured consumer.
+/// One configured consumer: its settings (replaced whole by a reload) and its running state.
 struct Consumer {
     name: String,
     url: String,
     secret: WebhookSecret,
     filter: ConsumerFilter,
+    /// The config it was built from, to tell a changed consumer on reload.
+    config: ConsumerConfig,
+    /// Kept across reloads for as long as the consumer stays configured.
+    run: Arc<Running>,
+}
+
+/// A consumer's running state: what outlives a change of its settings.
+struct Running {
     /// Woken when intake queues an event for this consumer.
     wake: Notify,
     /// Failed attempts in a row (0 after any success).
     failing: AtomicU32,
     /// Woken by an operator's redeliver: probe a consumer that is down at once.
     retry_now: Notify,
+    /// Set when a reload removes the consumer: its loop stops claiming.
+    retired: watch::Sender<bool>,
+}
+
+impl Running {
+    fn new() -> Arc<Running> {
+        Arc::new(Running {
+            wake: Notify::new(),
+            failing: AtomicU32::new(0),
+            retry_now: Notify::new(),
+            retired: watch::channel(false).0,
+        })
+    }
+}
+
+/// The consumers a reload added, removed and changed, by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsumerChanges {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
 }
 
 /// The hand-off: matching, queueing and delivering. Cheap to clone.
 #[derive(Clone)]
 pub struct Forwarder(Arc<Inner>);
 
+type ConsumerList = Arc<Vec<Arc<Consumer>>>;
+
 struct Inner {
-    consumers: Vec<Consumer>,
+    /// Swapped whole by [`Forwarder::reconfigure`]; a std lock, held only to clone the `Arc`.
+    consumers: RwLock<ConsumerList>,
+    /// The delivery loops and the purge: `Some` between [`Forwarder::start`] and
+    /// [`Forwarder::stop`]. Also serialises reconfiguring.
+    tasks: Mutex<Option<JoinSet<()>>>,
     settings: ForwardingConfig,
     store: Store,
     clock: SharedClock,
@@ -132,6 +176,32 @@ pub fn next_step(
     Some(retry_after.map_or(step, |asked| asked.clamp(step, longest.max(step))))
 }
 
+impl Consumer {
+    /// The consumer of a validated `[[consumers]]` entry, with its running state.
+    fn new(c: &ConsumerConfig, run: Arc<Running>) -> Result<Consumer, Error> {
+        // Validated with the same code when the config was loaded.
+        let secret = c
+            .webhook_secret()
+            .map_err(|e| Error::new(ErrorKind::Internal, format!("consumers: {e}")))?;
+        let filter = c
+            .filter()
+            .map_err(|e| Error::new(ErrorKind::Internal, format!("consumers: {e}")))?;
+        Ok(Consumer {
+            name: c.name.clone(),
+            url: c.url.clone(),
+            secret,
+            filter,
+            config: c.clone(),
+            run,
+        })
+    }
+}
+
+/// Do two entries of one consumer name configure the same thing?
+fn same_consumer(a: &ConsumerConfig, b: &ConsumerConfig) -> bool {
+    a.url == b.url && a.secret == b.secret && a.events == b.events && a.apps == b.apps
+}
+
 impl Forwarder {
     pub fn new(
         config: &Config,
@@ -142,24 +212,7 @@ impl Forwarder {
         let consumers = config
             .consumers
             .iter()
-            .map(|c| {
-                // Validated with the same code when the config was loaded.
-                let secret = c
-                    .webhook_secret()
-                    .map_err(|e| Error::new(ErrorKind::Internal, format!("consumers: {e}")))?;
-                let filter = c
-                    .filter()
-                    .map_err(|e| Error::new(ErrorKind::Internal, format!("consumers: {e}")))?;
-                Ok(Consumer {
-                    name: c.name.clone(),
-                    url: c.url.clone(),
-                    secret,
-                    filter,
-                    wake: Notify::new(),
-                    failing: AtomicU32::new(0),
-                    retry_now: Notify::new(),
-                })
-            })
+            .map(|c| Consumer::new(c, Running::new()).map(Arc::new))
             .collect::<Result<Vec<_>, Error>>()?;
         let http = reqwest::Client::builder()
             .timeout(config.forwarding.delivery_timeout)
@@ -171,7 +224,8 @@ impl Forwarder {
                     .with_cause(e)
             })?;
         Ok(Forwarder(Arc::new(Inner {
-            consumers,
+            consumers: RwLock::new(Arc::new(consumers)),
+            tasks: Mutex::new(None),
             settings: config.forwarding.clone(),
             store,
             clock,
@@ -180,28 +234,76 @@ impl Forwarder {
         })))
     }
 
+    /// The consumers now: one read of the swapped list.
+    fn consumers(&self) -> ConsumerList {
+        Arc::clone(&self.0.consumers.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// The consumers that want an event of `event_type` from `app_id`.
-    pub fn matching(&self, app_id: &str, event_type: &str) -> Vec<&str> {
-        self.0
-            .consumers
+    pub fn matching(&self, app_id: &str, event_type: &str) -> Vec<String> {
+        self.consumers()
             .iter()
             .filter(|c| c.filter.matches(app_id, event_type))
-            .map(|c| c.name.as_str())
+            .map(|c| c.name.clone())
             .collect()
     }
 
     /// The configured consumers' names, in config order.
-    pub fn consumer_names(&self) -> impl Iterator<Item = &str> {
-        self.0.consumers.iter().map(|c| c.name.as_str())
+    pub fn consumer_names(&self) -> Vec<String> {
+        self.consumers().iter().map(|c| c.name.clone()).collect()
     }
 
     /// The consumer's URL, if it is configured.
-    pub fn consumer_url(&self, name: &str) -> Option<&str> {
-        self.consumer(name).map(|c| c.url.as_str())
+    pub fn consumer_url(&self, name: &str) -> Option<String> {
+        self.consumer(name).map(|c| c.url.clone())
     }
 
-    fn consumer(&self, name: &str) -> Option<&Consumer> {
-        self.0.consumers.iter().find(|c| c.name == name)
+    fn consumer(&self, name: &str) -> Option<Arc<Consumer>> {
+        self.consumers().iter().find(|c| c.name == name).cloned()
+    }
+
+    /// Swap in the consumers of a reloaded (validated) config: added ones start delivering,
+    /// removed ones stop claiming (their queued deliveries stay in the store), changed ones use
+    /// their new settings from their next attempt.
+    pub fn reconfigure(&self, configs: &[ConsumerConfig]) -> Result<ConsumerChanges, Error> {
+        let mut tasks = self.0.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.consumers();
+        let mut changes = ConsumerChanges::default();
+        let mut next = Vec::with_capacity(configs.len());
+        for config in configs {
+            let kept = old.iter().find(|c| c.name == config.name);
+            let run = kept.map_or_else(Running::new, |c| Arc::clone(&c.run));
+            match kept {
+                None => changes.added.push(config.name.clone()),
+                Some(c) if !same_consumer(&c.config, config) => {
+                    changes.changed.push(config.name.clone())
+                }
+                Some(_) => {}
+            }
+            next.push(Arc::new(Consumer::new(config, run)?));
+        }
+        for gone in old
+            .iter()
+            .filter(|c| !configs.iter().any(|n| n.name == c.name))
+        {
+            changes.removed.push(gone.name.clone());
+            gone.run.retired.send_replace(true);
+            self.0.metrics.forget_consumer(&gone.name);
+        }
+        *self.0.consumers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        if let Some(tasks) = tasks.as_mut() {
+            // Reap the loops of consumers removed earlier that have finished.
+            while tasks.try_join_next().is_some() {}
+            for name in &changes.added {
+                if let Some(c) = self.consumer(name) {
+                    let this = self.clone();
+                    tasks.spawn(async move {
+                        this.consumer_loop(c.name.clone(), Arc::clone(&c.run)).await
+                    });
+                }
+            }
+        }
+        Ok(changes)
     }
 
     /// How long an event id is remembered for dedupe, from `now_ms`.
@@ -212,18 +314,14 @@ impl Forwarder {
     /// Queue `event` durably for every consumer that wants it (none: nothing is stored), then
     /// wake their loops. Feishu may hear `200` once this returns.
     pub async fn enqueue(&self, event: NewEvent) -> Result<Enqueue, StoreError> {
-        let names: Vec<String> = self
-            .matching(&event.app_id, &event.event_type)
-            .into_iter()
-            .map(str::to_string)
-            .collect();
+        let names = self.matching(&event.app_id, &event.event_type);
         if names.is_empty() {
             return Ok(Enqueue::Queued);
         }
         let outcome = self.0.store.enqueue_event(event, &names).await?;
         if outcome == Enqueue::Queued {
-            for c in self.0.consumers.iter().filter(|c| names.contains(&c.name)) {
-                c.wake.notify_one();
+            for c in self.consumers().iter().filter(|c| names.contains(&c.name)) {
+                c.run.wake.notify_one();
             }
         }
         Ok(outcome)
@@ -232,7 +330,7 @@ impl Forwarder {
     /// Failed attempts in a row at this consumer, and whether it counts as down (its loop sends
     /// one probe at a time until one succeeds).
     pub fn failing(&self, name: &str) -> Option<(u32, bool)> {
-        let failing = self.consumer(name)?.failing.load(Ordering::Relaxed);
+        let failing = self.consumer(name)?.run.failing.load(Ordering::Relaxed);
         Some((failing, is_down(failing)))
     }
 
@@ -241,33 +339,57 @@ impl Forwarder {
     /// [`BACK_OFF_AFTER`] failures).
     pub fn wake(&self, name: &str) {
         if let Some(c) = self.consumer(name) {
-            c.failing.store(0, Ordering::Relaxed);
-            c.retry_now.notify_one();
-            c.wake.notify_one();
+            c.run.failing.store(0, Ordering::Relaxed);
+            c.run.retry_now.notify_one();
+            c.run.wake.notify_one();
         }
     }
 
-    /// Start one delivery loop per consumer and the purge; the tasks end when the set is dropped
-    /// or aborted.
-    pub fn start(&self) -> JoinSet<()> {
-        let mut tasks = JoinSet::new();
-        for index in 0..self.0.consumers.len() {
+    /// Start one delivery loop per consumer and the purge (always: a reload may add
+    /// consumers), until [`Forwarder::stop`].
+    pub fn start(&self) {
+        let mut guard = self.0.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        let tasks = guard.get_or_insert_with(JoinSet::new);
+        for c in self.consumers().iter() {
             let this = self.clone();
-            tasks.spawn(async move { this.consumer_loop(index).await });
+            let (name, run) = (c.name.clone(), Arc::clone(&c.run));
+            tasks.spawn(async move { this.consumer_loop(name, run).await });
         }
-        if !self.0.consumers.is_empty() {
-            let this = self.clone();
-            tasks.spawn(async move { this.purge_loop().await });
-        }
-        tasks
+        let this = self.clone();
+        tasks.spawn(async move { this.purge_loop().await });
     }
 
-    async fn consumer_loop(self, index: usize) {
-        let consumer = &self.0.consumers[index];
+    /// Stop every delivery loop and the purge, and wait until they are gone. Attempts cut short
+    /// here are claimed again after a restart, once their lease runs out.
+    pub async fn stop(&self) {
+        let tasks = self
+            .0
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(mut tasks) = tasks {
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+    }
+
+    /// Deliver to one consumer until a reload removes it; then let the attempts in flight end.
+    async fn consumer_loop(self, name: String, run: Arc<Running>) {
+        let mut attempts = JoinSet::new();
+        let mut retired = run.retired.subscribe();
+        tokio::select! {
+            () = self.claim_loop(&name, &run, &mut attempts) => {}
+            _ = retired.wait_for(|retired| *retired) => {}
+        }
+        tracing::info!(consumer = %name, in_flight = attempts.len(), "consumer removed by a reload: no more deliveries");
+        while attempts.join_next().await.is_some() {}
+    }
+
+    async fn claim_loop(&self, name: &str, consumer: &Running, attempts: &mut JoinSet<()>) {
         let lease_ms = (self.0.settings.delivery_timeout + LEASE_SLACK).as_millis() as u64;
         // No batch barrier: once a quarter of the slots are free the loop claims again, so one
         // slow delivery never holds up the others, and claims stay batched under load.
-        let mut attempts = JoinSet::new();
         // Probes sent since the consumer was last counted as down.
         let mut probes = 0u32;
         loop {
@@ -297,15 +419,10 @@ impl Forwarder {
                 free = 1;
             }
             let now = self.0.clock.now_ms();
-            let claimed = match self
-                .0
-                .store
-                .claim_due(&consumer.name, now, lease_ms, free)
-                .await
-            {
+            let claimed = match self.0.store.claim_due(name, now, lease_ms, free).await {
                 Ok(claimed) => claimed,
                 Err(e) => {
-                    tracing::warn!(consumer = %consumer.name, error = %e, "cannot claim deliveries");
+                    tracing::warn!(consumer = %name, error = %e, "cannot claim deliveries");
                     tokio::time::sleep(IDLE_POLL).await;
                     continue;
                 }
@@ -320,25 +437,30 @@ impl Forwarder {
                 }
                 continue;
             }
+            // Each attempt uses the consumer's settings as they are now (a reload may have
+            // changed them); a consumer removed meanwhile is not sent anything.
+            let Some(current) = self.consumer(name) else {
+                continue;
+            };
             for delivery in claimed {
                 let this = self.clone();
-                attempts.spawn(async move { this.attempt(index, delivery).await });
+                let current = Arc::clone(&current);
+                attempts.spawn(async move { this.attempt(current, delivery).await });
             }
         }
     }
 
     /// One attempt: send, classify, record the next step.
-    async fn attempt(self, index: usize, delivery: Delivery) {
-        let consumer = &self.0.consumers[index];
-        let outcome = self.send(consumer, &delivery).await;
+    async fn attempt(self, consumer: Arc<Consumer>, delivery: Delivery) {
+        let outcome = self.send(&consumer, &delivery).await;
         match &outcome {
             Attempt::Delivered => {
-                if consumer.failing.swap(0, Ordering::Relaxed) >= BACK_OFF_AFTER {
+                if consumer.run.failing.swap(0, Ordering::Relaxed) >= BACK_OFF_AFTER {
                     tracing::info!(consumer = %consumer.name, "consumer is back: delivering again");
                 }
             }
             Attempt::Failed { error, .. } => {
-                if consumer.failing.fetch_add(1, Ordering::Relaxed) + 1 == BACK_OFF_AFTER {
+                if consumer.run.failing.fetch_add(1, Ordering::Relaxed) + 1 == BACK_OFF_AFTER {
                     tracing::warn!(consumer = %consumer.name, error = %error, failed_in_a_row = BACK_OFF_AFTER, "consumer looks down: sending one delivery at a time until one succeeds");
                 }
             }

@@ -34,7 +34,7 @@ pub async fn list(state: &AppState) -> Result<Vec<ConsumerStatus>, Error> {
     let forwarder = state.forwarder();
     let now_ms = state.clock().now_ms();
     let mut out = Vec::new();
-    for name in forwarder.consumer_names() {
+    for name in &forwarder.consumer_names() {
         let stats = state.store().consumer_stats(name).await?;
         let (failing_attempts, backing_off) = forwarder.failing(name).unwrap_or_default();
         out.push(ConsumerStatus {

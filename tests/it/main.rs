@@ -28,6 +28,7 @@ mod ops;
 mod page;
 mod process;
 mod redis;
+mod reload;
 mod replay;
 mod robustness;
 mod sdk;

@@ -144,6 +144,7 @@ pub fn secrets_used() -> Vec<String> {
         "whsec_",
     ]
     .iter()
+    .chain(crate::reload::SECRETS.iter())
     .map(|s| s.to_string())
     .collect();
     // Tickets inside the shared vectors' plaintexts.
