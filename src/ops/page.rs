@@ -274,6 +274,11 @@ fn render_app(h: &mut String, app: &AppStatus, hours: &[Hour], now_s: u64) {
         );
     }
     h.push_str("</dl>");
+    if app.ticket.state == TicketState::NotNeeded {
+        // A custom app gets no ticket: a timeline of arrivals would only show missed hours.
+        h.push_str("</article>");
+        return;
+    }
     let pushed = hours
         .iter()
         .filter(|x| matches!(x, Hour::Pushed(_)))

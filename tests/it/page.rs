@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use lark_ticketd::clock::ManualClock;
 
-use crate::util::{assert_no_secrets, Stack, StackOptions, APP_ID};
+use crate::util::{assert_no_secrets, Stack, StackOptions, APP_ID, CUSTOM_APP_ID};
 
 const SECOND_APP: &str = "cli_second";
 
@@ -54,6 +54,16 @@ async fn the_status_page_shows_each_app_and_its_timeline_and_no_secret() {
         html.contains("data-pushed-hours=\"1\" data-missed-hours=\"1\""),
         "{html}"
     );
+    // A custom app has no ticket: no arrivals timeline (its hours would all read as missed).
+    let custom = html
+        .split("<article ")
+        .find(|a| a.contains(&format!("data-app-id=\"{CUSTOM_APP_ID}\"")))
+        .expect("the custom app is on the page");
+    assert!(
+        custom.contains("data-ticket-state=\"not-needed\""),
+        "{custom}"
+    );
+    assert!(!custom.contains("class=\"timeline\""), "{custom}");
     assert!(html.contains("<meta http-equiv=\"refresh\""));
     assert!(!html.contains("<script"));
     assert_no_secrets(html, "the status page");
