@@ -118,14 +118,7 @@ impl Sdk {
             }
         };
         // Everything goes to 127.0.0.1 directly (axios and requests honour proxy variables).
-        for var in [
-            "HTTP_PROXY",
-            "HTTPS_PROXY",
-            "ALL_PROXY",
-            "http_proxy",
-            "https_proxy",
-            "all_proxy",
-        ] {
+        for var in crate::util::PROXY_VARS {
             cmd.env_remove(var);
         }
         cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())))

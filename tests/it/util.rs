@@ -351,18 +351,21 @@ impl Reply {
     }
 }
 
-/// A command running the binary under test, with no proxy from the environment: every request
-/// the tests make goes to 127.0.0.1 directly.
+/// The proxy variables a child process must not inherit: every request the tests make goes to
+/// 127.0.0.1 directly.
+pub const PROXY_VARS: [&str; 6] = [
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+];
+
+/// A command running the binary under test, with no proxy from the environment ([`PROXY_VARS`]).
 pub fn lark_ticketd() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lark-ticketd"));
-    for var in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-    ] {
+    for var in PROXY_VARS {
         cmd.env_remove(var);
     }
     cmd
