@@ -30,7 +30,9 @@
 //! throughput against bare hyper in the same run; (h) 1,000 events/s offered open-loop for 10 s,
 //! latency from our POST to the consumer receiving it; (i) a backlog of N events (default
 //! 1,000,000) built with the consumer down — RSS and bytes on disk per event — then the time to
-//! drain it once the consumer is up.
+//! drain it once the consumer is up. `--handoff --g-breakdown` runs only case g, four ways: on the
+//! embedded and on the memory store, each with the consumer up and with nothing listening at its
+//! URL, with the server CPU each request cost (bare hyper's and ours) — where g's time goes.
 //!
 //! `cargo bench --bench load -- --redis` runs lark-ticketd on `store.kind = "redis"` instead
 //! (issue 10), against a `redis-server` it starts itself on a free port (`--save ""
@@ -64,8 +66,9 @@ use lark_ticketd::store::testing::RedisServer;
 mod common;
 
 use common::{
-    command, embedded_store, free_port, machine, now_ms, now_us, pin_process, pin_self_to_core_1,
-    redis_store, served_binary, spawn_ready, ticketd_binary, Proc, APP_ID, KEY, TOKEN,
+    command, cpu_seconds, embedded_store, free_port, machine, now_ms, now_us, pin_process,
+    pin_self_to_core_1, redis_store, served_binary, spawn_ready, ticketd_binary, Proc, APP_ID, KEY,
+    TOKEN,
 };
 
 const SECRET: &str = "load-bench-app-secret";
@@ -510,6 +513,7 @@ fn main() {
         runtime().block_on(handoff(
             o,
             arg_value(&args, "--backlog").unwrap_or(1_000_000.0) as usize,
+            args.iter().any(|a| a == "--g-breakdown"),
         ));
         return;
     }
@@ -1108,12 +1112,102 @@ async fn timing_sink(
     }
 }
 
+/// `--handoff --g-breakdown`: case g on the embedded store and on the memory store, each with
+/// the consumer up and with nothing listening at its URL (no deliveries, only the queue's
+/// writes), each against bare hyper in the same run, with the server CPU each request cost.
+/// What it separates: HTTP (bare), intake (memory store, consumer down), the durable queue write
+/// (embedded − memory) and the deliveries (up − down).
+async fn g_breakdown(
+    o: &Options,
+    dir: &Path,
+    server_cpu: Option<&str>,
+    client_cpu: Option<&str>,
+    cores: usize,
+    pinned: bool,
+) {
+    let bare = start_bare(server_cpu);
+    let sink = start_bare(client_cpu);
+    let mut rows = Vec::new();
+    for (store, consumer) in [
+        ("embedded", "up"),
+        ("embedded", "down"),
+        ("memory", "up"),
+        ("memory", "down"),
+    ] {
+        let store_table = match store {
+            "embedded" => embedded_store(&dir.join(format!("g-{consumer}.db"))),
+            _ => "[store]\nkind = \"memory\"\n".to_string(),
+        };
+        let consumer_port = match consumer {
+            "up" => sink.addr.port(),
+            _ => free_port(),
+        };
+        let (ours, _) = start_ticketd_on(
+            server_cpu,
+            dir,
+            &format!("g-{store}-{consumer}"),
+            free_port(),
+            1,
+            &with_consumer(&store_table, consumer_port, "[\"200ms\"]"),
+        );
+        let (mut b, mut t) = (Vec::new(), Vec::new());
+        for _ in 0..o.rounds {
+            b.push(run_costed(&bare, fresh_v2_events(), o).await);
+            t.push(run_costed(&ours, fresh_v2_events(), o).await);
+        }
+        let (bare_row, bare_us) = median_costed(b);
+        let (ours_row, ours_us) = median_costed(t);
+        eprintln!(
+            "  {store}, consumer {consumer}: bare {:.0}/s, ours {:.0}/s",
+            bare_row.rate(),
+            ours_row.rate()
+        );
+        let delivered = consumer_figures(ours.addr).await["delivered"].clone();
+        rows.push((
+            store, consumer, bare_row, bare_us, ours_row, ours_us, delivered,
+        ));
+    }
+    println!();
+    println!(
+        "lark-ticketd hand-off benchmark, case g broken down — {}",
+        machine(cores, pinned.then_some(PINNING))
+    );
+    println!(
+        "| store | consumer | bare req/s | lark-ticketd req/s | ratio | server CPU µs per request, bare / ours | ours p99 ms | delivered by the end |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    for (store, consumer, bare_row, bare_us, ours_row, ours_us, delivered) in rows {
+        println!(
+            "| {store} | {consumer} | {:.0} | {:.0} | {:.3} | {bare_us:.1} / {ours_us:.1} | {:.2} | {delivered} |",
+            bare_row.rate(),
+            ours_row.rate(),
+            ours_row.rate() / bare_row.rate(),
+            ours_row.percentile_ms(0.99),
+        );
+    }
+}
+
+/// A closed-loop run (as [`run`]) and the server CPU it cost per answered request, in µs
+/// (warm-up and wind-down included on both sides of the division).
+async fn run_costed(server: &Proc, source: Source, o: &Options) -> (RunResult, f64) {
+    let before = cpu_seconds(server.pid());
+    let result = run(server.addr, source, o.connections, o.warmup, o.seconds).await;
+    let used = cpu_seconds(server.pid()) - before;
+    let per_request_us = used * 1e6 / result.answered.max(1) as f64;
+    (result, per_request_us)
+}
+
+fn median_costed(mut runs: Vec<(RunResult, f64)>) -> (RunResult, f64) {
+    runs.sort_by(|a, b| a.0.rate().total_cmp(&b.0.rate()));
+    runs.swap_remove(runs.len() / 2)
+}
+
 async fn consumer_figures(ours: SocketAddr) -> serde_json::Value {
     let (_, c) = http_get(ours, "/v1/consumers", true).await;
     c["consumers"][0].clone()
 }
 
-async fn handoff(o: Options, backlog: usize) {
+async fn handoff(o: Options, backlog: usize, breakdown: bool) {
     let dir = tempfile::tempdir().unwrap();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pinned = pin_self_to_core_1(cores, o.pin);
@@ -1122,6 +1216,9 @@ async fn handoff(o: Options, backlog: usize) {
         "lark-ticketd hand-off benchmark: {}",
         machine(cores, pinned.then_some(PINNING))
     );
+    if breakdown {
+        return g_breakdown(&o, dir.path(), server_cpu, client_cpu, cores, pinned).await;
+    }
 
     // (g): acknowledged throughput, events durably queued for a bare hyper sink.
     let bare = start_bare(server_cpu);

@@ -44,6 +44,25 @@ impl Proc {
     }
 }
 
+/// CPU time a process (all its threads) has used so far, in seconds: `utime + stime` of
+/// `/proc/{pid}/stat`, in Linux's fixed 100 ticks per second (`USER_HZ`). 0 where there is no
+/// `/proc`.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name (field 2) may hold spaces; the fields after it follow its `)`.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 counted from 0 after the `)`.
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
 /// (VmRSS, VmHWM) of a process in KiB.
 pub fn rss_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
