@@ -132,6 +132,7 @@ events = ["im.message.*"]
         async {
             let _ = stop_rx.await;
         },
+        server::Hangups::catch(),
     ));
     step(2, &format!(
         "lark-ticketd is serving at http://{service} for app {app_id}, with an embedded store at\n   {}.",

@@ -246,6 +246,8 @@ fn config_error(e: &ConfigError) -> ExitCode {
 }
 
 async fn serve(path: PathBuf) -> ExitCode {
+    // First: a SIGHUP from here on is held for a reload once serving, never fatal.
+    let hangups = server::Hangups::catch();
     let config = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => return config_error(&e),
@@ -313,6 +315,7 @@ async fn serve(path: PathBuf) -> ExitCode {
         Listeners { main, ops, api },
         state,
         server::shutdown_signal(),
+        hangups,
     )
     .await;
     // Commit what is queued and close the file off the async workers.

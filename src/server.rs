@@ -28,8 +28,8 @@
 //! * on shutdown, listeners close at once and in-flight requests get `shutdown_grace` to finish.
 //!
 //! Signals: SIGTERM and SIGINT shut down ([`shutdown_signal`]); SIGHUP reloads the config file
-//! the service was started with ([`reload_config`]), and is never fatal — its handler is in
-//! place before the first connection is accepted. An invalid file is logged (one line naming
+//! the service was started with ([`reload_config`]), and is never fatal — `serve` catches it
+//! ([`Hangups`]) before it reads the config, so one during start-up waits for the reload. An invalid file is logged (one line naming
 //! the key) and the running config stays.
 
 use std::collections::HashMap;
@@ -212,11 +212,10 @@ pub async fn run(
     listeners: Listeners,
     state: AppState,
     shutdown: impl Future<Output = ()>,
+    mut hangups: Hangups,
 ) -> io::Result<()> {
     let limits = state.config().server.clone();
     let serve = Serve::new(&state, &limits);
-    // Before anything is accepted: from here on SIGHUP reloads instead of killing the process.
-    let mut hangups = hangup_signal();
     let background = state.broker().start();
     state.forwarder().start();
     // Dropping the sender stops every accept loop.
@@ -240,7 +239,7 @@ pub async fn run(
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            () = next_hangup(&mut hangups) => reload_config(&state),
+            () = hangups.next() => reload_config(&state),
         }
     }
     drop(stop);
@@ -543,43 +542,50 @@ pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// The SIGHUP stream, where there is one. Creating it replaces SIGHUP's default action
-/// (terminate) for the whole process.
-#[cfg(unix)]
-type Hangups = Option<tokio::signal::unix::Signal>;
-#[cfg(not(unix))]
-type Hangups = ();
+/// SIGHUP, caught: while this exists (and for the rest of the process: the handler is never
+/// removed) SIGHUP no longer terminates the process. [`run`] reloads the config on each one;
+/// `serve` creates it before anything else, so a SIGHUP during start-up (the store opening, say)
+/// is held and answered by a reload once serving, instead of killing the process.
+pub struct Hangups(
+    #[cfg(unix)] Option<tokio::signal::unix::Signal>,
+    #[cfg(not(unix))] (),
+);
 
-#[cfg(unix)]
-fn hangup_signal() -> Hangups {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP: config reload unavailable");
-            None
+impl Hangups {
+    /// Catch SIGHUP from now on (where the platform has it). Needs a Tokio runtime.
+    #[cfg(unix)]
+    pub fn catch() -> Hangups {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Hangups(Some(s)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP: config reload unavailable");
+                Hangups(None)
+            }
         }
     }
-}
 
-#[cfg(not(unix))]
-fn hangup_signal() -> Hangups {}
-
-/// The next SIGHUP (never, without the stream, or once it has ended).
-#[cfg(unix)]
-async fn next_hangup(hangups: &mut Hangups) {
-    if let Some(s) = hangups {
-        if s.recv().await.is_some() {
-            return;
-        }
-        // The stream ended: never poll it again (it would answer at once, for ever).
-        *hangups = None;
+    #[cfg(not(unix))]
+    pub fn catch() -> Hangups {
+        Hangups(())
     }
-    std::future::pending().await
-}
 
-#[cfg(not(unix))]
-async fn next_hangup(_: &mut Hangups) {
-    std::future::pending().await
+    /// The next SIGHUP (never, without the stream, or once it has ended).
+    #[cfg(unix)]
+    async fn next(&mut self) {
+        if let Some(s) = &mut self.0 {
+            if s.recv().await.is_some() {
+                return;
+            }
+            // The stream ended: never poll it again (it would answer at once, for ever).
+            self.0 = None;
+        }
+        std::future::pending().await
+    }
+
+    #[cfg(not(unix))]
+    async fn next(&mut self) {
+        std::future::pending().await
+    }
 }
 
 /// Read the config file the service was started with again, validate it as at start-up, and

@@ -77,6 +77,7 @@ impl Served {
             async {
                 let _ = rx.await;
             },
+            server::Hangups::catch(),
         ));
         Served {
             main: main_addr,

@@ -61,6 +61,7 @@ impl Replica {
             async {
                 let _ = rx.await;
             },
+            server::Hangups::catch(),
         ));
         Replica {
             addr,

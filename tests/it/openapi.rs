@@ -1818,6 +1818,7 @@ impl Split {
             async {
                 let _ = rx.await;
             },
+            server::Hangups::catch(),
         ));
         Split {
             main: addrs.0,

@@ -165,6 +165,60 @@ async fn sighup_swaps_the_bearer_keys_and_the_process_lives() {
     crate::util::assert_no_secrets(&logs, "lark-ticketd serve, reloading");
 }
 
+/// A SIGHUP that comes while the process is still starting (here: connecting to its Redis
+/// store, which a fake accepts and then closes) is not fatal either: the process goes on to fail
+/// as it would have (exit 74, the store), not by the signal. Old code: killed by SIGHUP.
+#[test]
+fn sighup_during_start_up_does_not_kill_the_process() {
+    let store = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    store.set_nonblocking(true).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lark-ticketd.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:0\"\n[store]\nkind = \"redis\"\nurl = \"redis://{}\"\n{}",
+            store.local_addr().unwrap(),
+            app_toml(APP_ID, Some(KEY), TOKEN)
+        ),
+    )
+    .unwrap();
+    let mut server = crate::util::lark_ticketd()
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The process is in its start-up once it connects to the store.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let connection = loop {
+        match store.accept() {
+            Ok((connection, _)) => break connection,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if let Some(exit) = server.try_wait().unwrap() {
+                    panic!("lark-ticketd exited ({exit}) before it connected to its store");
+                }
+                assert!(std::time::Instant::now() < deadline, "never connected");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    drop(connection);
+    drop(store);
+    let out = server.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(74), "{:?}\n{stderr}", out.status);
+    assert!(stderr.contains("cannot open the store"), "{stderr}");
+}
+
 #[tokio::test]
 async fn sighup_with_a_broken_config_keeps_the_running_one_and_names_the_key() {
     let good = format!(

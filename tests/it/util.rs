@@ -253,6 +253,7 @@ impl TestApp {
             async {
                 let _ = rx.await;
             },
+            server::Hangups::catch(),
         ));
         TestApp {
             addr,
