@@ -550,13 +550,14 @@ pub struct AppConfig {
     /// Until when (RFC 3339, e.g. `"2026-12-01T00:00:00Z"`) the previous key and token are
     /// accepted, as unix milliseconds. Required with either of them.
     #[serde(default, deserialize_with = "de_rfc3339_ms")]
-    pub previous_keys_until: Option<u64>,
+    pub previous_keys_until: Option<UtcTime>,
 }
 
 impl AppConfig {
     /// Are the previous Encrypt Key / Verification Token still accepted at `now_ms`?
     pub fn previous_keys_active(&self, now_ms: u64) -> bool {
-        self.previous_keys_until.is_some_and(|until| now_ms < until)
+        self.previous_keys_until
+            .is_some_and(|until| now_ms < until.unix_ms)
     }
 
     /// Are this app's events received here (is there a Verification Token to check them with)?
@@ -1332,10 +1333,27 @@ pub fn parse_rfc3339_ms(s: &str) -> Result<u64, String> {
     u64::try_from(seconds * 1000 + millis).map_err(|_| format!("{s:?} is before 1970"))
 }
 
-fn de_rfc3339_ms<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+/// A point in time the config gives as RFC 3339, kept as unix milliseconds; shown (`Debug`, as
+/// `check-config` prints it) in RFC 3339 again, in UTC.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct UtcTime {
+    pub unix_ms: u64,
+}
+
+impl fmt::Debug for UtcTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let seconds = crate::clock::utc(self.unix_ms / 1000).replace(' ', "T");
+        match self.unix_ms % 1000 {
+            0 => write!(f, "{seconds}Z"),
+            ms => write!(f, "{seconds}.{ms:03}Z"),
+        }
+    }
+}
+
+fn de_rfc3339_ms<'de, D: Deserializer<'de>>(d: D) -> Result<Option<UtcTime>, D::Error> {
     let s = String::deserialize(d)?;
     parse_rfc3339_ms(&s)
-        .map(Some)
+        .map(|unix_ms| Some(UtcTime { unix_ms }))
         .map_err(serde::de::Error::custom)
 }
 
@@ -1991,6 +2009,20 @@ scopes = ["login", "tokens"]
             let err = Config::parse(text, &env_of(&[])).unwrap_err();
             assert!(err.key.starts_with(key), "expected {key}, got {err}");
         }
+    }
+
+    #[test]
+    fn check_config_shows_the_end_of_a_key_overlap_in_rfc3339() {
+        let text = format!(
+            "{ROTATING}previous_encrypt_key = \"old-key\"\n\
+             previous_keys_until = \"2026-12-02T08:00:00.25+08:00\"\n"
+        );
+        let config = Config::parse(&text, &|_| None).unwrap();
+        let shown = format!("{config:?}");
+        assert!(
+            shown.contains("previous_keys_until: Some(2026-12-02T00:00:00.250Z)"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -242,11 +242,11 @@ impl Verifier {
         let apps: Vec<AppKeys> = apps
             .iter()
             .filter_map(|a| {
-                let previous = a.previous_keys_until.and_then(|until_ms| {
+                let previous = a.previous_keys_until.and_then(|until| {
                     let keys = PreviousKeys {
                         encrypt_key: keyed(&a.previous_encrypt_key),
                         verification_token: a.previous_verification_token.clone(),
-                        until_ms,
+                        until_ms: until.unix_ms,
                     };
                     (keys.encrypt_key.is_some() || keys.verification_token.is_some())
                         .then_some(keys)

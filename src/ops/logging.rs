@@ -309,7 +309,7 @@ fn timestamp(out: &mut String) {
     SECOND.with(|cached| {
         let mut cached = cached.borrow_mut();
         if cached.0 != secs {
-            let text = crate::ops::status::utc(secs).replace(' ', "T");
+            let text = crate::clock::utc(secs).replace(' ', "T");
             *cached = (secs, text);
         }
         out.push_str(&cached.1);

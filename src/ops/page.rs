@@ -11,10 +11,11 @@
 
 use std::fmt::Write;
 
+use crate::clock::utc;
 use crate::error::Error;
 use crate::model::TicketState;
 use crate::ops::consumers::{self, ConsumerStatus};
-use crate::ops::status::{self, human_duration, utc, AppStatus};
+use crate::ops::status::{self, human_duration, AppStatus};
 use crate::store::Durability;
 use crate::tickets::ResendOutcome;
 use crate::AppState;

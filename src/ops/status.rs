@@ -13,6 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::clock::utc;
 use crate::config::AppKind;
 use crate::error::Error;
 use crate::store::{Durability, TenantRecord, TenantState, TicketRecord, TicketSource};
@@ -244,28 +245,6 @@ pub fn human_duration(seconds: u64) -> String {
     } else {
         format!("{s}s")
     }
-}
-
-/// `2026-11-21 19:46:02` (UTC) from unix seconds.
-pub fn utc(unix_s: u64) -> String {
-    // Howard Hinnant's civil-from-days.
-    let days = (unix_s / 86_400) as i64;
-    let secs = unix_s % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
 }
 
 /// The operator's table. `colour` adds ANSI colours to the ticket state.
